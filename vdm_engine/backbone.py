@@ -1,0 +1,569 @@
+"""Frozen ViT backbone: checkpoint loading, preprocessing and one explicit forward.
+
+The forward is a plain loop over the Hugging Face submodules (no hooks), so the same code runs
+eagerly, under ``torch.compile`` and through ONNX export. Geometry (patch grid, hidden size, layer
+count) is always read from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._io import atomic_write_json
+from .registry import EMBEDDED_MODELS, embedded_model_dir
+
+__all__ = [
+    "PRESETS",
+    "Backbone",
+    "ImageSpec",
+    "WeightsUnavailableError",
+    "load_backbone",
+    "patch_mask_reference",
+    "random_backbone",
+    "SHAPES",
+]
+
+PRESETS = {
+    "vit-b16": "google/vit-base-patch16-224",
+    "vit-b16-cifar10": "tanlq/vit-base-patch16-224-in21k-finetuned-cifar10",
+    "vit-l16": "google/vit-large-patch16-224",
+}
+
+_PROCESSOR_FILE = "preprocessor_config.json"
+
+
+class WeightsUnavailableError(OSError):
+    """The checkpoint's weights could not be found locally nor downloaded."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Preprocessing read from a checkpoint's image processor config.
+
+    Attributes:
+        size: (height, width) the model expects.
+        mean, std: per-channel normalisation applied after rescaling.
+        rescale_factor: multiplier from uint8 to float (usually 1/255).
+        resample: PIL resampling filter used for resizing.
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    rescale_factor: float = 1 / 255
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    resample: int = 2
+
+    def __post_init__(self):
+        if len(self.size) != 2 or min(self.size) <= 0:
+            raise ValueError(f"ImageSpec.size must be (height, width) > 0, got {self.size}")
+        for field in ("mean", "std"):
+            if len(getattr(self, field)) != 3:
+                raise ValueError(f"ImageSpec.{field} must have 3 values, got {getattr(self, field)}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"ImageSpec.std must be positive, got {self.std}")
+
+    @classmethod
+    def from_processor_dict(cls, d: dict, default_size: tuple[int, int]) -> "ImageSpec":
+        size = d.get("size", default_size)
+        if isinstance(size, int):
+            size = (size, size)
+        elif isinstance(size, dict):
+            size = (size["height"], size["width"]) if "height" in size else default_size
+        mean = d.get("image_mean", (0.5, 0.5, 0.5))
+        std = d.get("image_std", (0.5, 0.5, 0.5))
+        if isinstance(mean, (int, float)):
+            mean = (mean,) * 3
+        if isinstance(std, (int, float)):
+            std = (std,) * 3
+        return cls(
+            size=tuple(int(s) for s in size),
+            mean=tuple(float(m) for m in mean),
+            std=tuple(float(s) for s in std),
+            rescale_factor=float(d.get("rescale_factor", 1 / 255)),
+            do_resize=bool(d.get("do_resize", True)),
+            do_rescale=bool(d.get("do_rescale", True)),
+            do_normalize=bool(d.get("do_normalize", True)),
+            resample=int(d.get("resample", 2)),
+        )
+
+    def to_processor_dict(self) -> dict:
+        return {
+            "image_processor_type": "ViTImageProcessor",
+            "do_resize": self.do_resize,
+            "size": {"height": self.size[0], "width": self.size[1]},
+            "resample": self.resample,
+            "do_rescale": self.do_rescale,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+        }
+
+
+def patch_mask_reference(
+    x: torch.Tensor,
+    gates: torch.Tensor,
+    placeholder: torch.Tensor | None,
+    cls_token: torch.Tensor,
+    pos_embed: torch.Tensor,
+) -> torch.Tensor:
+    """Blend patch embeddings with a placeholder under gates and assemble the token sequence.
+
+    Args:
+        x: (B, N, D) patch embeddings (before position embeddings).
+        gates: (B, N) or (B, K, N) keep values in [0, 1]; K masks per image.
+        placeholder: (D,) replacement vector, or None for zeros.
+        cls_token: (D,) class token.
+        pos_embed: (N+1, D) position embeddings.
+
+    Returns:
+        (B*K, N+1, D) tokens: row 0 = cls + pos[0]; row 1+n = g*x + (1-g)*placeholder + pos[1+n].
+    """
+    B, N, D = x.shape
+    g = gates if gates.dim() == 3 else gates.unsqueeze(1)
+    K = g.shape[1]
+    g = g.to(x.dtype).unsqueeze(-1)  # (B, K, N, 1)
+    xs = x.unsqueeze(1)  # (B, 1, N, D)
+    if placeholder is None:
+        patches = g * xs
+    else:
+        ph = placeholder.to(x.dtype)
+        patches = g * xs + (1 - g) * ph
+    patches = patches.reshape(B * K, N, D) + pos_embed[1:].to(x.dtype)
+    cls = (cls_token + pos_embed[0]).to(x.dtype).expand(B * K, 1, D)
+    return torch.cat([cls, patches], dim=1)
+
+
+class Backbone(nn.Module):
+    """A frozen ``ViTForImageClassification`` with its preprocessing.
+
+    Geometry attributes: ``num_layers`` (L), ``hidden_size`` (D), ``grid`` (h, w), ``num_patches``
+    (N = h*w), ``num_tokens`` (T = N+1), ``num_hidden_states`` (L+2), ``num_labels`` (C).
+    """
+
+    def __init__(self, model: nn.Module, image_spec: ImageSpec, *, name_or_path: str = "", revision: str | None = None):
+        super().__init__()
+        if getattr(model.config, "model_type", None) != "vit" or not hasattr(model, "vit"):
+            raise ValueError(
+                f"expected a ViTForImageClassification (model_type 'vit'), got "
+                f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r})"
+            )
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.image_spec = image_spec
+        self.name_or_path = name_or_path
+        self.revision = revision
+        # Fast paths swap this for a kernel with the same signature (see vdm_engine.kernels).
+        self.patch_mask_fn: Callable = patch_mask_reference
+        emb = self.model.vit.embeddings
+        ph, pw = _pair(self.config.patch_size)
+        ih, iw = _pair(self.config.image_size)
+        self.grid = (ih // ph, iw // pw)
+        self.patch_size = (ph, pw)
+        if emb.position_embeddings.shape[1] != self.num_patches + 1:
+            raise ValueError(
+                f"position embeddings hold {emb.position_embeddings.shape[1]} tokens, expected "
+                f"{self.num_patches + 1} (1 CLS + {self.num_patches} patches); distillation tokens are not supported"
+            )
+
+    def train(self, mode: bool = True):
+        # The backbone is frozen: it always runs in eval mode (no dropout).
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    # ----- geometry ---------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + 1
+
+    @property
+    def num_hidden_states(self) -> int:
+        return self.num_layers + 2
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.model.classifier.out_features)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return {int(k): v for k, v in self.config.id2label.items()}
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return _pair(self.config.image_size)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        vit = self.model.vit
+        if hasattr(vit, "layers"):  # transformers >= 5
+            return vit.layers
+        return vit.encoder.layer  # transformers 4.x
+
+    @property
+    def cls_token(self) -> torch.Tensor:
+        """(D,) class token parameter."""
+        return self.model.vit.embeddings.cls_token.reshape(-1)
+
+    @property
+    def pos_embed(self) -> torch.Tensor:
+        """(N+1, D) position embeddings."""
+        return self.model.vit.embeddings.position_embeddings[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.cls_token.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cls_token.dtype
+
+    # ----- input ------------------------------------------------------------------------------
+    def preprocess(self, images) -> torch.Tensor:
+        """Turn images into ``pixel_values (N, 3, H, W)`` float32 with the checkpoint's settings.
+
+        Accepts a PIL image, a list of PIL images or uint8 arrays, or a uint8 numpy array / tensor of
+        shape (H, W), (H, W, C), (N, H, W) or (N, H, W, C) with C in {1, 3, 4}.
+        """
+        return preprocess_images(images, self.image_spec)
+
+    def check_pixels(self, pixel_values) -> None:
+        """Raise ``ValueError`` unless ``pixel_values`` is a finite float (B, C, H, W) batch for this model."""
+        check_pixel_values(pixel_values, self.config.num_channels, self.image_size)
+
+    # ----- forward ----------------------------------------------------------------------------
+    def embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N, D) patch projections, before CLS and position embeddings."""
+        proj = self.model.vit.embeddings.patch_embeddings.projection
+        return proj(pixel_values.to(proj.weight.dtype)).flatten(2).transpose(1, 2)
+
+    def _assemble(self, patches: torch.Tensor) -> torch.Tensor:
+        cls = self.model.vit.embeddings.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype)
+        return torch.cat([cls, patches], dim=1) + self.model.vit.embeddings.position_embeddings.to(patches.dtype)
+
+    def _run_layer(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        out = layer(h)
+        return out[0] if isinstance(out, tuple) else out
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) encoder input -> (B, T, D) output of the last layer (before the final norm)."""
+        h = tokens
+        for layer in self.layers:
+            h = self._run_layer(layer, h)
+        return h
+
+    def head(self, last: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) last-layer output -> (B, C) logits (final norm, CLS token, classifier)."""
+        return self.model.classifier(self.model.vit.layernorm(last)[:, 0])
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Plain inference: (B, 3, H, W) -> (B, C) logits."""
+        return self.head(self.encode(self._assemble(self.embed_patches(pixel_values))))
+
+    def hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass returning logits and the L+2 hidden states DiffMask reads.
+
+        Returns:
+            logits (B, C) and hidden states (L+2, B, T, D): h0 = [CLS; patch projections] without
+            position embeddings, h1..hL the inputs of each encoder layer, h(L+1) the last layer's
+            output before the final layer norm.
+        """
+        patches = self.embed_patches(pixel_values)
+        cls = self.model.vit.embeddings.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype)
+        states = [torch.cat([cls, patches], dim=1)]
+        h = self._assemble(patches)
+        states.append(h)
+        for layer in self.layers:
+            h = self._run_layer(layer, h)
+            states.append(h)
+        return self.head(h), torch.stack(states)
+
+    def masked_logits_from_patches(
+        self, patches: torch.Tensor, gates: torch.Tensor, placeholder: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Masked forward from precomputed patch embeddings.
+
+        Args:
+            patches: (B, N, D) from ``embed_patches``.
+            gates: (B, N) or (B, K, N) keep values in [0, 1].
+            placeholder: (D,) or None (zeros).
+
+        Returns:
+            (B, C) logits, or (B, K, C) for K masks per image.
+        """
+        B, N, _ = patches.shape
+        if gates.dim() not in (2, 3) or gates.shape[0] != B or gates.shape[-1] != N:
+            raise ValueError(f"gates must be (B, N) or (B, K, N) with B={B}, N={N}; got {tuple(gates.shape)}")
+        tokens = self.patch_mask_fn(patches, gates, placeholder, self.cls_token, self.pos_embed)
+        logits = self.head(self.encode(tokens))
+        return logits.view(B, gates.shape[1], -1) if gates.dim() == 3 else logits
+
+    def masked_logits(
+        self, pixel_values: torch.Tensor, gates: torch.Tensor, placeholder: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Forward pass with patch embeddings replaced under the gates.
+
+        x'_n = g_n * x_n + (1 - g_n) * placeholder, before CLS concat and position embeddings.
+
+        Args:
+            pixel_values: (B, 3, H, W).
+            gates: (B, N) or (B, K, N) keep values in [0, 1].
+            placeholder: (D,) or None for zeros.
+
+        Returns:
+            (B, C) logits, or (B, K, C).
+        """
+        return self.masked_logits_from_patches(self.embed_patches(pixel_values), gates, placeholder)
+
+    # ----- persistence ------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the HF model (safetensors) and ``preprocessor_config.json`` into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory, safe_serialization=True)
+        atomic_write_json(directory / _PROCESSOR_FILE, self.image_spec.to_processor_dict())
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def check_pixel_values(pixel_values, num_channels: int, size: tuple[int, int]) -> None:
+    """Validate a pixel batch; ``ValueError`` names what was wrong and what was expected."""
+    exp = f"(B, {num_channels}, {size[0]}, {size[1]})"
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(
+            f"pixel_values must be a torch.Tensor of shape {exp}, got {type(pixel_values).__name__}; "
+            "use preprocess(images) for PIL images or uint8 arrays"
+        )
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values must be a float tensor {exp}, got dtype {pixel_values.dtype}; "
+            "use preprocess(images) to turn uint8 images into normalised pixel values"
+        )
+    if pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values must have rank 4 {exp}, got shape {tuple(pixel_values.shape)}")
+    if pixel_values.shape[0] == 0:
+        raise ValueError(f"pixel_values is an empty batch; expected at least one image {exp}")
+    if pixel_values.shape[1] != num_channels:
+        raise ValueError(f"pixel_values must have {num_channels} channels {exp}, got shape {tuple(pixel_values.shape)}")
+    if tuple(pixel_values.shape[2:]) != tuple(size):
+        raise ValueError(f"pixel_values must be {size[0]}x{size[1]} {exp}, got shape {tuple(pixel_values.shape)}")
+    if not bool(torch.isfinite(pixel_values).all()):
+        bad = int((~torch.isfinite(pixel_values)).sum())
+        raise ValueError(f"pixel_values contains {bad} NaN or Inf values; expected finite pixels")
+
+
+def _to_uint8_list(images) -> list[np.ndarray]:
+    """Normalise supported image inputs to a list of (H, W, 3) uint8 arrays."""
+    from PIL import Image
+
+    def one(a) -> np.ndarray:
+        if isinstance(a, Image.Image):
+            return np.asarray(a.convert("RGB"))
+        if isinstance(a, torch.Tensor):
+            a = a.detach().cpu().numpy()
+        if not isinstance(a, np.ndarray):
+            raise ValueError(f"unsupported image type {type(a).__name__}; expected PIL.Image or uint8 array/tensor")
+        if a.dtype != np.uint8:
+            raise ValueError(f"image arrays must be uint8 in [0, 255], got dtype {a.dtype}")
+        if a.ndim == 2:
+            a = a[..., None]
+        if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got {a.shape}")
+        if a.shape[0] == 0 or a.shape[1] == 0:
+            raise ValueError(f"image has no pixels: shape {a.shape}")
+        if a.shape[-1] == 1:
+            a = np.repeat(a, 3, axis=-1)
+        elif a.shape[-1] == 4:
+            a = a[..., :3]
+        return a
+
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise ValueError("no images given; expected at least one image")
+        return [one(a) for a in images]
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    if isinstance(images, np.ndarray):
+        if images.size == 0:
+            raise ValueError(f"empty image array of shape {images.shape}; expected at least one image")
+        if images.ndim == 4 or (images.ndim == 3 and images.shape[-1] not in (1, 3, 4)):
+            return [one(a) for a in images]
+    return [one(images)]
+
+
+def preprocess_images(images, spec: ImageSpec) -> torch.Tensor:
+    """Resize, rescale and normalise images into (N, 3, H, W) float32 pixel values."""
+    from PIL import Image
+
+    arrays = _to_uint8_list(images)
+    H, W = spec.size
+    out = np.empty((len(arrays), H, W, 3), dtype=np.float32)
+    for i, a in enumerate(arrays):
+        if a.shape[:2] != (H, W):
+            if not spec.do_resize:
+                raise ValueError(f"image {i} is {a.shape[0]}x{a.shape[1]}, expected {H}x{W} (resizing is off)")
+            a = np.asarray(Image.fromarray(a).resize((W, H), resample=spec.resample))
+        out[i] = a
+    x = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+    if spec.do_rescale:
+        x = x * spec.rescale_factor
+    if spec.do_normalize:
+        mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+        x = (x - mean) / std
+    return x
+
+
+def _local_files_only_default() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _read_processor_dict(source: str, revision: str | None, local_files_only: bool) -> dict:
+    if os.path.isdir(source):
+        path = Path(source) / _PROCESSOR_FILE
+        if not path.is_file():
+            raise ValueError(
+                f"{source} has no {_PROCESSOR_FILE}; normalisation must come from the checkpoint. "
+                "Save one with Backbone.save_pretrained or the ViT image processor's save_pretrained"
+            )
+        return json.loads(path.read_text())
+    from huggingface_hub import hf_hub_download
+
+    path = hf_hub_download(source, _PROCESSOR_FILE, revision=revision, local_files_only=local_files_only)
+    return json.loads(Path(path).read_text())
+
+
+def resolve_model_source(name_or_path: str) -> str:
+    """Map a preset or embedded name to a hub id or local directory; pass others through."""
+    name_or_path = str(name_or_path)
+    if name_or_path in EMBEDDED_MODELS:
+        d = embedded_model_dir(name_or_path)
+        if d is None or not (d / "backbone" / "config.json").is_file():
+            raise WeightsUnavailableError(
+                f"the embedded model '{name_or_path}' is missing from this install; rebuild it with "
+                f"`python -m vdm_engine.training.recipes {name_or_path.split('-', 1)[1]} --out DIR`"
+            )
+        return str(d / "backbone")
+    return PRESETS.get(name_or_path, name_or_path)
+
+
+def load_backbone(
+    name_or_path: str = "vit-digits",
+    *,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+) -> Backbone:
+    """Load a ViT classifier and its image processor settings.
+
+    Args:
+        name_or_path: an embedded model (``vit-digits``, ``vit-toy``), a preset (``vit-b16``,
+            ``vit-b16-cifar10``, ``vit-l16``), a Hugging Face hub id, or a local directory written
+            by ``save_pretrained``.
+        revision: hub revision (branch, tag or commit).
+        local_files_only: never touch the network; defaults to ``HF_HUB_OFFLINE``.
+        device, dtype: where and in which precision to place the weights.
+        attn_implementation: ``"sdpa"`` (default) or ``"eager"``.
+
+    Raises:
+        WeightsUnavailableError: the weights are neither cached nor downloadable.
+        ValueError: the checkpoint is not a ViT image classifier.
+    """
+    from transformers import AutoConfig, ViTForImageClassification
+
+    source = resolve_model_source(name_or_path)
+    if local_files_only is None:
+        local_files_only = _local_files_only_default()
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision, local_files_only=local_files_only)
+        if config.model_type != "vit":
+            raise ValueError(
+                f"'{name_or_path}' is a {config.model_type!r} checkpoint; vdm-engine supports ViT image "
+                "classifiers (model_type 'vit', ViTForImageClassification; DeiT checkpoints without distillation)"
+            )
+        model = ViTForImageClassification.from_pretrained(
+            source, revision=revision, local_files_only=local_files_only, attn_implementation=attn_implementation
+        )
+        processor = _read_processor_dict(source, revision, local_files_only)
+    except ValueError:
+        raise
+    except Exception as e:  # hub / filesystem errors arrive under many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsUnavailableError(
+            f"could not load ViT weights for '{name_or_path}' (resolved to '{source}'): {first}. "
+            "Without network access, download the checkpoint elsewhere, save it with "
+            "save_pretrained, and pass that local directory instead (e.g. load_backbone('/path/to/dir'))"
+        ) from e
+    spec = ImageSpec.from_processor_dict(processor, _pair(config.image_size))
+    backbone = Backbone(model, spec, name_or_path=str(name_or_path), revision=revision)
+    if device is not None or dtype is not None:
+        backbone.to(device=device, dtype=dtype)
+    return backbone
+
+
+
+# Architectures by name, for random-weight models (tests, benchmarks, export timing offline).
+SHAPES = {
+    "vit-b16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                    image_size=224, patch_size=16, num_labels=1000),
+    "vit-l16": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                    image_size=224, patch_size=16, num_labels=1000),
+    "vit-tiny": dict(hidden_size=36, num_hidden_layers=2, num_attention_heads=3, intermediate_size=72,
+                     image_size=32, patch_size=8, num_labels=10),
+}
+
+
+def random_backbone(shape: str | dict = "vit-tiny", *, seed: int = 0, attn_implementation: str = "sdpa", **overrides) -> Backbone:
+    """A ViT classifier with random weights and a given architecture (no download).
+
+    Args:
+        shape: a key of ``SHAPES`` (``vit-b16``, ``vit-l16``, ``vit-tiny``) or ViTConfig kwargs.
+        seed: weight initialisation seed.
+        overrides: ViTConfig fields replacing those of ``shape``.
+    """
+    from transformers import ViTConfig, ViTForImageClassification
+
+    kwargs = dict(SHAPES[shape]) if isinstance(shape, str) else dict(shape)
+    kwargs.update(overrides)
+    kwargs.setdefault("id2label", {i: f"class_{i}" for i in range(kwargs.get("num_labels", 2))})
+    kwargs.setdefault("label2id", {v: k for k, v in kwargs["id2label"].items()})
+    config = ViTConfig(**kwargs)
+    config._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ViTForImageClassification(config)
+    model.eval()
+    spec = ImageSpec(size=_pair(config.image_size), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return Backbone(model, spec, name_or_path=shape if isinstance(shape, str) else "random-vit")

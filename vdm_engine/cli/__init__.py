@@ -1,0 +1,1 @@
+"""Console scripts: one thin module per command; each ``main`` parses, then makes one library call."""

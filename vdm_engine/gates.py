@@ -1,0 +1,349 @@
+"""DiffMask gate probes and hard-concrete maths (De Cao et al. 2020; Vision DiffMask, Nalmpantis et al. 2023).
+
+One probe per hidden state i = 0..L+1 maps each token t to a logit
+
+    z_i,t = mul * tanh(w2_i . tanh(W1_i [h0_t ; hi_t] + b1_i) + b2_i) + add_i
+
+and the hard-concrete gate (temperature beta, stretched to (l, r)) keeps the token with probability
+P(g > 0) = sigmoid(z - beta * log(-l / r)). Probabilities multiply across depth.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._io import atomic_path, atomic_write_json, sha256_file
+
+__all__ = ["GateConfig", "Gates", "ProbeParams", "gate_probe_reference", "hard_concrete_sample", "GATES_WEIGHTS", "GATES_CONFIG"]
+
+GATES_WEIGHTS = "gates.safetensors"
+GATES_CONFIG = "gates_config.json"
+_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Shape and maths of the gate probes.
+
+    Attributes:
+        hidden_size: D of the backbone.
+        num_hidden_states: L+2 (patch embeddings, each layer input, last output).
+        probe_size: width of each probe's hidden layer (default D // 4).
+        mul: fixed scale of the probe's output tanh.
+        add_init: initial value of the learnable offset ``add_i``.
+        beta, l, r: hard-concrete temperature and stretch interval.
+        placeholder: learn a placeholder vector (else patches are replaced by zeros).
+    """
+
+    hidden_size: int
+    num_hidden_states: int
+    probe_size: int | None = None
+    mul: float = 10.0
+    add_init: float = 5.0
+    beta: float = 0.2
+    l: float = -0.2  # noqa: E741
+    r: float = 1.0
+    placeholder: bool = True
+
+    def __post_init__(self):
+        if self.hidden_size <= 0:
+            raise ValueError(f"GateConfig.hidden_size must be positive, got {self.hidden_size}")
+        if self.num_hidden_states < 2:
+            raise ValueError(f"GateConfig.num_hidden_states must be >= 2 (L+2), got {self.num_hidden_states}")
+        if self.probe_size is None:
+            object.__setattr__(self, "probe_size", max(1, self.hidden_size // 4))
+        if self.probe_size <= 0:
+            raise ValueError(f"GateConfig.probe_size must be positive, got {self.probe_size}")
+        if not self.beta > 0:
+            raise ValueError(f"GateConfig.beta must be > 0, got {self.beta}")
+        if not (self.l < 0 < 1 <= self.r):
+            raise ValueError(f"GateConfig needs l < 0 and r >= 1 (stretched interval), got l={self.l}, r={self.r}")
+        if not self.mul > 0:
+            raise ValueError(f"GateConfig.mul must be > 0, got {self.mul}")
+
+    @property
+    def log_keep_offset(self) -> float:
+        """beta * log(-l / r): P(keep) = sigmoid(z - offset)."""
+        return self.beta * math.log(-self.l / self.r)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GateConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown GateConfig fields {sorted(unknown)}; expected a subset of {sorted(names)}")
+        return cls(**d)
+
+
+class ProbeParams(NamedTuple):
+    """Stacked probe weights for S = L+2 probes of width P over hidden size D.
+
+    w1 (S, P, 2D), b1 (S, P), w2 (S, P), b2 (S,), add (S,); mul and offset are floats.
+    """
+
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    add: torch.Tensor
+    mul: float
+    offset: float
+
+
+def gate_probe_reference(hidden_states: torch.Tensor, probes: ProbeParams) -> torch.Tensor:
+    """Log keep probability of every token at every depth.
+
+    Args:
+        hidden_states: (S, B, T, D) stacked hidden states, S = L+2; h0 = hidden_states[0].
+        probes: stacked weights (see ``ProbeParams``).
+
+    Returns:
+        log_keep (B, S, T) float32: -softplus(offset - z).
+    """
+    z = _probe_logits(hidden_states, probes)
+    return -F.softplus(probes.offset - z)
+
+
+def _probe_logits(hidden_states: torch.Tensor, probes: ProbeParams) -> torch.Tensor:
+    """(S, B, T, D) -> (B, S, T) gate logits z, computed in the probes' dtype."""
+    S, B, T, D = hidden_states.shape
+    w1 = probes.w1
+    P = w1.shape[1]
+    H = hidden_states.to(w1.dtype).reshape(S, B * T, D)
+    # h0 is shared by all probes: one (BT, D) x (D, S*P) matmul for the h0 half of W1.
+    w1_h0 = w1[:, :, :D].permute(2, 0, 1).reshape(D, S * P)
+    a = (H[0] @ w1_h0).view(B * T, S, P).transpose(0, 1)  # (S, BT, P)
+    # Each probe's own state: one batched matmul over depth for the hi half of W1.
+    pre = torch.baddbmm(probes.b1.unsqueeze(1) + a, H, w1[:, :, D:].transpose(1, 2))  # (S, BT, P)
+    out = torch.bmm(torch.tanh(pre), probes.w2.unsqueeze(-1)).squeeze(-1) + probes.b2.unsqueeze(1)  # (S, BT)
+    z = probes.mul * torch.tanh(out) + probes.add.unsqueeze(1)
+    return z.view(S, B, T).permute(1, 0, 2)
+
+
+def hard_concrete_sample(
+    z: torch.Tensor, beta: float, l: float, r: float, generator: torch.Generator | None = None  # noqa: E741
+) -> torch.Tensor:
+    """Reparameterised hard-concrete sample g in [0, 1] with the shape of the logits ``z``."""
+    u = torch.rand(z.shape, device=z.device, dtype=z.dtype, generator=generator).clamp(1e-6, 1 - 1e-6)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + z) / beta)
+    return (s * (r - l) + l).clamp(0.0, 1.0)
+
+
+class Gates(nn.Module):
+    """The L+2 gate probes (vectorised across depth) and the placeholder vector.
+
+    Stochastic gates are only sampled through ``sample`` (training); every other method is
+    deterministic.
+    """
+
+    def __init__(self, config: GateConfig):
+        super().__init__()
+        self.config = config
+        S, D, P = config.num_hidden_states, config.hidden_size, config.probe_size
+        bound1, bound2 = 1 / math.sqrt(2 * D), 1 / math.sqrt(P)
+        self.w1 = nn.Parameter(torch.empty(S, P, 2 * D).uniform_(-bound1, bound1))
+        self.b1 = nn.Parameter(torch.empty(S, P).uniform_(-bound1, bound1))
+        self.w2 = nn.Parameter(torch.empty(S, P).uniform_(-bound2, bound2))
+        self.b2 = nn.Parameter(torch.empty(S).uniform_(-bound2, bound2))
+        self.add = nn.Parameter(torch.full((S,), float(config.add_init)))
+        if config.placeholder:
+            self.placeholder = nn.Parameter(torch.zeros(D))
+        else:
+            self.register_buffer("placeholder", torch.zeros(D))
+        # Where these gates came from; written to gates_config.json.
+        self.backbone_id: str | None = None
+        self.backbone_revision: str | None = None
+        self.metrics: dict = {}
+
+    # ----- maths ------------------------------------------------------------------------------
+    def probe_params(self) -> ProbeParams:
+        c = self.config
+        return ProbeParams(self.w1, self.b1, self.w2, self.b2, self.add, float(c.mul), c.log_keep_offset)
+
+    def _stack(self, hidden_states) -> torch.Tensor:
+        if isinstance(hidden_states, (list, tuple)):
+            hidden_states = torch.stack(list(hidden_states))
+        S, D = self.config.num_hidden_states, self.config.hidden_size
+        if hidden_states.dim() != 4 or hidden_states.shape[0] != S or hidden_states.shape[-1] != D:
+            raise ValueError(
+                f"hidden_states must be (L+2={S}, B, T, D={D}) or a list of {S} (B, T, {D}) tensors; "
+                f"got {tuple(hidden_states.shape)}"
+            )
+        return hidden_states
+
+    def logits(self, hidden_states) -> torch.Tensor:
+        """Gate logits z: (L+2, B, T, D) -> (B, L+2, T)."""
+        return _probe_logits(self._stack(hidden_states), self.probe_params())
+
+    def log_keep_prob(self, hidden_states) -> torch.Tensor:
+        """Per-depth log keep probability log P(g > 0): (L+2, B, T, D) -> (B, L+2, T)."""
+        return gate_probe_reference(self._stack(hidden_states), self.probe_params())
+
+    def layer_masks(self, hidden_states) -> torch.Tensor:
+        """Cumulative keep probabilities up to each depth, CLS dropped: (B, L+2, N)."""
+        return self.log_keep_prob(hidden_states).cumsum(1)[:, :, 1:].exp()
+
+    def patch_mask(self, hidden_states, upto: int = -1) -> torch.Tensor:
+        """Keep probability aggregated up to depth ``upto`` (default the last), CLS dropped: (B, N)."""
+        k = self._depth(upto)
+        return self.log_keep_prob(hidden_states)[:, : k + 1].sum(1)[:, 1:].exp()
+
+    def sample(self, hidden_states, upto: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterised training sample of the gates aggregated up to depth ``upto``.
+
+        Returns:
+            gates (B, N): product over depths i <= upto of hard-concrete samples, CLS dropped;
+            log_keep (B, N): sum over i <= upto of log P(g_i > 0) (the expected-L0 term), CLS dropped.
+        """
+        k = self._depth(upto)
+        hs = self._stack(hidden_states)[: k + 1]
+        c = self.config
+        p = self.probe_params()
+        p = p._replace(w1=p.w1[: k + 1], b1=p.b1[: k + 1], w2=p.w2[: k + 1], b2=p.b2[: k + 1], add=p.add[: k + 1])
+        z = _probe_logits(hs, p)  # (B, k+1, T)
+        g = hard_concrete_sample(z, c.beta, c.l, c.r, generator).prod(1)[:, 1:]
+        log_keep = (-F.softplus(p.offset - z)).sum(1)[:, 1:]
+        return g, log_keep
+
+    def _depth(self, upto: int) -> int:
+        S = self.config.num_hidden_states
+        k = upto + S if upto < 0 else upto
+        if not 0 <= k < S:
+            raise ValueError(f"depth {upto} out of range for {S} hidden states (expected -{S} <= upto < {S})")
+        return k
+
+    # ----- checkpoints ------------------------------------------------------------------------
+    def check_backbone(self, backbone) -> None:
+        """Raise ``ValueError`` if these gates do not fit ``backbone`` (hidden size, layer count)."""
+        c = self.config
+        if c.hidden_size != backbone.hidden_size or c.num_hidden_states != backbone.num_hidden_states:
+            raise ValueError(
+                f"gates do not match the backbone: gates were built for hidden size {c.hidden_size} and "
+                f"{c.num_hidden_states - 2} layers, the backbone '{backbone.name_or_path}' has hidden size "
+                f"{backbone.hidden_size} and {backbone.num_layers} layers"
+            )
+
+    def save_pretrained(self, directory: str | os.PathLike, *, backbone=None, metrics: dict | None = None) -> Path:
+        """Write ``gates.safetensors`` and ``gates_config.json`` atomically; returns the directory."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if backbone is not None:
+            self.backbone_id, self.backbone_revision = backbone.name_or_path, backbone.revision
+        if metrics is not None:
+            self.metrics = dict(metrics)
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(directory / GATES_WEIGHTS) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            digest = sha256_file(tmp)
+        atomic_write_json(
+            directory / GATES_CONFIG,
+            {
+                "format_version": _FORMAT_VERSION,
+                "config": self.config.to_dict(),
+                "backbone": {"name_or_path": self.backbone_id, "revision": self.backbone_revision},
+                "sha256": digest,
+                "metrics": self.metrics,
+            },
+        )
+        return directory
+
+    @property
+    def sha256(self) -> str | None:
+        return getattr(self, "_sha256", None)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, backbone=None) -> "Gates":
+        """Load gates written by ``save_pretrained``; validate the checksum and, if given, the backbone."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg_path, w_path = directory / GATES_CONFIG, directory / GATES_WEIGHTS
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise ValueError(f"{directory} is not a gates directory: expected {GATES_CONFIG} and {GATES_WEIGHTS} in it")
+        meta = json.loads(cfg_path.read_text())
+        digest = sha256_file(w_path)
+        if meta.get("sha256") and meta["sha256"] != digest:
+            raise ValueError(f"{w_path} does not match the sha256 in {cfg_path}: the checkpoint is corrupt or mixed")
+        gates = cls(GateConfig.from_dict(meta["config"]))
+        state = load_file(str(w_path))
+        missing = set(gates.state_dict()) - set(state)
+        if missing:
+            raise ValueError(f"{w_path} lacks tensors {sorted(missing)}")
+        try:
+            gates.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{w_path} does not fit its config: {e}") from e
+        gates.backbone_id = meta.get("backbone", {}).get("name_or_path")
+        gates.backbone_revision = meta.get("backbone", {}).get("revision")
+        gates.metrics = meta.get("metrics", {}) or {}
+        gates._sha256 = digest
+        if backbone is not None:
+            gates.check_backbone(backbone)
+        return gates
+
+    @classmethod
+    def from_reference_checkpoint(cls, path: str | os.PathLike, *, mul: float | None = None) -> "Gates":
+        """Import a checkpoint of the original Vision-DiffMask implementation (Lightning ``.ckpt``).
+
+        Reads ``gate.g_hat.{i}.f.{0,2}.weight_g/weight_v/bias``, ``gate.g_hat.{i}.add_activation``
+        and ``gate.placeholder``; weight norm is folded as w = g * v / ||v||. The file is read with
+        ``torch.load(weights_only=True)``; nothing is unpickled beyond tensors and plain containers.
+        """
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(
+                f"could not read {path} safely with torch.load(weights_only=True): {str(e).splitlines()[0]}. "
+                "Re-save its state_dict with plain tensors, or convert it where the original code runs"
+            ) from e
+        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} holds no state_dict")
+        S = 0
+        while f"gate.g_hat.{S}.f.0.weight_v" in state:
+            S += 1
+        if S < 2:
+            raise ValueError(f"{path} has no Vision-DiffMask gate keys ('gate.g_hat.{{i}}.f.0.weight_v')")
+
+        def fold(prefix: str) -> torch.Tensor:
+            if prefix + ".weight" in state:
+                return state[prefix + ".weight"].float()
+            g, v = state[prefix + ".weight_g"].float(), state[prefix + ".weight_v"].float()
+            norm = v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
+            return g * v / norm
+
+        w1 = torch.stack([fold(f"gate.g_hat.{i}.f.0") for i in range(S)])  # (S, P, 2D)
+        P, D2 = w1.shape[1:]
+        if D2 % 2:
+            raise ValueError(f"{path}: first probe layer has input width {D2}, expected 2*D")
+        if mul is None:
+            hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+            mul = float(hp.get("mul_activation", GateConfig.mul)) if isinstance(hp, dict) else GateConfig.mul
+        ph = state.get("gate.placeholder")
+        config = GateConfig(hidden_size=D2 // 2, num_hidden_states=S, probe_size=P, mul=mul, placeholder=ph is not None)
+        gates = cls(config)
+        with torch.no_grad():
+            gates.w1.copy_(w1)
+            gates.b1.copy_(torch.stack([state[f"gate.g_hat.{i}.f.0.bias"].float() for i in range(S)]))
+            gates.w2.copy_(torch.stack([fold(f"gate.g_hat.{i}.f.2").reshape(P) for i in range(S)]))
+            gates.b2.copy_(torch.stack([state[f"gate.g_hat.{i}.f.2.bias"].float().reshape(()) for i in range(S)]))
+            gates.add.copy_(torch.stack([state[f"gate.g_hat.{i}.add_activation"].float().reshape(()) for i in range(S)]))
+            if ph is not None:
+                gates.placeholder.copy_(ph.float().reshape(-1))
+        gates.metrics = {"imported_from": os.path.basename(str(path))}
+        return gates
+
