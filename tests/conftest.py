@@ -1,0 +1,86 @@
+"""Shared fixtures: seeded RNG, tiny random ViTs saved locally, a verbose allclose."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from vdm_engine import Explainer, GateConfig, Gates
+from vdm_engine.backbone import random_backbone
+
+# Tests never touch the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _isolated_registry(tmp_path_factory, monkeypatch):
+    """Each test gets its own empty gates registry."""
+    monkeypatch.setenv("VDM_GATES_HOME", str(tmp_path_factory.mktemp("gates_registry")))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str = "tensor"):
+    """allclose that says how many elements differ, where the worst one is, and whether NaNs appeared."""
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    a, e = actual.detach().float().cpu(), expected.detach().float().cpu()
+    nan_a, nan_e = torch.isnan(a).sum().item(), torch.isnan(e).sum().item()
+    diff = (a - e).abs()
+    bad = ~(diff <= atol + rtol * e.abs())
+    if bad.any() or nan_a != nan_e:
+        worst = int(torch.nan_to_num(diff, nan=float("inf")).argmax())
+        idx = np.unravel_index(worst, tuple(a.shape)) if a.dim() else ()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{a.numel()} elements out of tolerance (atol={atol}, rtol={rtol}); "
+            f"worst at {tuple(int(i) for i in idx)}: {a.flatten()[worst].item()} vs {e.flatten()[worst].item()} "
+            f"(|diff| {diff.flatten()[worst].item():.3e}); NaNs actual={nan_a} expected={nan_e}"
+        )
+
+
+@pytest.fixture
+def close():
+    return assert_close
+
+
+@pytest.fixture
+def tiny_backbone():
+    """Random ViT: 32x32 input, 8x8 patches (4x4 grid, T=17), D=36, 2 layers, 10 classes."""
+    return random_backbone("vit-tiny", seed=0)
+
+
+@pytest.fixture
+def tiny_gates(tiny_backbone):
+    torch.manual_seed(1)
+    g = Gates(GateConfig(tiny_backbone.hidden_size, tiny_backbone.num_hidden_states))
+    with torch.no_grad():
+        g.placeholder.normal_()
+        g.add.copy_(torch.linspace(-1.0, 2.0, g.add.numel()))
+    return g.eval()
+
+
+@pytest.fixture
+def tiny_explainer(tiny_backbone, tiny_gates):
+    return Explainer(tiny_backbone, tiny_gates).eval()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_backbone):
+    """A local ``save_pretrained`` directory of the tiny ViT (model + preprocessor config)."""
+    d = tmp_path / "tiny-vit"
+    tiny_backbone.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def pixels():
+    """(5, 3, 32, 32) random normalised pixels for the tiny ViT (prime batch)."""
+    return torch.randn(5, 3, 32, 32)
