@@ -1,0 +1,139 @@
+"""Perturbation curves, areas and localisation scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vdm_engine.attribution import get_method
+from vdm_engine.backbone import random_backbone
+from vdm_engine.evaluation import (
+    PerturbationConfig,
+    auc,
+    evaluate,
+    perturb_pixels,
+    perturbed_logits,
+    perturbed_logits_pixels,
+    prf,
+    removal_counts,
+    removal_gates,
+    replacement_pixels,
+)
+
+
+def test_auc_hand_made_curves():
+    # Trapezoids on [0, 1] with 5 points (dx = 0.25).
+    assert auc([1, 1, 1, 1, 1]) == pytest.approx(1.0)
+    assert auc([1.0, 0.75, 0.5, 0.25, 0.0]) == pytest.approx(0.5)
+    # 0.25 * ((1+0)/2 + (0+0)/2 + (0+1)/2 + (1+1)/2) = 0.25 * 2 = 0.5
+    assert auc([1, 0, 0, 1, 1]) == pytest.approx(0.5)
+    # uneven abscissae: 0.1*(0+1)/2 + 0.9*(1+1)/2 = 0.95
+    assert auc([0, 1, 1], x=[0.0, 0.1, 1.0]) == pytest.approx(0.95)
+    np.testing.assert_allclose(auc(np.array([[0, 1], [2, 2]])), [0.5, 2.0])
+    with pytest.raises(ValueError, match="at least 2 points"):
+        auc([1.0])
+    with pytest.raises(ValueError, match="increasing"):
+        auc([1, 2, 3], x=[0, 0.5, 0.2])
+
+
+def test_removal_counts_and_orders():
+    assert removal_counts(16, 10) == [0, 2, 3, 5, 6, 8, 10, 11, 13, 14, 16]
+    assert removal_counts(196, 10)[-1] == 196
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3], [4.0, 3.0, 2.0, 1.0]])
+    pos = removal_gates(scores, 4, "positive")
+    neg = removal_gates(scores, 4, "negative")
+    assert pos.shape == (2, 5, 4)
+    # positive: most relevant removed first.
+    assert pos[0, 1].tolist() == [1, 0, 1, 1] and pos[0, 2].tolist() == [1, 0, 0, 1]
+    assert pos[1, 1].tolist() == [0, 1, 1, 1]
+    # negative: least relevant first.
+    assert neg[0, 1].tolist() == [0, 1, 1, 1] and neg[1, 3].tolist() == [1, 0, 0, 0]
+    for g in (pos, neg):
+        assert g[:, 0].eq(1).all() and g[:, -1].eq(0).all()
+        # once removed, a patch stays removed
+        assert (g[:, 1:] <= g[:, :-1]).all()
+
+
+def test_ties_are_broken_at_random_with_a_generator():
+    scores = torch.zeros(1, 16)
+    plain = removal_gates(scores, 16, "positive")
+    assert plain[0, 1].tolist() == [0] + [1] * 15  # patch order without a generator
+    gates = removal_gates(scores.expand(64, 16), 16, "positive", torch.Generator().manual_seed(0))
+    first = (1 - gates[:, 1]).argmax(-1)
+    assert len(set(first.tolist())) > 4
+
+
+def test_replacement_pixels(tiny_backbone, pixels):
+    mean = replacement_pixels(pixels, "mean", tiny_backbone.image_spec, range(5))
+    torch.testing.assert_close(mean[:, :, 3, 7], pixels.mean((2, 3)))
+    a = replacement_pixels(pixels, "noise", tiny_backbone.image_spec, [1, 2, 3, 4, 5])
+    b = replacement_pixels(pixels[:2], "noise", tiny_backbone.image_spec, [1, 2])
+    torch.testing.assert_close(a[:2], b)  # per-image seeds: batching does not change the noise
+    # mean 0.5 / std 0.5: uniform raw pixels map to [-1, 1]
+    assert a.min() >= -1 and a.max() <= 1 and a.std() > 0.4
+    with pytest.raises(ValueError, match="replacement"):
+        replacement_pixels(pixels, "blur", tiny_backbone.image_spec, range(5))
+
+
+def test_perturb_pixels_places_patches():
+    pv = torch.zeros(1, 3, 32, 32)
+    repl = torch.ones(1, 3, 32, 32)
+    gates = torch.ones(1, 1, 16)
+    gates[0, 0, 6] = 0  # row 1, column 2 of the 4x4 grid
+    out = perturb_pixels(pv, repl, gates, (8, 8))[0]
+    assert out[:, 8:16, 16:24].eq(1).all()
+    assert out.sum() == 3 * 64
+
+
+@pytest.mark.parametrize("mode", ["noise", "mean"])
+def test_perturbation_via_embeddings_equals_pixels(mode, close):
+    """Replacing patch pixels == replacing patch embeddings (linear patch projection), (B, K, N) gates."""
+    bb = random_backbone("vit-tiny", seed=2, hidden_size=44, num_attention_heads=4, image_size=40, patch_size=8)
+    pv = torch.randn(3, 3, 40, 40)  # 5x5 grid, N = 25
+    repl = replacement_pixels(pv, mode, bb.image_spec, [7, 8, 9])
+    gates = removal_gates(torch.randn(3, 25), 10, "positive", torch.Generator().manual_seed(0))
+    gates[1, 4] = torch.rand(25)  # soft gates blend identically too
+    with torch.no_grad():
+        close(perturbed_logits(bb, pv, repl, gates), perturbed_logits_pixels(bb, pv, repl, gates), 1e-5, 1e-4,
+              f"{mode}: embedding path vs pixel path")
+
+
+def test_prf_arithmetic():
+    # image 0: tp 2 fp 1 fn 0; image 1: tp 0 fp 0 fn 2; image 2: nothing relevant, nothing kept.
+    r = prf([[2, 1, 0], [0, 0, 2], [0, 0, 0]])
+    assert r["precision"] == pytest.approx(2 / 3) and r["recall"] == pytest.approx(0.5)
+    assert r["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    assert r["macro_recall"] == pytest.approx(0.5)  # (1 + 0) / 2, image 2 skipped
+    assert r["macro_f1"] == pytest.approx((0.8 + 0) / 2)
+
+
+def test_evaluate_end_to_end(tiny_explainer, pixels):
+    bb = tiny_explainer.backbone
+    methods = {m: get_method(m, tiny_explainer) for m in ("diffmask", "random", "chefer")}
+    relevant = torch.zeros(5, 16, dtype=torch.bool)
+    relevant[:, :3] = True
+
+    def oracle(pv, target):  # scores that rank the ground truth first
+        return relevant[: pv.shape[0]].float() + 0.01 * torch.rand(pv.shape[0], 16)
+
+    methods["oracle"] = oracle
+    res = evaluate(methods, bb, pixels, relevant=relevant, config=PerturbationConfig(batch_size=2, max_rows=7),
+                   kept_masks={"diffmask": lambda s: s > 0.5}, progress=False)
+    assert res["n"] == 5 and len(res["fractions"]) == 11
+    with torch.no_grad():
+        p0 = bb(pixels).softmax(-1).max(-1).values.mean().item()
+    for m, entry in res["methods"].items():
+        for rp in ("noise", "mean"):
+            for o in ("positive", "negative"):
+                d = entry[rp][o]
+                assert len(d["prob"]) == 11
+                assert d["prob"][0] == pytest.approx(p0, abs=1e-5)  # nothing removed yet
+                assert d["kl"][0] == pytest.approx(0.0, abs=1e-5)
+                assert 0 <= d["auc_prob"] <= 1 and d["auc_kl"] >= 0
+            # everything removed: the same image whatever the order
+            assert entry[rp]["positive"]["prob"][-1] == pytest.approx(entry[rp]["negative"]["prob"][-1], abs=1e-6)
+    loc = res["methods"]["oracle"]["localisation"]["topk"]
+    assert loc["f1"] == pytest.approx(1.0)
+    assert "own" in res["methods"]["diffmask"]["localisation"]
+    assert res["methods"]["random"]["localisation"]["topk"]["f1"] < 1.0
