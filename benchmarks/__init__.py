@@ -1,0 +1,1 @@
+"""Throughput benchmarks (pytest-benchmark) and the report script: ``python -m benchmarks.report RESULTS.json``."""

@@ -1,0 +1,285 @@
+"""Benchmark options and session fixtures: one model, batch, device and dtype for every case.
+
+Options:
+    --vdm-model   ``vit-small`` (default: a random-weight ViT small enough for a CPU run under five
+                  minutes), ``vit-tiny``, ``vit-b16``/``vit-l16`` (those architectures with random
+                  weights), an embedded model (``vit-digits``, ``vit-toy``) or a local
+                  ``save_pretrained`` directory.
+    --vdm-batch   images per call (default 8).
+    --vdm-device  ``cpu`` or ``cuda``.
+    --vdm-dtype   ``fp32``, ``fp16`` or ``bf16`` (backbone weights and pixels; gates stay fp32).
+    --vdm-budget  seconds of timed rounds per case (default 3).
+
+Every case calls the ``measure`` fixture, which times a function with ``benchmark.pedantic`` (a
+chosen number of rounds after one warm-up call, CUDA synchronised inside the timed function) and
+records ``case``, images/s, device name, dtype, batch, threads and, on CUDA, peak memory in
+``benchmark.extra_info``. Under plain ``pytest`` (benchmarks disabled by the top-level conftest)
+it runs the function once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Random-weight architectures beyond vdm_engine.backbone.SHAPES. ``vit-small`` keeps the ViT-B/16
+# block structure (pre-norm, 4x MLP, 64-wide heads) at 1/4 width, half depth and a 7x7 grid, so
+# the ratios mean something while a CPU run stays short.
+BENCH_SHAPES = {
+    "vit-small": dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768,
+                      image_size=112, patch_size=16, num_labels=100),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# (atol, rtol) for comparing two ways of computing the same outputs in a dtype.
+TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (3e-2, 3e-2), "bf16": (6e-2, 6e-2)}
+MAX_ROUNDS = 100
+SLOW_CASE_S = 60.0  # a case whose calls are this slow gets a single timed round
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("vdm-engine benchmarks")
+    group.addoption("--vdm-model", default="vit-small",
+                    help="vit-small (default), vit-tiny, vit-b16, vit-l16 (random weights), an embedded "
+                         "model (vit-digits, vit-toy) or a local save_pretrained directory")
+    group.addoption("--vdm-batch", type=int, default=8, help="images per call (default 8)")
+    group.addoption("--vdm-device", default="cpu", choices=("cpu", "cuda"), help="cpu (default) or cuda")
+    group.addoption("--vdm-dtype", default="fp32", choices=tuple(DTYPES), help="fp32 (default), fp16 or bf16")
+    group.addoption("--vdm-budget", type=float, default=3.0, help="seconds of timed rounds per case (default 3)")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What every case runs on."""
+
+    model: str
+    batch: int
+    device: str
+    dtype_name: str
+    budget_s: float
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
+
+    @property
+    def device_name(self) -> str:
+        if self.cuda:
+            return torch.cuda.get_device_name()
+        return cpu_model_name()
+
+    @property
+    def tolerance(self) -> tuple[float, float]:
+        """(atol, rtol) for checking one computation against another in this dtype."""
+        return TOLERANCES[self.dtype_name]
+
+    def info(self) -> dict:
+        return {
+            "model": self.model,
+            "batch": self.batch,
+            "device": self.device,
+            "device_name": self.device_name,
+            "dtype": self.dtype_name,
+            "threads": torch.get_num_threads(),
+        }
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name as ``lscpu``/``/proc/cpuinfo`` report it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@pytest.fixture(scope="session")
+def bench_config(pytestconfig) -> BenchConfig:
+    opt = pytestconfig.getoption
+    cfg = BenchConfig(opt("--vdm-model"), opt("--vdm-batch"), opt("--vdm-device"), opt("--vdm-dtype"),
+                      opt("--vdm-budget"))
+    if cfg.batch < 1:
+        raise pytest.UsageError(f"--vdm-batch must be >= 1, got {cfg.batch}")
+    if cfg.budget_s <= 0:
+        raise pytest.UsageError(f"--vdm-budget must be > 0 seconds, got {cfg.budget_s}")
+    if cfg.cuda and not torch.cuda.is_available():
+        raise pytest.UsageError("--vdm-device cuda was given but torch sees no CUDA device; use --vdm-device cpu")
+    return cfg
+
+
+def build_backbone(model: str):
+    """A backbone for ``--vdm-model``: a random-weight shape, or a checkpoint loaded offline."""
+    from vdm_engine.backbone import SHAPES, load_backbone, random_backbone
+
+    if model in BENCH_SHAPES:
+        return random_backbone(BENCH_SHAPES[model], seed=0)
+    if model in SHAPES:
+        return random_backbone(model, seed=0)
+    return load_backbone(model, local_files_only=True)
+
+
+def random_gates(backbone, seed: int = 1):
+    """Untrained gates with a learnt-looking placeholder and per-depth offsets (fine for timing)."""
+    from vdm_engine import GateConfig, Gates
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        gates = Gates(GateConfig(backbone.hidden_size, backbone.num_hidden_states))
+        with torch.no_grad():
+            gates.placeholder.normal_()
+            gates.add.copy_(torch.linspace(-1.0, 3.0, gates.add.numel()))
+    return gates.eval()
+
+
+@pytest.fixture(scope="session")
+def bench_backbone(bench_config):
+    """The backbone every case times, on the chosen device and dtype (built once per session)."""
+    return build_backbone(bench_config.model).to(device=bench_config.device, dtype=bench_config.dtype)
+
+
+@pytest.fixture(scope="session")
+def bench_explainer(bench_config, bench_backbone):
+    """The engine on ``bench_backbone`` with random gates (fp32, on the device).
+
+    Cases choose their kernels explicitly with ``use_kernels``; the session default is the
+    references.
+    """
+    from vdm_engine import Explainer
+
+    explainer = Explainer(bench_backbone, random_gates(bench_backbone).to(bench_config.device)).eval()
+    use_kernels(explainer, "reference")
+    return explainer
+
+
+def use_kernels(explainer, mode: str) -> None:
+    """Set the probe and masking functions: ``reference`` (plain PyTorch) or ``triton``.
+
+    ``reference`` has ``VDM_KERNELS=reference`` semantics, set explicitly so that whatever the
+    environment says, the case times what its name claims.
+    """
+    from vdm_engine.backbone import patch_mask_reference
+    from vdm_engine.gates import gate_probe_reference
+
+    if mode == "reference":
+        explainer.gate_probe_fn = gate_probe_reference
+        explainer.backbone.patch_mask_fn = patch_mask_reference
+        return
+    if mode != "triton":
+        raise ValueError(f"kernel mode must be 'reference' or 'triton', got {mode!r}")
+    from vdm_engine.kernels.dispatch import install
+
+    install(explainer, "triton")
+    if explainer.gate_probe_fn is gate_probe_reference:
+        raise RuntimeError("vdm_engine.kernels.dispatch.install(explainer, 'triton') left the reference gate probe in place")
+
+
+@pytest.fixture
+def kernels(bench_explainer):
+    """``kernels(mode)`` switches the session explainer's kernels; the references are restored after the case."""
+    yield lambda mode: use_kernels(bench_explainer, mode)
+    use_kernels(bench_explainer, "reference")
+
+
+@pytest.fixture(scope="session")
+def bench_pixels(bench_config, bench_backbone):
+    """(B, 3, H, W) seeded random pixels in the model's dtype, on the device."""
+    h, w = bench_backbone.image_size
+    g = torch.Generator().manual_seed(1234)
+    pv = torch.randn(bench_config.batch, bench_backbone.config.num_channels, h, w, generator=g)
+    return pv.to(device=bench_config.device, dtype=bench_config.dtype)
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(tmp_path_factory) -> Path:
+    """One directory for the session's ONNX exports (each export is built once)."""
+    return tmp_path_factory.mktemp("bench_onnx")
+
+
+@pytest.fixture(scope="session")
+def plain_onnx_session(bench_config, bench_explainer, onnx_dir):
+    """(onnxruntime session, input name) of a plain ViT export: pixel_values -> logits only."""
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    export = pytest.importorskip("vdm_engine.export", reason="vdm_engine.export is not available")
+    if not hasattr(export, "export_onnx"):
+        pytest.skip("vdm_engine.export.export_onnx is not written yet")
+    path = onnx_dir / "plain.onnx"
+    export.export_onnx(bench_explainer, path, outputs=("logits",))
+    session = ort.InferenceSession(str(path), providers=_ort_providers(bench_config))
+    return session, session.get_inputs()[0].name
+
+
+@pytest.fixture(scope="session")
+def onnx_explainer(bench_config, bench_explainer, onnx_dir):
+    """``vdm_engine.runtime.OnnxExplainer`` on the fused graph (logits and gate probes in one graph)."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    export = pytest.importorskip("vdm_engine.export", reason="vdm_engine.export is not available")
+    runtime = pytest.importorskip("vdm_engine.runtime", reason="vdm_engine.runtime is not available")
+    if not hasattr(export, "export_onnx") or not hasattr(runtime, "OnnxExplainer"):
+        pytest.skip("vdm_engine.export.export_onnx / vdm_engine.runtime.OnnxExplainer are not written yet")
+    path = onnx_dir / "explainer.onnx"
+    export.export_onnx(bench_explainer, path)
+    return runtime.OnnxExplainer(path, providers=_ort_providers(bench_config))
+
+
+def _ort_providers(cfg: BenchConfig) -> list[str]:
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cfg.cuda else ["CPUExecutionProvider"]
+
+
+def _rounds(seconds_per_call: float, budget_s: float) -> int:
+    """Timed rounds for a call of this duration: about ``budget_s`` in all, 3..MAX_ROUNDS, 1 for very slow calls."""
+    t = max(seconds_per_call, 1e-6)
+    rounds = min(MAX_ROUNDS, max(3, math.ceil(budget_s / t)))
+    cap = max(3 * budget_s, SLOW_CASE_S)
+    if t * rounds > cap:
+        rounds = max(1, int(cap // t))
+    return rounds
+
+
+@pytest.fixture
+def measure(benchmark, bench_config) -> Callable:
+    """``measure(case, fn, *args) -> fn's result``: time ``fn(*args)`` on one batch and record extra_info.
+
+    ``case`` is the key the report reads (``plain/torch``, ``explain/torch-reference``, ...).
+    """
+    cfg = bench_config
+
+    def run(case: str, fn: Callable, *args):
+        def timed():
+            out = fn(*args)
+            if cfg.cuda:
+                torch.cuda.synchronize()
+            return out
+
+        benchmark.extra_info.update(case=case, **cfg.info())
+        if not benchmark.enabled:
+            return benchmark.pedantic(timed)  # plain pytest: one untimed call
+        if cfg.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        timed()  # warm-up, also sizes the number of rounds
+        rounds = _rounds(time.perf_counter() - start, cfg.budget_s)
+        result = benchmark.pedantic(timed, rounds=rounds, iterations=1)
+        median = benchmark.stats.stats.median
+        benchmark.extra_info["images_per_s"] = cfg.batch / median if median > 0 else float("inf")
+        benchmark.extra_info["rounds"] = rounds
+        if cfg.cuda:
+            benchmark.extra_info["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+        return result
+
+    return run
