@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from vdm_engine import Explainer, GateConfig, Gates
-from vdm_engine.backbone import random_backbone
+# Without a GPU the Triton kernels run under the CPU interpreter. Triton reads this when a kernel is
+# decorated (module import), so it must be set before anything imports vdm_engine.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from vdm_engine import Explainer, GateConfig, Gates  # noqa: E402
+from vdm_engine.backbone import random_backbone  # noqa: E402
 
 # Tests never touch the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
