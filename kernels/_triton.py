@@ -1,0 +1,105 @@
+"""Optional Triton import and the capability check shared by the kernels.
+
+Triton is optional: without it ``vdm_engine.kernels`` still imports (the kernel modules get a stub
+``triton``/``tl`` whose kernels raise on launch) and dispatch falls back to the references.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import SimpleNamespace
+
+import torch
+
+__all__ = [
+    "TRITON_IMPORT_ERROR",
+    "interpreting",
+    "next_power_of_2",
+    "not_supported_reasons",
+    "tl",
+    "triton",
+    "triton_importable",
+]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET`` asks for the CPU interpreter (read now, as Triton reads it at import)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def triton_importable() -> bool:
+    """Whether ``import triton`` can work, without importing it."""
+    return importlib.util.find_spec("triton") is not None
+
+
+class _Unavailable:
+    """Stands in for a ``@triton.jit`` kernel when Triton is missing; launching it raises."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.__name__ = getattr(fn, "__name__", "kernel")
+
+    def __getitem__(self, grid):
+        raise RuntimeError(
+            f"cannot launch {self.__name__}: triton is not installed ({TRITON_IMPORT_ERROR}); "
+            "install triton or use the reference path (VDM_KERNELS=reference)"
+        )
+
+
+try:  # the kernel modules import triton through here so that a missing triton is not fatal
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    TRITON_IMPORT_ERROR: str | None = None
+except ImportError as e:  # pragma: no cover - exercised only where triton is absent
+    TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+    triton = SimpleNamespace(jit=_Unavailable, cdiv=lambda a, b: -(-a // b), next_power_of_2=None)
+    tl = SimpleNamespace(constexpr=object)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def not_supported_reasons(device: torch.device | str | torch.Tensor, dtype: torch.dtype | None = None) -> list[str]:
+    """Why the Triton kernels cannot run for tensors on ``device`` with ``dtype``; empty when they can.
+
+    Args:
+        device: a device, or a tensor whose device and dtype are checked.
+        dtype: the activation dtype (default: the tensor's dtype, else unchecked).
+
+    Returns:
+        Human-readable reasons; ``[]`` means the kernels are usable. CPU tensors are allowed only
+        under the Triton interpreter (``TRITON_INTERPRET=1``). Does not import triton.
+    """
+    if isinstance(device, torch.Tensor):
+        dtype = device.dtype if dtype is None else dtype
+        device = device.device
+    device = torch.device(device)
+    reasons: list[str] = []
+    if not triton_importable():
+        reasons.append("triton is not installed")
+    interp = interpreting()
+    if device.type == "cuda":
+        if interp:
+            reasons.append("TRITON_INTERPRET=1 is set, so Triton would interpret CUDA tensors on the CPU")
+        elif not torch.cuda.is_available():
+            reasons.append("CUDA is not available in this process")
+        else:
+            major, minor = torch.cuda.get_device_capability(device)
+            if (major, minor) < (7, 0):
+                reasons.append(f"GPU compute capability {major}.{minor} < 7.0 (Triton needs Volta or newer)")
+            elif dtype == torch.bfloat16 and major < 8:
+                reasons.append(f"bfloat16 needs compute capability >= 8.0, this GPU has {major}.{minor}")
+    elif device.type == "cpu":
+        if not interp:
+            reasons.append("tensors are on the CPU; the Triton kernels need CUDA (or TRITON_INTERPRET=1)")
+    else:
+        reasons.append(f"device type {device.type!r} is not supported by the Triton kernels (CUDA only)")
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype {dtype} is not supported (expected float32, float16 or bfloat16)")
+    return reasons

@@ -1,0 +1,276 @@
+"""Fused gate probes: log keep probabilities of every token at every depth in one launch.
+
+For S = L+2 hidden states h_0..h_{S-1} (B, T, D) the DiffMask probes (De Cao et al. 2020; Vision
+DiffMask, Nalmpantis et al. 2023) compute per token
+
+    z_s = mul * tanh(w2_s . tanh(W1_s[:, :D] h_0 + W1_s[:, D:] h_s + b1_s) + b2_s) + add_s
+    log_keep_s = -softplus(offset - z_s)
+
+Each program owns a tile of tokens and walks all depths: the two matmuls per depth (h_0 half and
+h_s half of W1) run on ``tl.dot`` with fp32 accumulation, and tanh, the w2 projection, the
+hard-concrete log keep probability and the running sum over depth stay in registers. Every h_s
+(s >= 1) is read once per P tile (once for P <= 64); h_0 is re-read at each depth and is served
+from cache. Inference only: there is no backward.
+"""
+
+import torch
+
+from vdm_engine.gates import ProbeParams, gate_probe_reference
+
+from ._triton import SUPPORTED_DTYPES, interpreting, next_power_of_2, tl, triton
+
+__all__ = [
+    "gate_probe",
+    "gate_probe_forward",
+    "gate_probe_patch_mask",
+    "gate_probe_patch_mask_reference",
+    "gate_probe_reference",
+]
+
+
+# ----- kernel ---------------------------------------------------------------------------------
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (exp(2x) + 1): exact limits at +-inf, abs error ~1e-7 in fp32; 2x clamped so exp never overflows.
+    return 1.0 - 2.0 / (tl.exp(tl.minimum(2.0 * x, 80.0)) + 1.0)
+
+
+@triton.jit
+def _softplus(y):
+    # max(y, 0) + log1p(exp(-|y|)), with a two-term series where log(1 + u) would round away u.
+    u = tl.exp(-tl.abs(y))
+    log1p_u = tl.where(u < 1e-4, u * (1.0 - 0.5 * u), tl.log(1.0 + u))
+    return tl.maximum(y, 0.0) + log1p_u
+
+
+@triton.jit
+def _gate_probe_kernel(
+    h_ptr,  # (S, R, D) hidden states, R = B*T tokens, contiguous
+    w1_ptr,  # (S, P, 2D) first probe layer in the dot dtype; columns [0, D) act on h_0, [D, 2D) on h_s
+    b1_ptr,  # (S, P) fp32
+    w2_ptr,  # (S, P) fp32 second probe layer
+    b2_ptr,  # (S,) fp32
+    add_ptr,  # (S,) fp32 learned offsets
+    out_ptr,  # (B, S, T) fp32 log keep per depth (written when WRITE_LAYERS)
+    mask_ptr,  # (B, T-1) fp32 exp(sum over depth), CLS dropped (written when WRITE_MASK)
+    S,
+    R,
+    T,
+    D,
+    P,
+    mul,
+    offset,
+    WRITE_LAYERS: tl.constexpr,
+    WRITE_MASK: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,) flattened token index b*T + t
+    row_ok = rows < R
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_p = tl.arange(0, BLOCK_P)
+    b = rows // T
+    t = rows - b * T
+    total = tl.zeros((BLOCK_T,), dtype=tl.float32)  # running sum of log keep over depth
+    for s in range(S):
+        h_s = h_ptr + tl.cast(s, tl.int64) * R * D
+        w_s = w1_ptr + tl.cast(s, tl.int64) * P * 2 * D
+        proj = tl.zeros((BLOCK_T,), dtype=tl.float32)  # w2_s . tanh(pre)
+        for p0 in range(0, P, BLOCK_P):
+            p = p0 + offs_p
+            p_ok = p < P
+            acc = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)  # pre-activation tile
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + offs_d
+                d_ok = d < D
+                h_off = rows[:, None] * D + d[None, :]
+                h_ok = row_ok[:, None] & d_ok[None, :]
+                w_off = p[None, :] * (2 * D) + d[:, None]  # (BLOCK_D, BLOCK_P) view of W1_s^T
+                w_ok = d_ok[:, None] & p_ok[None, :]
+                wa = tl.load(w_s + w_off, mask=w_ok, other=0.0)
+                wb = tl.load(w_s + D + w_off, mask=w_ok, other=0.0)
+                h0 = tl.load(h_ptr + h_off, mask=h_ok, other=0.0).to(wa.dtype)
+                hs = tl.load(h_s + h_off, mask=h_ok, other=0.0).to(wa.dtype)
+                if UPCAST:  # interpreter only: its tl.dot multiplies bf16 bit patterns; fp32 holds them exactly
+                    h0, hs, wa, wb = h0.to(tl.float32), hs.to(tl.float32), wa.to(tl.float32), wb.to(tl.float32)
+                if IEEE:
+                    acc = tl.dot(h0, wa, acc, input_precision="ieee")
+                    acc = tl.dot(hs, wb, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(h0, wa, acc)
+                    acc = tl.dot(hs, wb, acc)
+            b1 = tl.load(b1_ptr + s * P + p, mask=p_ok, other=0.0)
+            w2 = tl.load(w2_ptr + s * P + p, mask=p_ok, other=0.0)  # 0 on padded columns
+            proj += tl.sum(_tanh(acc + b1[None, :]) * w2[None, :], axis=1)
+        z = mul * _tanh(proj + tl.load(b2_ptr + s)) + tl.load(add_ptr + s)
+        log_keep = -_softplus(offset - z)
+        total += log_keep
+        if WRITE_LAYERS:
+            tl.store(out_ptr + (b * S + s) * T + t, log_keep, mask=row_ok)
+    if WRITE_MASK:
+        tl.store(mask_ptr + b * (T - 1) + t - 1, tl.exp(total), mask=row_ok & (t >= 1))
+
+
+# ----- launcher -------------------------------------------------------------------------------
+def _block_sizes(R: int, D: int, P: int, interpret: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_D, BLOCK_P, num_warps); every block is >= 16 for ``tl.dot``.
+
+    GPU: 64x64 tiles (one P tile for P <= 64, else 64-wide P tiles, so ViT-B's P=192 has no padding).
+    Interpreter: one D and P tile and up to 256 tokens per program (Python overhead per program).
+    """
+    if interpret:
+        return max(16, min(next_power_of_2(R), 256)), max(16, next_power_of_2(D)), max(16, next_power_of_2(P)), 1
+    return 64, 64, max(16, min(next_power_of_2(P), 64)), 4
+
+
+def _empty(shape, *, device, dtype) -> torch.Tensor:
+    """Output allocation (one place, so tests can poison it)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _dot_dtype(hidden_dtype: torch.dtype, w1_dtype: torch.dtype) -> torch.dtype:
+    # The reference computes in the probes' dtype; half probes win, else half activations set the
+    # tensor-core dtype (fp32 accumulation either way).
+    return w1_dtype if w1_dtype != torch.float32 else hidden_dtype
+
+
+def _check_args(hidden_states: torch.Tensor, probes: ProbeParams, aggregate: bool) -> None:
+    if hidden_states.dim() != 4:
+        raise ValueError(f"gate_probe: hidden_states must be (S, B, T, D), got shape {tuple(hidden_states.shape)}")
+    S, B, T, D = hidden_states.shape
+    w1, b1, w2, b2, add = probes.w1, probes.b1, probes.w2, probes.b2, probes.add
+    if w1.dim() != 3 or w1.shape[0] != S or w1.shape[2] != 2 * D:
+        raise ValueError(
+            f"gate_probe: probes.w1 must be (S={S}, P, 2D={2 * D}) for hidden states {tuple(hidden_states.shape)}, "
+            f"got {tuple(w1.shape)}"
+        )
+    P = w1.shape[1]
+    for name, t, shape in (("b1", b1, (S, P)), ("w2", w2, (S, P)), ("b2", b2, (S,)), ("add", add, (S,))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"gate_probe: probes.{name} must be {shape}, got {tuple(t.shape)}")
+    if hidden_states.dtype not in SUPPORTED_DTYPES or w1.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"gate_probe: hidden states and probes must be float32, float16 or bfloat16, got "
+            f"{hidden_states.dtype} and {w1.dtype}"
+        )
+    if aggregate and T < 2:
+        raise ValueError(f"gate_probe_patch_mask: need a CLS token and at least one patch (T >= 2), got T={T}")
+
+
+def gate_probe_forward(
+    hidden_states: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    add: torch.Tensor,
+    mul: float,
+    offset: float,
+    aggregate: bool = False,
+) -> torch.Tensor:
+    """Launch the probe kernel (no checks on shapes; see ``gate_probe``).
+
+    Returns:
+        log_keep (B, S, T) float32, or with ``aggregate`` the keep probability summed over depth
+        (B, T-1) float32 = exp(sum_s log_keep[:, s, 1:]).
+    """
+    S, B, T, D = hidden_states.shape
+    P = w1.shape[1]
+    device = hidden_states.device
+    for t in (w1, b1, w2, b2, add):
+        if t.device != device:
+            raise ValueError(f"gate_probe: hidden states are on {device} but a probe weight is on {t.device}")
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        raise ValueError(
+            f"gate_probe: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}; "
+            "use gate_probe_reference on this device"
+        )
+    R = B * T
+    h = hidden_states.contiguous()
+    dot_dtype = _dot_dtype(h.dtype, w1.dtype)
+    w1c = w1.detach().to(dot_dtype).contiguous()
+    b1c, w2c, b2c, addc = (t.detach().to(torch.float32).contiguous() for t in (b1, w2, b2, add))
+    shape = (B, T - 1) if aggregate else (B, S, T)
+    out = _empty(shape, device=device, dtype=torch.float32)  # the kernel writes one of its two outputs
+    if out.numel() == 0:
+        return out
+    ieee = dot_dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    block_t, block_d, block_p, warps = _block_sizes(R, D, P, interpreting())
+    with torch.cuda.device(device) if device.type == "cuda" else _null():
+        _gate_probe_kernel[(triton.cdiv(R, block_t),)](
+            h, w1c, b1c, w2c, b2c, addc, out, out, S, R, T, D, P, float(mul), float(offset),
+            WRITE_LAYERS=not aggregate, WRITE_MASK=aggregate, IEEE=ieee,
+            UPCAST=dot_dtype == torch.bfloat16 and interpreting(),
+            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_P=block_p, num_warps=warps,
+        )  # fmt: skip
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# torch.compile and CUDA graphs see the launcher as one opaque op with a shape-only fake kernel.
+@torch.library.custom_op("vdm_engine::gate_probe", mutates_args=())
+def _gate_probe_op(
+    hidden_states: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    add: torch.Tensor,
+    mul: float,
+    offset: float,
+    aggregate: bool,
+) -> torch.Tensor:
+    return gate_probe_forward(hidden_states, w1, b1, w2, b2, add, mul, offset, aggregate)
+
+
+@_gate_probe_op.register_fake
+def _(hidden_states, w1, b1, w2, b2, add, mul, offset, aggregate):
+    S, B, T, _ = hidden_states.shape
+    shape = (B, T - 1) if aggregate else (B, S, T)
+    return hidden_states.new_empty(shape, dtype=torch.float32)
+
+
+# ----- public ops -----------------------------------------------------------------------------
+def _run(hidden_states: torch.Tensor, probes: ProbeParams, aggregate: bool) -> torch.Tensor:
+    _check_args(hidden_states, probes, aggregate)
+    p = probes
+    return torch.ops.vdm_engine.gate_probe(
+        hidden_states, p.w1, p.b1, p.w2, p.b2, p.add, float(p.mul), float(p.offset), aggregate
+    )
+
+
+def gate_probe(hidden_states: torch.Tensor, probes: ProbeParams) -> torch.Tensor:
+    """Triton twin of ``gate_probe_reference``: log keep probability of every token at every depth.
+
+    Args:
+        hidden_states: (S, B, T, D) stacked hidden states, S = L+2; float32, float16 or bfloat16.
+        probes: stacked probe weights (``Gates.probe_params()``).
+
+    Returns:
+        log_keep (B, S, T) float32. Inference only (no gradient).
+    """
+    return _run(hidden_states, probes, aggregate=False)
+
+
+def gate_probe_patch_mask(hidden_states: torch.Tensor, probes: ProbeParams) -> torch.Tensor:
+    """Aggregated patch mask in the same launch: (S, B, T, D) -> (B, N) = exp(sum_s log_keep[:, s, 1:]).
+
+    Equals ``Gates.patch_mask(hidden_states)`` and ``Explanation.patch_mask``; N = T - 1 (CLS dropped).
+    """
+    return _run(hidden_states, probes, aggregate=True)
+
+
+def gate_probe_patch_mask_reference(hidden_states: torch.Tensor, probes: ProbeParams) -> torch.Tensor:
+    """Plain-PyTorch twin of ``gate_probe_patch_mask``: (S, B, T, D) -> (B, N) float32."""
+    return gate_probe_reference(hidden_states, probes).float().sum(1)[:, 1:].exp()
