@@ -1,0 +1,141 @@
+"""The module that becomes the ONNX graph: pixels in, prediction and explanation out, one ViT pass.
+
+``ExplainerGraph`` wraps an ``Explainer`` and runs the core's explicit forward
+(``Backbone.hidden_states`` then the gate probes on those states, exactly what ``Explainer.forward``
+does), so the exported graph holds one encoder pass. Only the optional ``masked_logits`` / ``kl``
+outputs add the second, masked pass (the check ``Explainer.verify`` makes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from vdm_engine.backbone import patch_mask_reference
+from vdm_engine.explainer import Explainer, kl_divergence
+from vdm_engine.gates import gate_probe_reference
+
+__all__ = ["ExplainerGraph", "OUTPUTS", "DEFAULT_OUTPUTS", "FLOAT_INPUT", "UINT8_INPUT", "normalize_outputs", "reference_paths"]
+
+#: Every output the graph can produce, in the order they appear in the graph.
+OUTPUTS = ("logits", "patch_mask", "layer_masks", "masked_logits", "kl")
+DEFAULT_OUTPUTS = ("logits", "patch_mask")
+#: Input names: normalised float pixels (Optimum's name) or raw uint8 images.
+FLOAT_INPUT = "pixel_values"
+UINT8_INPUT = "images"
+_MASKED = ("masked_logits", "kl")
+
+
+def normalize_outputs(outputs: Sequence[str] | str) -> tuple[str, ...]:
+    """Check requested output names and return them in graph order (``OUTPUTS``), without duplicates."""
+    if isinstance(outputs, str):
+        outputs = (outputs,)
+    outputs = tuple(outputs)
+    unknown = [o for o in outputs if o not in OUTPUTS]
+    if unknown:
+        raise ValueError(f"unknown output(s) {unknown}; expected a subset of {list(OUTPUTS)}")
+    if not outputs:
+        raise ValueError(f"no outputs requested; expected a non-empty subset of {list(OUTPUTS)}")
+    return tuple(o for o in OUTPUTS if o in outputs)
+
+
+@contextlib.contextmanager
+def reference_paths(explainer: Explainer) -> Iterator[Explainer]:
+    """Force the plain-PyTorch probe and masking functions (the ONNX path) for the block; restore after.
+
+    Fast paths (Triton kernels) hook in through ``explainer.gate_probe_fn`` and
+    ``explainer.backbone.patch_mask_fn``; neither can be traced into ONNX.
+    """
+    saved = (explainer.gate_probe_fn, explainer.backbone.patch_mask_fn, explainer.training)
+    explainer.gate_probe_fn = gate_probe_reference
+    explainer.backbone.patch_mask_fn = patch_mask_reference
+    explainer.eval()
+    try:
+        yield explainer
+    finally:
+        explainer.gate_probe_fn, explainer.backbone.patch_mask_fn = saved[0], saved[1]
+        explainer.train(saved[2])
+
+
+class ExplainerGraph(nn.Module):
+    """Export wrapper: one ViT forward, the gate probes on its hidden states, masks from them.
+
+    Args:
+        explainer: the explainer to export (its dtype is the graph's compute dtype).
+        outputs: subset of ``OUTPUTS``; returned in ``OUTPUTS`` order.
+        uint8_input: take raw ``images (B, H, W, 3)`` uint8 and fold rescale + normalisation into
+            the graph (no resizing: images must already be the model's size); else take
+            ``pixel_values (B, 3, H, W)`` float32.
+        threshold: keep-probability threshold of the hard mask used by ``masked_logits`` / ``kl``.
+
+    Outputs (all float32): logits (B, C), patch_mask (B, N), layer_masks (B, L+2, N),
+    masked_logits (B, C), kl (B,).
+    """
+
+    def __init__(
+        self,
+        explainer: Explainer,
+        outputs: Sequence[str] = DEFAULT_OUTPUTS,
+        *,
+        uint8_input: bool = False,
+        threshold: float = 0.5,
+    ):
+        super().__init__()
+        self.explainer = explainer
+        self.outputs = normalize_outputs(outputs)
+        self.uint8_input = bool(uint8_input)
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"threshold must be a keep probability in [0, 1], got {threshold}")
+        self.threshold = float(threshold)
+        spec = explainer.backbone.image_spec
+        scale = torch.full((3,), float(spec.rescale_factor) if spec.do_rescale else 1.0)
+        mean = torch.tensor(spec.mean if spec.do_normalize else (0.0, 0.0, 0.0))
+        std = torch.tensor(spec.std if spec.do_normalize else (1.0, 1.0, 1.0))
+        # (x * rescale - mean) / std == x * (rescale / std) + (-mean / std), per channel.
+        self.register_buffer("_in_scale", (scale / std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_in_bias", (-mean / std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def input_name(self) -> str:
+        return UINT8_INPUT if self.uint8_input else FLOAT_INPUT
+
+    def example_input(self, batch: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
+        """A random input of the graph's kind: uint8 (B, H, W, 3) or float32 (B, 3, H, W)."""
+        H, W = self.explainer.backbone.image_size
+        if self.uint8_input:
+            return torch.randint(0, 256, (batch, H, W, 3), dtype=torch.uint8, generator=generator).to(device)
+        return torch.randn(batch, 3, H, W, generator=generator).to(device)
+
+    def pixel_values(self, x: torch.Tensor) -> torch.Tensor:
+        """Graph input -> (B, 3, H, W) float32 normalised pixels (identity for float input)."""
+        if self.uint8_input:
+            return x.permute(0, 3, 1, 2).to(torch.float32) * self._in_scale + self._in_bias
+        return x.to(torch.float32)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, 3, H, W) float32 or (B, H, W, 3) uint8 -> the requested outputs, float32."""
+        ex = self.explainer
+        bb = ex.backbone
+        pv = self.pixel_values(x)
+        # Explainer.forward, keeping the hidden states: h0[:, 1:] are the patch embeddings the
+        # masked pass needs, so it does not embed the image a second time.
+        logits, hidden = bb.hidden_states(pv)
+        log_keep = ex.gate_probe_fn(hidden, ex.gates.probe_params()).float()  # (B, L+2, T)
+        logits = logits.float()
+        out = {"logits": logits}
+        if "layer_masks" in self.outputs:
+            layer_masks = log_keep.cumsum(1)[:, :, 1:].exp()  # (B, L+2, N), as Explainer.explain
+            out["layer_masks"] = layer_masks
+            patch_mask = layer_masks[:, -1]
+        else:
+            patch_mask = log_keep.sum(1)[:, 1:].exp()  # (B, N)
+        out["patch_mask"] = patch_mask
+        if any(o in self.outputs for o in _MASKED):
+            hard = (patch_mask > self.threshold).to(bb.dtype)  # (B, N), as Explainer.verify
+            masked = bb.masked_logits_from_patches(hidden[0, :, 1:], hard, ex.gates.placeholder).float()
+            out["masked_logits"] = masked
+            out["kl"] = kl_divergence(logits, masked)
+        return tuple(out[o] for o in self.outputs)
