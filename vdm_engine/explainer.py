@@ -28,7 +28,8 @@ class Explanation:
     Attributes:
         logits: (B, C) the model's prediction (from the same forward pass).
         patch_mask: (B, N) keep probability of each patch, aggregated over all depths.
-        layer_masks: (B, L+2, N) keep probability aggregated up to each depth (cumulative).
+        layer_masks: (B, L+2, N) keep probability aggregated up to each depth (cumulative); None
+            from an ``OnnxExplainer`` whose graph was exported without the ``layer_masks`` output.
         grid: (h, w) patch grid, N = h*w, row-major.
         image_size: (H, W) of the model input.
     """
@@ -75,7 +76,11 @@ class Explanation:
 
     def to(self, device) -> "Explanation":
         return Explanation(
-            self.logits.to(device), self.patch_mask.to(device), self.layer_masks.to(device), self.grid, self.image_size
+            self.logits.to(device),
+            self.patch_mask.to(device),
+            None if self.layer_masks is None else self.layer_masks.to(device),  # None: a mask-only ONNX graph
+            self.grid,
+            self.image_size,
         )
 
     def cpu(self) -> "Explanation":
