@@ -1,7 +1,8 @@
 """Optional Triton import and the capability check shared by the kernels.
 
 Triton is optional: without it ``vdm_engine.kernels`` still imports (the kernel modules get a stub
-``triton``/``tl`` whose kernels raise on launch) and dispatch falls back to the references.
+``triton``/``tl`` whose kernels raise on launch) and dispatch falls back to the references. The
+checks here never import triton; ``triton``/``tl`` are imported when a kernel module asks for them.
 """
 
 from __future__ import annotations
@@ -44,20 +45,31 @@ class _Unavailable:
 
     def __getitem__(self, grid):
         raise RuntimeError(
-            f"cannot launch {self.__name__}: triton is not installed ({TRITON_IMPORT_ERROR}); "
+            f"cannot launch {self.__name__}: triton is not installed ({__getattr__('TRITON_IMPORT_ERROR')}); "
             "install triton or use the reference path (VDM_KERNELS=reference)"
         )
 
 
-try:  # the kernel modules import triton through here so that a missing triton is not fatal
-    import triton  # noqa: F401
-    import triton.language as tl  # noqa: F401
+def _import_triton():
+    """(triton, triton.language, error): the real modules, or stubs and the import error."""
+    try:
+        import triton as triton_mod
+        import triton.language as tl_mod
 
-    TRITON_IMPORT_ERROR: str | None = None
-except ImportError as e:  # pragma: no cover - exercised only where triton is absent
-    TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
-    triton = SimpleNamespace(jit=_Unavailable, cdiv=lambda a, b: -(-a // b), next_power_of_2=None)
-    tl = SimpleNamespace(constexpr=object)
+        return triton_mod, tl_mod, None
+    except ImportError as e:  # exercised where triton is absent
+        stub = SimpleNamespace(jit=_Unavailable, cdiv=lambda a, b: -(-a // b))
+        return stub, SimpleNamespace(constexpr=object), f"{type(e).__name__}: {e}"
+
+
+def __getattr__(name: str):
+    # ``triton``, ``tl`` and ``TRITON_IMPORT_ERROR`` import triton on first access only, so the
+    # capability checks below (used by dispatch) never pay for it.
+    if name in ("triton", "tl", "TRITON_IMPORT_ERROR"):
+        values = dict(zip(("triton", "tl", "TRITON_IMPORT_ERROR"), _import_triton()))
+        globals().update(values)
+        return values[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def next_power_of_2(n: int) -> int:

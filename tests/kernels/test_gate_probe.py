@@ -1,0 +1,130 @@
+"""Fused Triton gate probes vs ``gate_probe_reference``, on poisoned outputs (CPU interpreter here).
+
+The reference computes in the probes' dtype (fp32) whatever the hidden states' dtype, so for half
+hidden states it is the exact value; the kernel runs its matmuls in the half dtype (weights rounded
+to it) with fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from vdm_engine.gates import GateConfig, Gates
+from vdm_engine.kernels import (
+    gate_probe,
+    gate_probe_patch_mask,
+    gate_probe_patch_mask_reference,
+    gate_probe_reference,
+)
+
+gp = importlib.import_module("vdm_engine.kernels.gate_probe")
+
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every output the launcher allocates starts as NaN, so an element the kernel skips fails."""
+
+    def nan_empty(shape, *, device, dtype):
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+    monkeypatch.setattr(gp, "_empty", nan_empty)
+
+
+def _probes(S: int, D: int, seed: int = 1):
+    """Random probes whose keep probabilities spread from ~0 to ~1 (not all saturated)."""
+    torch.manual_seed(seed)
+    gates = Gates(GateConfig(D, S))
+    with torch.no_grad():
+        gates.w1.mul_(3.0)
+        gates.add.copy_(torch.linspace(-2.0, 4.0, S))
+    return gates.probe_params()
+
+
+def _check(S, B, T, D, dtype, close):
+    probes = _probes(S, D)
+    hs = torch.randn(S, B, T, D).to(dtype)
+    with torch.no_grad():
+        expected = gate_probe_reference(hs, probes)
+        expected_mask = gate_probe_patch_mask_reference(hs, probes)
+        got = gate_probe(hs, probes)
+        got_mask = gate_probe_patch_mask(hs, probes)
+    assert expected.min() < -1.0 and expected.max() > -0.1, "probes too saturated for a meaningful check"
+    atol, rtol = TOL[dtype]
+    assert got.shape == (B, S, T) and got.dtype == torch.float32
+    close(got, expected, atol, rtol, f"log_keep {dtype}")
+    assert got_mask.shape == (B, T - 1) and got_mask.dtype == torch.float32
+    close(got_mask, expected_mask, atol, rtol, f"patch_mask {dtype}")
+
+
+# (S, B, T, D): T in {17, 50, 197}, D in {100, 192, 768}; P = D // 4 = 25, 48, 192.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("S,B,T,D", [(4, 3, 17, 100), (3, 2, 50, 192)])
+def test_matches_reference(S, B, T, D, dtype, close, poison):
+    _check(S, B, T, D, dtype, close)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_matches_reference_vit_b16_tokens(dtype, close, poison):
+    _check(3, 1, 197, 768, dtype, close)
+
+
+def test_gpu_tiling(monkeypatch, close, poison):
+    """The GPU blocks (64-token, 64-wide D and P tiles, ragged edges, two P tiles) under the interpreter."""
+    sizes = gp._block_sizes
+    monkeypatch.setattr(gp, "_block_sizes", lambda R, D, P, interpret: sizes(R, D, P, False))
+    assert sizes(100, 300, 75, False)[:3] == (64, 64, 64)
+    _check(3, 2, 50, 300, torch.float32, close)  # R=100: 2 token tiles; D=300: 5 D tiles; P=75: 2 P tiles
+    _check(3, 3, 17, 36, torch.float16, close)  # P=9 padded to 16
+
+
+def test_one_patch_prime_batch(close, poison):
+    _check(2, 7, 2, 36, torch.float32, close)
+
+
+def test_matches_gates_module(tiny_backbone, tiny_gates, pixels, close):
+    """Same numbers as the Gates methods the engine and trainer use on real hidden states."""
+    with torch.no_grad():
+        _, hs = tiny_backbone.hidden_states(pixels)
+        close(gate_probe(hs, tiny_gates.probe_params()), tiny_gates.log_keep_prob(hs), 1e-5, 1e-5, "log_keep")
+        close(gate_probe_patch_mask(hs, tiny_gates.probe_params()), tiny_gates.patch_mask(hs), 1e-5, 1e-5, "mask")
+
+
+def test_compiles_without_graph_breaks(close):
+    probes = _probes(3, 36)
+    hs = torch.randn(3, 2, 17, 36)
+    compiled = torch.compile(gate_probe, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        close(compiled(hs, probes), gate_probe_reference(hs, probes), 1e-5, 1e-5, "compiled log_keep")
+
+
+@pytest.mark.parametrize(
+    "hs_shape, field, value, match",
+    [
+        ((3, 2, 5, 8), None, None, None),
+        ((2, 5, 8), None, None, r"hidden_states must be \(S, B, T, D\)"),
+        ((3, 2, 5, 6), None, None, r"probes.w1 must be \(S=3, P, 2D=12\)"),
+        ((3, 2, 5, 8), "b1", torch.zeros(3, 5), r"probes.b1 must be \(3, 2\)"),
+        ((3, 2, 5, 8), "add", torch.zeros(2), r"probes.add must be \(3,\)"),
+    ],
+)
+def test_bad_arguments(hs_shape, field, value, match):
+    probes = Gates(GateConfig(8, 3, probe_size=2)).probe_params()
+    if field is not None:
+        probes = probes._replace(**{field: value})
+    hs = torch.zeros(hs_shape)
+    if match is None:  # the valid baseline of this table
+        assert gate_probe(hs, probes).shape == (2, 3, 5)
+        return
+    with pytest.raises(ValueError, match=match):
+        gate_probe(hs, probes)
+
+
+def test_patch_mask_needs_a_patch():
+    probes = Gates(GateConfig(8, 3)).probe_params()
+    with pytest.raises(ValueError, match=r"T >= 2"):
+        gate_probe_patch_mask(torch.zeros(3, 2, 1, 8), probes)

@@ -1,0 +1,147 @@
+"""Dispatch: the Explainer routes through the Triton kernels when told to, and the answers agree."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vdm_engine import Explainer
+from vdm_engine.backbone import patch_mask_reference
+from vdm_engine.gates import gate_probe_reference
+from vdm_engine.kernels import gate_probe, not_supported_reasons, patch_mask
+from vdm_engine.kernels.dispatch import KernelsUnavailableError, choose, install, resolve_mode
+
+gp = importlib.import_module("vdm_engine.kernels.gate_probe")
+pm = importlib.import_module("vdm_engine.kernels.patch_mask")
+tr = importlib.import_module("vdm_engine.kernels._triton")
+
+
+class CountingKernel:
+    """Wraps a ``@triton.jit`` kernel and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def counters(monkeypatch):
+    c = {
+        "gate_probe": CountingKernel(gp._gate_probe_kernel),
+        "patch_mask_fwd": CountingKernel(pm._patch_mask_fwd_kernel),
+        "patch_mask_bwd": CountingKernel(pm._patch_mask_bwd_kernel),
+    }
+    monkeypatch.setattr(gp, "_gate_probe_kernel", c["gate_probe"])
+    monkeypatch.setattr(pm, "_patch_mask_fwd_kernel", c["patch_mask_fwd"])
+    monkeypatch.setattr(pm, "_patch_mask_bwd_kernel", c["patch_mask_bwd"])
+    return c
+
+
+def test_explain_routes_through_both_kernels(monkeypatch, tiny_backbone, tiny_gates, pixels, counters, close):
+    monkeypatch.setenv("VDM_KERNELS", "reference")
+    ref = Explainer(tiny_backbone, tiny_gates).eval()
+    assert ref.gate_probe_fn is gate_probe_reference and tiny_backbone.patch_mask_fn is patch_mask_reference
+    expected = ref.explain(pixels)
+    expected_check = ref.verify(pixels, expected)
+    gates = torch.rand(5, 3, tiny_backbone.num_patches, requires_grad=True)
+    masked_ref = tiny_backbone.masked_logits(pixels, gates, tiny_gates.placeholder)
+    grad_ref = torch.autograd.grad(masked_ref.sum(), gates)[0]
+
+    monkeypatch.setenv("VDM_KERNELS", "triton")  # CPU tensors: allowed because TRITON_INTERPRET=1
+    fast = Explainer(tiny_backbone, tiny_gates).eval()
+    assert fast.kernel_backend == "triton"
+    assert fast.gate_probe_fn is gate_probe and tiny_backbone.patch_mask_fn is patch_mask
+    got = fast.explain(pixels)
+    assert counters["gate_probe"].launches == 1 and counters["patch_mask_fwd"].launches == 0
+    close(got.logits, expected.logits, 1e-5, 1e-5, "logits")
+    close(got.patch_mask, expected.patch_mask, 1e-5, 1e-5, "patch_mask")
+    close(got.layer_masks, expected.layer_masks, 1e-5, 1e-5, "layer_masks")
+    assert torch.equal(got.keep(), expected.keep())
+
+    check = fast.verify(pixels, got)
+    assert counters["patch_mask_fwd"].launches == 1
+    close(check.masked_logits, expected_check.masked_logits, 1e-4, 1e-4, "verify masked logits")
+    assert torch.equal(check.agree, expected_check.agree)
+
+    # The training loop's masked pass: K=3 masks per image, gradients through the kernel.
+    masked = tiny_backbone.masked_logits(pixels, gates, tiny_gates.placeholder)
+    close(masked, masked_ref, 1e-4, 1e-4, "masked logits, K=3")
+    masked.sum().backward()
+    assert counters["patch_mask_bwd"].launches == 1
+    close(gates.grad, grad_ref, 1e-4, 1e-4, "gate gradients through the masked pass")
+    assert tiny_gates.placeholder.grad is not None
+
+
+def test_auto_uses_references_on_cpu(monkeypatch, tiny_explainer):
+    monkeypatch.delenv("VDM_KERNELS", raising=False)
+    assert resolve_mode() == "auto"
+    assert install(tiny_explainer) is False
+    assert tiny_explainer.gate_probe_fn is gate_probe_reference
+    assert tiny_explainer.backbone.patch_mask_fn is patch_mask_reference
+    use, reasons = choose("cpu", torch.float32, "auto")
+    assert not use and reasons
+
+
+def test_forced_triton_raises_with_reasons(monkeypatch, tiny_explainer):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(KernelsUnavailableError, match=r"VDM_KERNELS=triton .* tensors are on the CPU") as info:
+        install(tiny_explainer, "triton")
+    assert isinstance(info.value, ValueError)
+    monkeypatch.setenv("VDM_KERNELS", "triton")
+    with pytest.raises(KernelsUnavailableError):
+        Explainer(tiny_explainer.backbone, tiny_explainer.gates)
+
+
+def test_reasons(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert any("float64" in r for r in not_supported_reasons(torch.zeros(1, dtype=torch.float64)))
+    assert any("CPU" in r for r in not_supported_reasons("cpu", torch.float32))
+    if not torch.cuda.is_available():
+        assert any("CUDA is not available" in r for r in not_supported_reasons("cuda", torch.bfloat16))
+    monkeypatch.setattr(tr, "triton_importable", lambda: False)
+    assert "triton is not installed" in not_supported_reasons("cuda", torch.float16)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not_supported_reasons("cpu", torch.float16) == ["triton is not installed"]
+
+
+def test_bad_mode(monkeypatch, tiny_backbone, tiny_gates):
+    with pytest.raises(ValueError, match="VDM_KERNELS must be one of auto, reference, triton; got 'cuda'"):
+        resolve_mode("cuda")
+    monkeypatch.setenv("VDM_KERNELS", "fast")
+    with pytest.raises(ValueError, match="got 'fast'"):
+        Explainer(tiny_backbone, tiny_gates)
+
+
+def test_import_is_cheap_and_triton_optional():
+    """Importing the package and dispatch does not import triton; without triton, everything falls back."""
+    code = """
+import sys, torch
+import vdm_engine.kernels, vdm_engine.kernels.dispatch
+assert "triton" not in sys.modules, "importing vdm_engine.kernels imported triton"
+sys.modules["triton"] = None  # as if triton were not installed
+sys.modules["triton.language"] = None
+from vdm_engine.kernels import patch_mask_reference, patch_mask
+from vdm_engine.kernels._triton import TRITON_IMPORT_ERROR
+assert TRITON_IMPORT_ERROR
+x = torch.randn(1, 4, 8)
+args = (x, torch.rand(1, 4), torch.zeros(8), torch.zeros(8), torch.zeros(5, 8))
+assert patch_mask_reference(*args).shape == (1, 5, 8)
+try:
+    patch_mask(*args)
+except RuntimeError as e:
+    assert "triton is not installed" in str(e), e
+else:
+    raise AssertionError("launch without triton did not raise")
+print("ok")
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_INTERPRET"] = "1"  # let the launcher get as far as the (missing) kernel
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
