@@ -22,6 +22,15 @@ from vdm_engine.evaluation import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run far faster on one thread than two on a shared CPU (no spin-waiting)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_auc_hand_made_curves():
     # Trapezoids on [0, 1] with 5 points (dx = 0.25).
     assert auc([1, 1, 1, 1, 1]) == pytest.approx(1.0)

@@ -41,6 +41,12 @@ __all__ = [
     "localisation_counts",
     "prf",
     "evaluate",
+    "EvalData",
+    "check_data_spec",
+    "load_eval_data",
+    "evaluate_model",
+    "results_markdown",
+    "write_report",
 ]
 
 REPLACEMENTS = ("noise", "mean")
@@ -398,3 +404,218 @@ def evaluate(
         "config": {"steps": steps, "replacements": list(config.replacements), "seed": config.seed},
         "methods": results,
     }
+
+
+# ----- data, whole-model runs and reports ---------------------------------------------------------
+TOY_EVAL_SEED = 7_000_001  # toy images for evaluation come from this seed (+ --seed), not the training pool's
+
+
+@dataclass
+class EvalData:
+    """Images to evaluate on.
+
+    Attributes:
+        images: list of (H, W, 3) uint8 arrays (original resolution).
+        pixel_values: (M, 3, H, W) preprocessed for the model.
+        relevant: (M, N) bool ground-truth relevant patches (toy), else None.
+        description: what was loaded, for the report.
+    """
+
+    images: list
+    pixel_values: torch.Tensor
+    relevant: torch.Tensor | None
+    description: str
+
+
+def check_data_spec(spec: str) -> None:
+    """Raise ``ValueError`` unless ``spec`` names a data source (before anything heavy is loaded)."""
+    spec = str(spec).strip()
+    if spec in ("toy", "digits"):
+        return
+    for prefix in ("imagefolder:", "hf:"):
+        if spec.startswith(prefix) and len(spec) > len(prefix):
+            return
+    raise ValueError(
+        f"unknown data source {spec!r}; expected 'toy', 'digits', 'imagefolder:PATH' or 'hf:NAME[:SPLIT]'"
+    )
+
+
+def load_eval_data(spec: str, n: int, *, preprocess: Callable, grid: tuple[int, int], seed: int = 0) -> EvalData:
+    """Load ``n`` evaluation images from a source spec (``vdm_engine.training.data``).
+
+    ``digits``: the held-out ``test`` split (300 images, never used in training); ``toy``: fresh
+    images from ``toy_batch(n, TOY_EVAL_SEED + seed)`` with their ground truth; ``imagefolder:PATH``:
+    the first ``n`` files in sorted order; ``hf:NAME[:SPLIT]``: the first ``n`` streamed items.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    spec = str(spec).strip()
+    from vdm_engine.training import data as D
+
+    relevant = None
+    if spec == "toy":
+        images, _, rel = D.toy_batch(n, TOY_EVAL_SEED + seed)
+        if tuple(D.TOY_GRID) != tuple(grid):
+            raise ValueError(
+                f"the toy ground truth is on a {D.TOY_GRID[0]}x{D.TOY_GRID[1]} patch grid, the model's grid is "
+                f"{grid[0]}x{grid[1]}; evaluate toy data with a model trained on it (vit-toy)"
+            )
+        images, relevant = list(images), torch.from_numpy(rel)
+        desc = f"toy: {n} fresh images (toy_batch seed {TOY_EVAL_SEED + seed})"
+    elif spec == "digits":
+        images, _ = D.digits_split("test")
+        images = list(images[:n])
+        desc = f"digits: {len(images)} held-out test-split images"
+    else:
+        source = D.open_source(spec, seed=seed)
+        if source.indexed:
+            if isinstance(source, D.ImageFolderSource):
+                files = sorted(source.files + source.val_files)[:n]
+                images = [source._open(f) for f in files]
+            else:
+                images = list(source.images(np.arange(min(n, len(source)))))
+        else:
+            it = source.stream(seed=seed)
+            images = [next(it) for _ in range(n)]
+        desc = f"{spec}: {len(images)} images"
+    images = [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else np.asarray(im) for im in images]
+    return EvalData(images=images, pixel_values=preprocess(images), relevant=relevant, description=desc)
+
+
+def evaluate_model(
+    model: str,
+    data: str,
+    methods: Iterable[str],
+    *,
+    n: int = 500,
+    gates: str | None = None,
+    config: PerturbationConfig = PerturbationConfig(),
+    ig_steps: int = 50,
+    threshold: float = 0.5,
+    device: str | None = None,
+    num_examples: int = 6,
+    progress: bool = True,
+) -> tuple[dict, dict]:
+    """Load a model with its gates and data, and run ``evaluate`` for the named methods.
+
+    Returns:
+        (results: JSON-serialisable dict with ``model``, ``data``, ``n``, ``seed``, checksums and
+        ``evaluate``'s output; examples: {"images": [...], "scores": {method: (k, h, w)}, "labels"}
+        for the first ``num_examples`` images, for figures).
+    """
+    import platform
+
+    from . import __version__
+    from .attribution import get_method
+    from .explainer import Explainer
+
+    from .attribution import METHODS
+
+    names = [m.strip().lower() for m in methods if m.strip()]
+    if not names:
+        raise ValueError(f"no methods given; expected a comma-separated subset of {','.join(METHODS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"methods repeat: {names}")
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown attribution method {unknown[0]!r}; expected one of {', '.join(METHODS)}")
+    check_data_spec(data)
+    explainer = Explainer.from_pretrained(model, gates=gates, device=device).eval()
+    bb = explainer.backbone
+    options = {"ig": {"n_steps": ig_steps}, "random": {"seed": config.seed}}
+    fns = {m: get_method(m, explainer, **options.get(m, {})) for m in names}
+    ev = load_eval_data(data, n, preprocess=bb.preprocess, grid=bb.grid, seed=config.seed)
+    kept = {"diffmask": (lambda s: s > threshold)} if "diffmask" in names else None
+    res = evaluate(fns, bb, ev.pixel_values, relevant=ev.relevant, config=config, kept_masks=kept, progress=progress)
+    import torch as _torch
+
+    res.update({
+        "model": model,
+        "data": data,
+        "data_description": ev.description,
+        "seed": config.seed,
+        "threshold": threshold,
+        "ig_steps": ig_steps if "ig" in names else None,
+        "gates_sha256": explainer.gates.sha256,
+        "environment": {
+            "vdm_engine": __version__, "torch": _torch.__version__, "device": str(bb.device),
+            "cpu": platform.processor() or platform.machine(),
+        },
+    })
+    k = min(num_examples, len(ev.images))
+    examples = {"images": ev.images[:k], "scores": {}, "labels": []}
+    if k:
+        pv = ev.pixel_values[:k].to(bb.device)
+        with torch.no_grad():
+            pred = bb(pv).argmax(-1)
+        examples["labels"] = [bb.id2label.get(int(c), str(int(c))) for c in pred]
+        for m, fn in fns.items():
+            examples["scores"][m] = fn(pv, pred).reshape(k, *bb.grid).cpu().numpy()
+    return res, examples
+
+
+_COLUMNS = [
+    ("positive", "auc_prob", "pos. AUC prob (lower better)"),
+    ("negative", "auc_prob", "neg. AUC prob (higher better)"),
+    ("positive", "auc_kl", "pos. AUC KL (higher better)"),
+    ("negative", "auc_kl", "neg. AUC KL (lower better)"),
+]
+
+
+def results_markdown(results: dict) -> str:
+    """A markdown report: one AUC table per replacement setting, plus localisation when present."""
+    lines = [
+        f"# Faithfulness: {results.get('model', '?')} on {results.get('data', '?')}",
+        "",
+        f"{results.get('data_description', '')}; n = {results['n']}, seed {results.get('seed')}, "
+        f"{len(results['fractions']) - 1} removal steps. AUCs over the removed fraction (0..1), "
+        "mean ± standard error over images. Positive: most relevant patches removed first; negative: "
+        "least relevant first.",
+        "",
+    ]
+    methods = results["methods"]
+    for rp in results["config"]["replacements"]:
+        lines += [f"## Replacement: {rp}", "", "| method | " + " | ".join(c[2] for c in _COLUMNS) + " | s/image |",
+                  "|---" * (len(_COLUMNS) + 2) + "|"]
+        for m, e in methods.items():
+            cells = [f"{e[rp][o][k]:.4f} ± {e[rp][o][k + '_sem']:.4f}" for o, k, _ in _COLUMNS]
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {e['seconds_per_image'] * 1e3:.1f} ms |")
+        lines.append("")
+    if any("localisation" in e for e in methods.values()):
+        lines += ["## Localisation against the ground-truth relevant patches", "",
+                  "top-k: each method's k highest-scoring patches, k = the image's true number of relevant "
+                  "patches; own: DiffMask's kept patches (keep probability > threshold). Micro-averaged over "
+                  "all patches; macro = mean over images with a relevant or kept patch.", "",
+                  "| method | selection | precision | recall | F1 | macro F1 |", "|---|---|---|---|---|---|"]
+        for m, e in methods.items():
+            for kind, d in e.get("localisation", {}).items():
+                lines.append(f"| {m} | {kind} | {d['precision']:.3f} | {d['recall']:.3f} | {d['f1']:.3f} | {d['macro_f1']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(results: dict, out_dir, examples: dict | None = None, *, plots: bool = True) -> list:
+    """Write ``results.json``, ``results.md`` and (with matplotlib) ``curves_<replacement>.png`` and
+    ``examples.png`` into ``out_dir``; returns the written paths."""
+    from pathlib import Path
+
+    from ._io import atomic_write_bytes, atomic_write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "results.json", out / "results.md"]
+    atomic_write_json(written[0], results)
+    atomic_write_bytes(written[1], results_markdown(results).encode())
+    if plots:
+        from .visualize import plot_curves, plot_overlay_grid
+
+        for rp in results["config"]["replacements"]:
+            p = out / f"curves_{rp}.png"
+            plot_curves(results, p, replacement=rp, title=f"{results.get('model')} on {results.get('data')}: "
+                                                          f"{rp} replacement, n={results['n']}")
+            written.append(p)
+        if examples and examples.get("images"):
+            p = out / "examples.png"
+            plot_overlay_grid(examples["images"], examples["scores"], p, titles=examples.get("labels"))
+            written.append(p)
+    return written

@@ -1,0 +1,79 @@
+"""``vdm-eval`` on the tiny random ViT with toy data (its 4x4 grid matches the toy ground truth)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from vdm_engine.cli.eval import main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run far faster on one thread than two on a shared CPU (no spin-waiting)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def model_and_gates(tmp_path, tiny_model_dir, tiny_gates, tiny_backbone):
+    gates_dir = tmp_path / "gates"
+    tiny_gates.save_pretrained(gates_dir, backbone=tiny_backbone)
+    return str(tiny_model_dir), str(gates_dir)
+
+
+def test_eval_writes_results_table_and_figures(tmp_path, model_and_gates, capsys):
+    pytest.importorskip("matplotlib")
+    model, gates = model_and_gates
+    methods = "diffmask,rollout,gradcam,random"
+    try:
+        import captum  # noqa: F401
+
+        methods += ",ig"
+    except ImportError:
+        pass
+    out = tmp_path / "ev"
+    rc = main(["--model", model, "--gates", gates, "--data", "toy", "--methods", methods, "--n", "7",
+               "--batch-size", "3", "--ig-steps", "4", "--out", str(out), "--seed", "3"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert res["n"] == 7 and res["model"] == model and res["data"] == "toy" and res["seed"] == 3
+    assert sorted(res["methods"]) == sorted(methods.split(","))
+    for m, e in res["methods"].items():
+        for rp in ("noise", "mean"):
+            for o in ("positive", "negative"):
+                assert len(e[rp][o]["prob"]) == 11 and isinstance(e[rp][o]["auc_prob"], float)
+        assert "topk" in e["localisation"]
+    assert "own" in res["methods"]["diffmask"]["localisation"]
+    md = (out / "results.md").read_text()
+    assert "| diffmask |" in md and "## Replacement: mean" in md and "Localisation" in md
+    for name in ("curves_noise.png", "curves_mean.png", "examples.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--methods", "diffmask,lime"], "unknown attribution method"),
+        (["--data", "mnist"], "unknown data source"),
+        (["--n", "0"], "--n must be >= 1"),
+        (["--replacements", "blur"], "replacements"),
+    ],
+)
+def test_eval_usage_errors(tmp_path, model_and_gates, capsys, args, message):
+    model, gates = model_and_gates
+    base = {"--model": model, "--gates": gates, "--data": "toy", "--methods": "random", "--n": "2",
+            "--out": str(tmp_path / "o")}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    rc = main([x for kv in base.items() for x in kv] + ["--no-plots"])
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("vdm-eval:")]
+    assert rc == 2 and "Traceback" not in err and len(ours) == 1 and message in ours[0]

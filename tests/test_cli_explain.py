@@ -1,0 +1,155 @@
+"""``vdm-explain``: overlay PNGs, JSON records, bad files, the ONNX back end's wiring."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vdm_engine import Explainer
+from vdm_engine.cli.explain import main
+from vdm_engine.visualize import caption_height, overlay_scale
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run far faster on one thread than two on a shared CPU (no spin-waiting)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def model_and_gates(tmp_path, tiny_model_dir, tiny_gates, tiny_backbone):
+    gates_dir = tmp_path / "gates"
+    tiny_gates.save_pretrained(gates_dir, backbone=tiny_backbone)
+    return str(tiny_model_dir), str(gates_dir)
+
+
+def _image(path, h, w, seed, fmt=None):
+    arr = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path, format=fmt)
+    return arr
+
+
+def test_explain_writes_overlay_and_json(tmp_path, model_and_gates, capsys):
+    model, gates = model_and_gates
+    a = _image(tmp_path / "a.png", 40, 48, 0)
+    _image(tmp_path / "b.jpg", 32, 32, 1)
+    out = tmp_path / "out"
+    rc = main([str(tmp_path / "a.png"), str(tmp_path / "b.jpg"), "--model", model, "--gates", gates,
+               "--out", str(out), "--top-k", "3"])
+    assert rc == 0, capsys.readouterr().err
+    rec = json.loads((out / "a.json").read_text())
+    assert json.loads((out / "b.json").read_text())["image"].endswith("b.jpg")
+    # The record matches the library's explanation of the same image.
+    ex = Explainer.from_pretrained(model, gates=gates)
+    exp = ex.explain(ex.preprocess(a))
+    assert rec["grid"] == [4, 4] and np.array(rec["patch_mask"]).shape == (4, 4)
+    np.testing.assert_allclose(np.array(rec["patch_mask"]).ravel(), exp.patch_mask[0].numpy(), atol=1e-6)
+    assert rec["label_index"] == int(exp.labels[0]) and rec["label"] == ex.backbone.id2label[rec["label_index"]]
+    assert rec["score"] == pytest.approx(float(exp.probs[0].max()), abs=1e-6)
+    assert [t["index"] for t in rec["top_k"]] == exp.probs[0].topk(3).indices.tolist()
+    assert rec["kept_fraction"] == pytest.approx(float(exp.kept_fraction()[0]))
+    assert rec["gates_sha256"] == ex.gates.sha256 and len(rec["model_sha256"]) == 64
+    # The PNG: upscaled image + caption (header + 3 classes); pixels change where the mask is high.
+    png = Image.open(out / "a.overlay.png")
+    s = overlay_scale(40, 48)
+    assert png.format == "PNG" and png.size == (48 * s, 40 * s + caption_height(4))
+    panel = np.asarray(png.convert("RGB"))[: 40 * s].astype(float)
+    src = a.repeat(s, 0).repeat(s, 1).astype(float)
+    grid = np.array(rec["patch_mask"])
+    hi = np.argwhere(grid > 0.5)
+    assert len(hi) > 0
+    for i, j in hi:
+        ys, xs = slice(i * 10 * s + 2 * s, (i + 1) * 10 * s - 2 * s), slice(j * 12 * s + 2 * s, (j + 1) * 12 * s - 2 * s)
+        assert np.abs(panel[ys, xs] - src[ys, xs]).mean() > 10, f"patch {(i, j)} looks unchanged"
+    # the caption strip is not the image
+    assert np.asarray(png.convert("RGB"))[40 * s :].mean() > 200
+
+
+def test_bad_files_are_reported_and_others_still_processed(tmp_path, model_and_gates, capsys):
+    model, gates = model_and_gates
+    good = tmp_path / "good.png"
+    _image(good, 32, 32, 2)
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"definitely not a PNG")
+    bmp = tmp_path / "pic.bmp"
+    _image(bmp, 32, 32, 3, fmt="BMP")
+    truncated = tmp_path / "cut.jpg"
+    _image(tmp_path / "full.jpg", 64, 64, 4)
+    truncated.write_bytes((tmp_path / "full.jpg").read_bytes()[:200])
+    missing = tmp_path / "missing.png"
+    out = tmp_path / "out"
+    rc = main([str(p) for p in (garbage, good, bmp, truncated, missing, tmp_path)]
+              + ["--model", model, "--gates", gates, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Traceback" not in err
+    for name in ("garbage.png", "pic.bmp", "cut.jpg", "missing.png"):
+        assert sum(name in line for line in err.splitlines()) == 1, err
+    assert "unsupported image format BMP" in err
+    assert "5 of 6 images could not be read" in err
+    assert json.loads((out / "good.json").read_text())["image"] == str(good)
+    assert (out / "good.overlay.png").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["good.json", "good.overlay.png"]
+
+
+def test_same_stem_gets_distinct_outputs(tmp_path, model_and_gates):
+    model, gates = model_and_gates
+    (tmp_path / "d").mkdir()
+    _image(tmp_path / "x.png", 32, 32, 5)
+    _image(tmp_path / "d" / "x.png", 32, 32, 6)
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "x.png"), str(tmp_path / "d" / "x.png"), "--model", model, "--gates", gates,
+                 "--out", str(out), "--batch-size", "1"]) == 0
+    assert json.loads((out / "x-2.json").read_text())["image"] == str(tmp_path / "d" / "x.png")
+
+
+def test_usage_errors(tmp_path, model_and_gates, capsys):
+    model, gates = model_and_gates
+    _image(tmp_path / "a.png", 32, 32, 7)
+    assert main([str(tmp_path / "a.png"), "--model", model, "--gates", gates, "--top-k", "0", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "--top-k" in capsys.readouterr().err
+    assert main([str(tmp_path / "a.png"), "--model", model, "--gates", str(tmp_path / "nope")]) == 2
+    with pytest.raises(SystemExit) as e:  # argparse: --model and --onnx are exclusive
+        main([str(tmp_path / "a.png"), "--model", model, "--onnx", "m.onnx"])
+    assert e.value.code == 2
+
+
+def test_onnx_backend_is_used_lazily(tmp_path, model_and_gates, monkeypatch, capsys):
+    """--onnx goes through vdm_engine.runtime.OnnxExplainer (stubbed here by the PyTorch explainer)."""
+    model, gates = model_and_gates
+    ex = Explainer.from_pretrained(model, gates=gates)
+    calls = []
+
+    class FakeOnnxExplainer:
+        def __init__(self, path):
+            calls.append(path)
+            self.metadata = {"gates_sha256": "abc123", "id2label": json.dumps({str(i): f"d{i}" for i in range(10)})}
+
+        def preprocess(self, images):
+            return ex.preprocess(images)
+
+        def explain(self, pv):
+            return ex.explain(pv)
+
+    monkeypatch.setitem(sys.modules, "vdm_engine.runtime", types.SimpleNamespace(OnnxExplainer=FakeOnnxExplainer))
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(b"stub graph")
+    _image(tmp_path / "a.png", 32, 32, 8)
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "a.png"), "--onnx", str(onnx_path), "--out", str(out)]) == 0, capsys.readouterr().err
+    rec = json.loads((out / "a.json").read_text())
+    assert calls == [str(onnx_path)]
+    assert rec["gates_sha256"] == "abc123" and rec["label"].startswith("d") and rec["model"] == str(onnx_path)
+    assert len(rec["model_sha256"]) == 64
+    assert main([str(tmp_path / "a.png"), "--onnx", str(tmp_path / "none.onnx")]) == 2
+    assert "no such file" in capsys.readouterr().err

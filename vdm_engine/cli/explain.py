@@ -1,0 +1,257 @@
+"""``vdm-explain IMAGE... [--model MODEL | --onnx PATH] [--out DIR] [--top-k 5]``.
+
+For each image: an overlay PNG (heat map of the patch mask, kept-patch outline, top classes in the
+caption) and a JSON record. Unreadable or unsupported files are reported one line each on stderr
+and the exit code is 2, while the other images are still explained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ._common import EXIT_USAGE, UsageError, run_cli
+
+__all__ = ["main", "explain_files", "load_image", "SUPPORTED_FORMATS"]
+
+PROG = "vdm-explain"
+SUPPORTED_FORMATS = ("PNG", "JPEG")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Explain ViT predictions on image files with DiffMask gates.")
+    req = p.add_argument_group("required")
+    req.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+    opt = p.add_argument_group("optional")
+    src = opt.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="embedded name, preset, hub id or local directory (default vit-digits)")
+    src.add_argument("--onnx", default=None, metavar="PATH", help="an exported graph (vdm-export) run with onnxruntime")
+    opt.add_argument("--gates", default=None, metavar="DIR", help="gates directory (default: registry, then embedded)")
+    opt.add_argument("--out", default="explanations", metavar="DIR", help="output folder (default ./explanations)")
+    opt.add_argument("--top-k", type=int, default=5, help="classes listed in the caption and JSON (default 5)")
+    opt.add_argument("--threshold", type=float, default=0.5, help="keep probability above which a patch is kept")
+    opt.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    opt.add_argument("--device", default=None, help="cpu or cuda (PyTorch path; default cpu)")
+    return p
+
+
+def load_image(path: str | os.PathLike):
+    """Read a PNG or JPEG file as (H, W, 3) uint8; ``ValueError`` with the reason otherwise."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a file")
+    try:
+        with Image.open(path) as im:
+            fmt = im.format
+            if fmt not in SUPPORTED_FORMATS:
+                raise ValueError(f"{path}: unsupported image format {fmt}; expected PNG or JPEG")
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not a readable image (expected PNG or JPEG)") from None
+    except (OSError, SyntaxError) as e:  # truncated or corrupt data
+        raise ValueError(f"{path}: cannot decode image: {e}") from None
+
+
+def _model_sha256(backbone) -> str | None:
+    """sha256 of the backbone's weights file (local directory or hub cache), else None."""
+    from vdm_engine._io import sha256_file
+    from vdm_engine.backbone import resolve_model_source
+
+    try:
+        source = resolve_model_source(backbone.name_or_path)
+    except Exception:
+        return None
+    if os.path.isdir(source):
+        f = Path(source) / "model.safetensors"
+        return sha256_file(f) if f.is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        f = try_to_load_from_cache(source, "model.safetensors", revision=backbone.revision)
+        return sha256_file(f) if isinstance(f, str) and os.path.isfile(f) else None
+    except Exception:
+        return None
+
+
+class _Model:
+    """What the records need from either back end: explain, preprocess, labels, checksums."""
+
+    def __init__(self, args):
+        from vdm_engine._io import sha256_file
+
+        if args.onnx:
+            if args.gates:
+                raise UsageError("--gates applies to --model; an exported graph carries its gates")
+            try:
+                from vdm_engine.runtime import OnnxExplainer
+            except ImportError as e:
+                raise UsageError(f"--onnx needs vdm_engine.runtime and onnxruntime: {e}") from e
+            if not Path(args.onnx).is_file():
+                raise UsageError(f"--onnx {args.onnx}: no such file")
+            self.impl = OnnxExplainer(args.onnx)
+            meta = dict(getattr(self.impl, "metadata", None) or {})
+            self.name = str(args.onnx)
+            self.model_sha256 = sha256_file(args.onnx)
+            self.gates_sha256 = next((str(v) for k, v in meta.items() if "gates" in k and "sha" in k), None)
+            self.id2label = _labels(getattr(self.impl, "id2label", None) or meta.get("id2label"))
+        else:
+            from vdm_engine import Explainer
+
+            model = args.model or "vit-digits"
+            self.impl = Explainer.from_pretrained(model, gates=args.gates, device=args.device).eval()
+            self.name = model
+            self.model_sha256 = _model_sha256(self.impl.backbone)
+            self.gates_sha256 = self.impl.gates.sha256
+            self.id2label = self.impl.backbone.id2label
+
+    def preprocess(self, images):
+        return self.impl.preprocess(images)
+
+    def explain(self, pixel_values):
+        return self.impl.explain(pixel_values)
+
+
+def _labels(raw) -> dict[int, str]:
+    import json
+
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        raw = json.loads(raw)
+    if isinstance(raw, (list, tuple)):
+        return {i: str(v) for i, v in enumerate(raw)}
+    return {int(k): str(v) for k, v in dict(raw).items()}
+
+
+def _unique_stems(paths: Sequence[Path]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for p in paths:
+        stem = p.stem or "image"
+        n = seen.get(stem, 0) + 1
+        seen[stem] = n
+        out.append(stem if n == 1 else f"{stem}-{n}")
+    return out
+
+
+def explain_files(model, paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, top_k: int = 5,
+                  threshold: float = 0.5, batch_size: int = 16, progress: bool = True) -> tuple[list[dict], list[str]]:
+    """Explain image files and write ``<stem>.overlay.png`` and ``<stem>.json`` for each into ``out_dir``.
+
+    Args:
+        model: anything with ``preprocess(images)``, ``explain(pixel_values) -> Explanation``,
+            ``id2label``, ``name``, ``model_sha256`` and ``gates_sha256`` (see ``_Model``).
+        paths: image files (PNG or JPEG).
+        out_dir: output folder (created).
+
+    Returns:
+        (records of the explained images, one error line per file that could not be read).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from vdm_engine._io import atomic_write_bytes, atomic_write_json
+    from vdm_engine.visualize import overlay
+
+    if top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {top_k}")
+    if not 0.0 <= threshold < 1.0:
+        raise UsageError(f"--threshold must be in [0, 1), got {threshold}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    out_dir = Path(out_dir)
+    paths = [Path(p) for p in paths]
+    stems = _unique_stems(paths)
+    loaded, errors = [], []
+    for path, stem in zip(paths, stems):
+        try:
+            loaded.append((path, stem, load_image(path)))
+        except ValueError as e:
+            errors.append(str(e))
+    records = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(loaded), desc="explain", unit="img", disable=not progress or len(loaded) < 2)
+    for start in range(0, len(loaded), batch_size):
+        chunk = loaded[start : start + batch_size]
+        with torch.no_grad():
+            exp = model.explain(model.preprocess([img for _, _, img in chunk])).cpu()
+        probs = exp.probs
+        k = min(top_k, probs.shape[-1])
+        top = probs.topk(k, dim=-1)
+        grids = exp.grid_mask()
+        for i, (path, stem, img) in enumerate(chunk):
+            idx = [int(c) for c in top.indices[i]]
+            top_list = [{"index": c, "label": model.id2label.get(c, str(c)), "score": float(s)}
+                        for c, s in zip(idx, top.values[i].tolist())]
+            grid = grids[i].numpy()
+            kept = float((grid > threshold).mean())
+            caption = [f"{model.name}: {top_list[0]['label']} ({top_list[0]['score']:.3f}), kept {kept:.0%} of patches"]
+            caption += [f"{r + 1}. {t['label']}  {t['score']:.3f}" for r, t in enumerate(top_list)]
+            png = out_dir / f"{stem}.overlay.png"
+            buf = io.BytesIO()
+            overlay(img, grid, threshold=threshold, caption=caption).save(buf, format="PNG")
+            atomic_write_bytes(png, buf.getvalue())
+            record = {
+                "image": str(path),
+                "overlay": str(png),
+                "label": top_list[0]["label"],
+                "label_index": top_list[0]["index"],
+                "score": top_list[0]["score"],
+                "top_k": top_list,
+                "grid": list(exp.grid),
+                "patch_mask": [[float(v) for v in row] for row in grid],
+                "threshold": threshold,
+                "kept_fraction": kept,
+                "model": model.name,
+                "model_sha256": model.model_sha256,
+                "gates_sha256": model.gates_sha256,
+            }
+            atomic_write_json(out_dir / f"{stem}.json", record)
+            records.append(record)
+            bar.update(1)
+    bar.close()
+    return records, errors
+
+
+def _quiet_transformers() -> None:
+    """No weight-loading progress bars from transformers on our stderr."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - cosmetic only
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_transformers()
+
+    def body() -> int:
+        model = _Model(args)
+        records, errors = explain_files(model, args.images, args.out, top_k=args.top_k, threshold=args.threshold,
+                                        batch_size=args.batch_size)
+        for r in records:
+            print(f"{r['image']}: {r['label']} ({r['score']:.3f}), kept {r['kept_fraction']:.0%} -> {r['overlay']}")
+        for e in errors:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+        if errors:
+            print(f"{PROG}: {len(errors)} of {len(args.images)} images could not be read", file=sys.stderr)
+            return EXIT_USAGE
+        return 0
+
+    return run_cli(PROG, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Pictures of explanations and evaluation results.
+
+``overlay`` draws a patch mask over an image with PIL only (no matplotlib at runtime). The curve
+plots use matplotlib (optional dependency, Agg backend) and are imported lazily.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["overlay", "overlay_scale", "caption_height", "heat_colors", "plot_curves", "plot_overlay_grid"]
+
+_MIN_SIDE = 256  # small images are upscaled (nearest, integer factor) to at least this size
+_LINE_HEIGHT = 14
+_PAD = 6
+_OUTLINE = (0, 255, 255)  # cyan: the kept-patch outline
+# A yellow -> red -> dark ramp (low mask values barely tint: the overlay's alpha follows the mask).
+_RAMP = np.array([[40, 0, 60], [200, 30, 30], [255, 140, 0], [255, 240, 60]], dtype=np.float64)
+
+
+def heat_colors(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] (any shape) to RGB float colours (..., 3) on a dark -> red -> yellow ramp."""
+    v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0) * (len(_RAMP) - 1)
+    lo = np.floor(v).astype(int).clip(0, len(_RAMP) - 2)
+    t = (v - lo)[..., None]
+    return _RAMP[lo] * (1 - t) + _RAMP[lo + 1] * t
+
+
+def overlay_scale(height: int, width: int) -> int:
+    """Integer upscale factor used by ``overlay`` for an image of this size."""
+    return max(1, math.ceil(_MIN_SIDE / max(1, min(height, width))))
+
+
+def caption_height(num_lines: int) -> int:
+    """Pixel height of the caption strip below the image for ``num_lines`` lines."""
+    return 0 if num_lines == 0 else 2 * _PAD + _LINE_HEIGHT * num_lines
+
+
+def overlay(image: np.ndarray, grid_mask: np.ndarray, *, threshold: float = 0.5, caption: Sequence[str] = (),
+            alpha: float = 0.45, dim: float = 0.4):
+    """Draw a patch mask on an image.
+
+    The image is upscaled by ``overlay_scale`` (nearest); each pixel is darkened by its patch's mask
+    value m (brightness ``dim + (1 - dim) * m``) and blended with the heat colour of m with weight
+    ``alpha * m``; patches with m > ``threshold`` get a cyan outline; ``caption`` lines go in a
+    white strip below.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        grid_mask: (h, w) mask values in [0, 1] on the patch grid (H and W need not be multiples).
+        threshold: outline patches whose mask exceeds it.
+        caption: text lines.
+        alpha: heat-map opacity at mask 1.
+        dim: brightness left to patches with mask 0.
+
+    Returns:
+        PIL.Image (RGB) of size (W*s, H*s + caption_height(len(caption))), s = ``overlay_scale(H, W)``.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = np.asarray(image)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {img.shape} {img.dtype}")
+    m = np.asarray(grid_mask, dtype=np.float64)
+    if m.ndim != 2:
+        raise ValueError(f"grid_mask must be (h, w), got shape {m.shape}")
+    H, W = img.shape[:2]
+    s = overlay_scale(H, W)
+    h, w = m.shape
+    # Patch index of every output pixel row/column (patches tile the image evenly).
+    rows = np.minimum((np.arange(H * s) * h) // (H * s), h - 1)
+    cols = np.minimum((np.arange(W * s) * w) // (W * s), w - 1)
+    big = img.repeat(s, 0).repeat(s, 1).astype(np.float64)
+    mv = m[rows][:, cols]  # (H*s, W*s)
+    mc = np.clip(mv, 0, 1)[..., None]
+    base = big * (dim + (1 - dim) * mc)  # dim what the mask drops
+    a = alpha * mc
+    out = base * (1 - a) + heat_colors(mv) * a
+    panel = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(panel)
+    ys = [int(round(i * H * s / h)) for i in range(h + 1)]
+    xs = [int(round(j * W * s / w)) for j in range(w + 1)]
+    kept = m > threshold
+    lw = max(2, s // 3)
+    for i in range(h):
+        for j in range(w):
+            if not kept[i, j]:
+                continue
+            # Draw only the borders between kept and non-kept (or the image edge): one outline per region.
+            if i == 0 or not kept[i - 1, j]:
+                draw.line([(xs[j], ys[i]), (xs[j + 1] - 1, ys[i])], fill=_OUTLINE, width=lw)
+            if i == h - 1 or not kept[i + 1, j]:
+                draw.line([(xs[j], ys[i + 1] - 1), (xs[j + 1] - 1, ys[i + 1] - 1)], fill=_OUTLINE, width=lw)
+            if j == 0 or not kept[i, j - 1]:
+                draw.line([(xs[j], ys[i]), (xs[j], ys[i + 1] - 1)], fill=_OUTLINE, width=lw)
+            if j == w - 1 or not kept[i, j + 1]:
+                draw.line([(xs[j + 1] - 1, ys[i]), (xs[j + 1] - 1, ys[i + 1] - 1)], fill=_OUTLINE, width=lw)
+    if not caption:
+        return panel
+    canvas = Image.new("RGB", (W * s, H * s + caption_height(len(caption))), (255, 255, 255))
+    canvas.paste(panel, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for k, line in enumerate(caption):
+        draw.text((_PAD, H * s + _PAD + k * _LINE_HEIGHT), str(line), fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ValueError("plots need the optional package matplotlib: pip install matplotlib") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(results: dict, path, *, replacement: str = "noise", title: str = "") -> None:
+    """Plot perturbation curves (probability and KL, positive and negative) of every method to a PNG.
+
+    Args:
+        results: the dict returned by ``vdm_engine.evaluation.evaluate`` (or read from results.json).
+        path: output PNG path (written atomically).
+        replacement: which replacement setting to plot.
+    """
+    from ._io import atomic_path
+
+    plt = _pyplot()
+    x = np.asarray(results["fractions"]) * 100
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    panels = [("positive", "prob", "positive: P(original class)  (lower better)"),
+              ("negative", "prob", "negative: P(original class)  (higher better)"),
+              ("positive", "kl", "positive: KL(orig || perturbed)  (higher better)"),
+              ("negative", "kl", "negative: KL(orig || perturbed)  (lower better)")]
+    for ax, (order, key, label) in zip(axes, panels):
+        for name, entry in results["methods"].items():
+            if replacement not in entry:
+                continue
+            d = entry[replacement][order]
+            ax.plot(x, d[key], marker="o", ms=3, label=f"{name} ({d['auc_' + key]:.3g})")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("patches removed (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="method (AUC)", title_fontsize=7)
+    fig.suptitle(title or f"perturbation curves, {replacement} replacement")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def plot_overlay_grid(images: Sequence[np.ndarray], masks: dict, path, *, threshold: float = 0.5,
+                      titles: Sequence[str] | None = None) -> None:
+    """A grid of overlays: one row per image, one column per method.
+
+    Args:
+        images: uint8 (H, W, 3) images.
+        masks: method name -> (n, h, w) scores per image (min-max normalised per image for display).
+        path: output PNG path (written atomically).
+        titles: optional per-row labels.
+    """
+    from ._io import atomic_path
+
+    plt = _pyplot()
+    names = list(masks)
+    n = len(images)
+    fig, axes = plt.subplots(n, len(names), figsize=(2.0 * len(names), 2.0 * n), squeeze=False)
+    for i, img in enumerate(images):
+        for j, name in enumerate(names):
+            m = np.asarray(masks[name][i], dtype=np.float64)
+            lo, hi = m.min(), m.max()
+            shown = m if name == "diffmask" else (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+            axes[i, j].imshow(np.asarray(overlay(img, shown, threshold=threshold if name == "diffmask" else 2.0)))
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            if i == 0:
+                axes[i, j].set_title(name, fontsize=9)
+        if titles:
+            axes[i, 0].set_ylabel(titles[i], fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
