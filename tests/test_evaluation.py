@@ -146,3 +146,20 @@ def test_evaluate_end_to_end(tiny_explainer, pixels):
     assert loc["f1"] == pytest.approx(1.0)
     assert "own" in res["methods"]["diffmask"]["localisation"]
     assert res["methods"]["random"]["localisation"]["topk"]["f1"] < 1.0
+
+
+def test_evaluate_is_independent_of_batching_and_other_methods(tiny_backbone, pixels):
+    rnd = get_method("random", backbone=tiny_backbone)
+    chefer = get_method("chefer", backbone=tiny_backbone)
+    cfg = PerturbationConfig(replacements=("noise",), batch_size=5)
+    a = evaluate({"random": rnd}, tiny_backbone, pixels, config=cfg, progress=False)
+    b = evaluate({"chefer": chefer, "random": rnd}, tiny_backbone, pixels,
+                 config=PerturbationConfig(replacements=("noise",), batch_size=2, max_rows=30), progress=False)
+    for o in ("positive", "negative"):
+        ra, rb = a["methods"]["random"]["noise"][o], b["methods"]["random"]["noise"][o]
+        np.testing.assert_allclose(ra["prob"], rb["prob"], atol=1e-6)
+        np.testing.assert_allclose(ra["kl"], rb["kl"], atol=1e-6)
+    # a different seed draws different noise
+    c = evaluate({"random": rnd}, tiny_backbone, pixels, config=PerturbationConfig(replacements=("noise",), seed=1),
+                 progress=False)
+    assert c["methods"]["random"]["noise"]["positive"]["prob"][-1] != a["methods"]["random"]["noise"]["positive"]["prob"][-1]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -273,7 +274,16 @@ def _topk_mask(scores: torch.Tensor, k: torch.Tensor, generator: torch.Generator
 
 # ----- the evaluation loop -----------------------------------------------------------------------
 @torch.no_grad()
-def _curves(backbone, pv, repl, target, orig_logits, score_sets: Mapping[str, torch.Tensor], steps, generator, max_rows):
+def _generator(*keys) -> torch.Generator:
+    """A CPU generator seeded from integers and strings (method names): reproducible per method,
+    whichever other methods run beside it."""
+    h = 0
+    for k in keys:
+        h = zlib.crc32(str(k).encode(), h)
+    return torch.Generator().manual_seed(h)
+
+
+def _curves(backbone, pv, repl, target, orig_logits, score_sets: Mapping[str, torch.Tensor], steps, seed_keys, max_rows):
     """Probability and KL curves for every method and order: {method: {order: (prob (B,K), kl (B,K))}}."""
     x = backbone.embed_patches(pv)
     r = backbone.embed_patches(repl)
@@ -281,6 +291,7 @@ def _curves(backbone, pv, repl, target, orig_logits, score_sets: Mapping[str, to
     K = steps + 1
     out = {}
     for name, scores in score_sets.items():
+        generator = _generator(*seed_keys, name)
         gates = torch.cat([removal_gates(scores, steps, o, generator) for o in ORDERS], dim=1)  # (B, 2K, N)
         chunk = max(1, max_rows // gates.shape[1])
         logits = torch.cat([
@@ -362,8 +373,7 @@ def evaluate(
             scores[m] = s
         for rp in config.replacements:
             repl = replacement_pixels(pv, rp, backbone.image_spec, [config.seed * 1_000_003 + i for i in idx])
-            gen = torch.Generator().manual_seed(config.seed * 7919 + start)
-            res = _curves(backbone, pv, repl, target, orig, scores, steps, gen, config.max_rows)
+            res = _curves(backbone, pv, repl, target, orig, scores, steps, ("ties", config.seed, start), config.max_rows)
             for m in names:
                 for o in ORDERS:
                     prob, kl = res[m][o]
@@ -373,7 +383,7 @@ def evaluate(
             rel = relevant[start : start + B].to(device)
             k = rel.sum(-1)
             for m in names:
-                gen = torch.Generator().manual_seed(config.seed * 104729 + start)
+                gen = _generator("topk", config.seed, start, m)
                 loc[m]["topk"].append(localisation_counts(_topk_mask(scores[m], k, gen), rel))
                 if "own" in loc[m]:
                     loc[m]["own"].append(localisation_counts(kept_masks[m](scores[m]).bool(), rel))
