@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import torch
 
 __all__ = [
+    "SUPPORTED_DTYPES",
     "TRITON_IMPORT_ERROR",
     "interpreting",
     "next_power_of_2",

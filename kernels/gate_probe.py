@@ -13,6 +13,8 @@ hard-concrete log keep probability and the running sum over depth stay in regist
 from cache. Inference only: there is no backward.
 """
 
+import contextlib
+
 import torch
 
 from vdm_engine.gates import ProbeParams, gate_probe_reference
@@ -175,8 +177,9 @@ def gate_probe_forward(
     """Launch the probe kernel (no checks on shapes; see ``gate_probe``).
 
     Returns:
-        log_keep (B, S, T) float32, or with ``aggregate`` the keep probability summed over depth
-        (B, T-1) float32 = exp(sum_s log_keep[:, s, 1:]).
+        log_keep (B, S, T) float32, or with ``aggregate`` the keep probability aggregated over
+        depth, CLS dropped: (B, T-1) float32 = exp(sum_s log_keep[:, s, 1:]). fp32 hidden states
+        use IEEE fp32 dots unless ``torch.set_float32_matmul_precision`` allows TF32.
     """
     S, B, T, D = hidden_states.shape
     P = w1.shape[1]
@@ -200,7 +203,7 @@ def gate_probe_forward(
         return out
     ieee = dot_dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
     block_t, block_d, block_p, warps = _block_sizes(R, D, P, interpreting())
-    with torch.cuda.device(device) if device.type == "cuda" else _null():
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _gate_probe_kernel[(triton.cdiv(R, block_t),)](
             h, w1c, b1c, w2c, b2c, addc, out, out, S, R, T, D, P, float(mul), float(offset),
             WRITE_LAYERS=not aggregate, WRITE_MASK=aggregate, IEEE=ieee,
@@ -208,14 +211,6 @@ def gate_probe_forward(
             BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_P=block_p, num_warps=warps,
         )  # fmt: skip
     return out
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # torch.compile and CUDA graphs see the launcher as one opaque op with a shape-only fake kernel.

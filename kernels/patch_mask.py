@@ -12,6 +12,7 @@ are never materialised. The backward kernel produces the gradients of the gates,
 and (when needed) ``x`` in one read of the output gradient.
 """
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -161,15 +162,7 @@ def _check_device(what: str, *tensors: torch.Tensor) -> None:
 
 
 def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def patch_mask_forward(
