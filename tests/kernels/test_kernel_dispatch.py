@@ -145,3 +145,23 @@ print("ok")
     env["TRITON_INTERPRET"] = "1"  # let the launcher get as far as the (missing) kernel
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_kernel_paths_compile_in_one_graph(monkeypatch, tiny_backbone, tiny_gates, pixels, counters, close):
+    """Explainer.forward and the masked pass with the kernels installed trace without graph breaks
+    (what torch.compile / CUDA graphs need on the GPU; aot_eager here, as CPU has no inductor-Triton)."""
+    monkeypatch.setenv("VDM_KERNELS", "triton")
+    explainer = Explainer(tiny_backbone, tiny_gates).eval()
+    gates = torch.rand(5, 2, tiny_backbone.num_patches)
+    with torch.no_grad():
+        logits, log_keep = torch.compile(explainer.forward, backend="aot_eager", fullgraph=True)(pixels)
+        masked = torch.compile(tiny_backbone.masked_logits, backend="aot_eager", fullgraph=True)(
+            pixels, gates, tiny_gates.placeholder
+        )
+        assert counters["gate_probe"].launches >= 1 and counters["patch_mask_fwd"].launches >= 1
+        install(explainer, "reference")
+        ref_logits, ref_log_keep = explainer(pixels)
+        ref_masked = tiny_backbone.masked_logits(pixels, gates, tiny_gates.placeholder)
+    close(log_keep, ref_log_keep, 1e-5, 1e-5, "compiled log_keep")
+    close(logits, ref_logits, 1e-5, 1e-5, "compiled logits")
+    close(masked, ref_masked, 1e-4, 1e-4, "compiled masked logits")
