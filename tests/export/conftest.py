@@ -1,0 +1,61 @@
+"""Exports shared by the export tests: each tiny graph is exported once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vdm_engine import Explainer, GateConfig, Gates
+from vdm_engine.backbone import patch_mask_reference, random_backbone
+from vdm_engine.gates import gate_probe_reference
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+ALL_OUTPUTS = ("logits", "patch_mask", "layer_masks", "masked_logits", "kl")
+
+
+def make_tiny_explainer() -> Explainer:
+    """The conftest's tiny explainer (vit-tiny, seed 0; gates seeded 1), built outside function fixtures."""
+    backbone = random_backbone("vit-tiny", seed=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        g = Gates(GateConfig(backbone.hidden_size, backbone.num_hidden_states))
+        with torch.no_grad():
+            g.placeholder.normal_()
+            g.add.copy_(torch.linspace(-1.0, 2.0, g.add.numel()))
+    return Explainer(backbone, g.eval()).eval()
+
+
+@pytest.fixture(scope="session")
+def export_explainer() -> Explainer:
+    return make_tiny_explainer()
+
+
+@pytest.fixture(scope="session")
+def full_export(export_explainer, tmp_path_factory):
+    """fp32, dynamic batch, every output (two encoder passes)."""
+    from vdm_engine.export import export_onnx
+
+    path = tmp_path_factory.mktemp("full") / "full.onnx"
+    return export_onnx(export_explainer, path, outputs=ALL_OUTPUTS)
+
+
+def _raising(*args, **kwargs):
+    raise AssertionError("a fast path was called while exporting")
+
+
+@pytest.fixture(scope="session")
+def mask_only_export(export_explainer, tmp_path_factory):
+    """Default outputs, weights as external data, and fast-path hooks that must not be traced."""
+    from vdm_engine.export import export_onnx
+
+    ex = export_explainer
+    ex.gate_probe_fn, ex.backbone.patch_mask_fn = _raising, _raising
+    try:
+        path = tmp_path_factory.mktemp("mask_only") / "mask.onnx"
+        result = export_onnx(ex, path, external_data=True)
+        assert ex.gate_probe_fn is _raising and ex.backbone.patch_mask_fn is _raising, "hooks not restored"
+    finally:
+        ex.gate_probe_fn, ex.backbone.patch_mask_fn = gate_probe_reference, patch_mask_reference
+    return result
