@@ -118,15 +118,18 @@ def _gate_probe_kernel(
 
 
 # ----- launcher -------------------------------------------------------------------------------
-def _block_sizes(R: int, D: int, P: int, interpret: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_D, BLOCK_P, num_warps); every block is >= 16 for ``tl.dot``.
+def _block_sizes(R: int, D: int, P: int, interpret: bool, elem_bytes: int = 2) -> tuple[int, int, int, int, int]:
+    """(BLOCK_T, BLOCK_D, BLOCK_P, num_warps, num_stages); every block is >= 16 for ``tl.dot``.
 
-    GPU: 64x64 tiles (one P tile for P <= 64, else 64-wide P tiles, so ViT-B's P=192 has no padding).
+    GPU: 64-token tiles, 64-wide P tiles (one for P <= 64; ViT-B's P=192 splits into three without
+    padding), 64-wide D steps for half inputs and 32-wide for fp32, so the pipelined operand
+    buffers (h_0, h_s and both W1 halves per stage) stay near 32 KiB per stage.
     Interpreter: one D and P tile and up to 256 tokens per program (Python overhead per program).
     """
     if interpret:
-        return max(16, min(next_power_of_2(R), 256)), max(16, next_power_of_2(D)), max(16, next_power_of_2(P)), 1
-    return 64, 64, max(16, min(next_power_of_2(P), 64)), 4
+        return max(16, min(next_power_of_2(R), 256)), max(16, next_power_of_2(D)), max(16, next_power_of_2(P)), 1, 1
+    block_d = 64 if elem_bytes <= 2 else 32
+    return 64, block_d, max(16, min(next_power_of_2(P), 64)), 4, 3 if elem_bytes <= 2 else 2
 
 
 def _empty(shape, *, device, dtype) -> torch.Tensor:
@@ -202,13 +205,13 @@ def gate_probe_forward(
     if out.numel() == 0:
         return out
     ieee = dot_dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-    block_t, block_d, block_p, warps = _block_sizes(R, D, P, interpreting())
+    block_t, block_d, block_p, warps, stages = _block_sizes(R, D, P, interpreting(), w1c.element_size())
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _gate_probe_kernel[(triton.cdiv(R, block_t),)](
             h, w1c, b1c, w2c, b2c, addc, out, out, S, R, T, D, P, float(mul), float(offset),
             WRITE_LAYERS=not aggregate, WRITE_MASK=aggregate, IEEE=ieee,
             UPCAST=dot_dtype == torch.bfloat16 and interpreting(),
-            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_P=block_p, num_warps=warps,
+            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_P=block_p, num_warps=warps, num_stages=stages,
         )  # fmt: skip
     return out
 

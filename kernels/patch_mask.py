@@ -62,8 +62,8 @@ def _patch_mask_fwd_kernel(
     x = tl.load(x_ptr + b * N * D + n[:, None] * D + cols[None, :], mask=patch_ok, other=0.0).to(tl.float32)
     pos = tl.load(pos_ptr + rows[:, None] * D + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     cls = tl.load(cls_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    cls_row = cls[None, :] + pos  # (BLOCK_R, BLOCK_D), used on row 0 only
     is_cls = (rows == 0)[:, None]
+    bias = pos + tl.where(is_cls, cls[None, :], 0.0)  # cls + pos[0] on row 0, pos[1+n] on patch rows
     if HAS_PH:
         ph = tl.load(ph_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
 
@@ -73,7 +73,7 @@ def _patch_mask_fwd_kernel(
         y = g * x
         if HAS_PH:
             y = y + (1.0 - g) * ph[None, :]
-        y = tl.where(is_cls, cls_row, y + pos)
+        y = tl.where(is_cls, bias, y + bias)
         out = out_ptr + bk * (N + 1) * D + rows[:, None] * D + cols[None, :]
         tl.store(out, y.to(out_ptr.dtype.element_ty), mask=tile_ok)
 

@@ -74,11 +74,11 @@ def test_matches_reference_vit_b16_tokens(dtype, close, poison):
 
 
 def test_gpu_tiling(monkeypatch, close, poison):
-    """The GPU blocks (64-token, 64-wide D and P tiles, ragged edges, two P tiles) under the interpreter."""
+    """The GPU blocks (64-token tiles, 32/64-wide D steps and 64-wide P tiles, ragged edges) under the interpreter."""
     sizes = gp._block_sizes
-    monkeypatch.setattr(gp, "_block_sizes", lambda R, D, P, interpret: sizes(R, D, P, False))
-    assert sizes(100, 300, 75, False)[:3] == (64, 64, 64)
-    _check(3, 2, 50, 300, torch.float32, close)  # R=100: 2 token tiles; D=300: 5 D tiles; P=75: 2 P tiles
+    monkeypatch.setattr(gp, "_block_sizes", lambda R, D, P, interpret, elem: sizes(R, D, P, False, elem))
+    assert sizes(100, 300, 75, False, 2)[:3] == (64, 64, 64) and sizes(100, 300, 75, False, 4)[:3] == (64, 32, 64)
+    _check(3, 2, 50, 300, torch.float32, close)  # R=100: 2 token tiles; D=300: 10 D steps; P=75: 2 P tiles
     _check(3, 3, 17, 36, torch.float16, close)  # P=9 padded to 16
 
 
