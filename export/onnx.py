@@ -88,6 +88,10 @@ def _check_args(explainer, opset, dtype, batch, atol) -> None:
         raise ValueError(f"atol must be a positive number, got {atol!r}")
 
 
+def _is_fp32(explainer: Explainer) -> bool:
+    return explainer.backbone.dtype == torch.float32 and explainer.gates.w1.dtype == torch.float32
+
+
 @contextlib.contextmanager
 def _quiet_exporter():
     """Silence the exporter's progress prints and advisory warnings (errors still raise)."""
@@ -210,7 +214,7 @@ def export_onnx(
 
     with reference_paths(explainer):
         work = explainer
-        if dtype != "fp32" or explainer.backbone.dtype != torch.float32:
+        if dtype != "fp32" or not _is_fp32(explainer):
             work = copy.deepcopy(explainer)
             work.backbone.to(DTYPES[dtype])
             work.gates.to(DTYPES[dtype])
@@ -245,6 +249,13 @@ def export_onnx(
         if work is not explainer:
             del work, graph
 
+        # the reference is always the fp32 PyTorch explainer
+        reference = explainer
+        if validate and not _is_fp32(explainer):
+            reference = copy.deepcopy(explainer)
+            reference.backbone.to(torch.float32)
+            reference.gates.to(torch.float32)
+
         with atomic_path(path) as tmp:
             staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".staging", dir=path.parent))
             try:
@@ -257,7 +268,7 @@ def export_onnx(
                 diffs = {}
                 if validate:
                     diffs = validate_onnx(
-                        staged, explainer, outputs=outputs, uint8_input=uint8_input, batch=batch,
+                        staged, reference, outputs=outputs, uint8_input=uint8_input, batch=batch,
                         traced_batch=traced, atol=tol, threshold=threshold, images=images, providers=providers,
                     )
                 validate_s = time.perf_counter() - t1

@@ -221,8 +221,14 @@ def validate_onnx(
     return worst
 
 
-def time_onnx(path: str | os.PathLike, batch_sizes: Sequence[int], *, providers="auto", repeats: int = 3) -> dict[int, float]:
-    """Median milliseconds per ``session.run`` at each batch size (random inputs, one warm-up run)."""
+def time_onnx(
+    path: str | os.PathLike, batch_sizes: Sequence[int], *, providers="auto", max_repeats: int = 5, budget_s: float = 2.0
+) -> dict[int, float]:
+    """Median milliseconds per ``session.run`` at each batch size, on random inputs.
+
+    Each size gets one warm-up run, then timed runs until ``budget_s`` seconds are spent (at least
+    one, at most ``max_repeats``), so a large model on a CPU is not timed for minutes.
+    """
     from vdm_engine.runtime import create_session
 
     session = create_session(path, providers)
@@ -238,8 +244,8 @@ def time_onnx(path: str | os.PathLike, batch_sizes: Sequence[int], *, providers=
         else:
             x = rng.standard_normal(dims, dtype=np.float32)
         session.run(None, {inp.name: x})
-        times = []
-        for _ in range(max(1, repeats)):
+        times: list[float] = []
+        while not times or (len(times) < max_repeats and sum(times) < budget_s * 1e3):
             t0 = time.perf_counter()
             session.run(None, {inp.name: x})
             times.append((time.perf_counter() - t0) * 1e3)

@@ -150,6 +150,9 @@ def _run(argv: Sequence[str] | None) -> int:
     except ImportError as e:
         raise UsageError(f"export needs onnx, onnxscript and onnxruntime: {e}") from e
 
+    from vdm_engine.runtime import resolve_providers
+
+    provider = resolve_providers(args.providers)[0]  # before loading anything: 'cuda' without onnxruntime-gpu
     explainer, untrained = load_explainer(
         args.model, gates=args.gates, revision=args.revision,
         untrained_gates=args.untrained_gates, random_weights=args.random_weights,
@@ -167,9 +170,6 @@ def _run(argv: Sequence[str] | None) -> int:
     except ImportError as e:
         raise UsageError(f"export needs onnxscript and onnxruntime: {e}") from e
     timing = time_onnx(result.path, [1, 8] if batch == "dynamic" else [batch], providers=args.providers)
-    from vdm_engine.runtime import resolve_providers
-
-    provider = resolve_providers(args.providers)[0]
     m = result.metadata
     name, dims, elem = result.input
     lines = [
