@@ -1,0 +1,152 @@
+"""Data sources: the toy generator's ground truth, digits splits, imagefolder, hf errors, batching."""
+
+from __future__ import annotations
+
+import builtins
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vdm_engine.training.data import (
+    TOY_GRID,
+    TOY_MAX_COUNT,
+    TOY_PATCH,
+    DataSource,
+    ImageFolderSource,
+    digits_split,
+    open_source,
+    pixel_batches,
+    toy_batch,
+)
+
+
+def test_toy_batch_shapes_and_ground_truth():
+    images, labels, relevant = toy_batch(37, seed=3)
+    gh, gw = TOY_GRID
+    assert images.shape == (37, gh * TOY_PATCH, gw * TOY_PATCH, 3) and images.dtype == np.uint8
+    assert labels.shape == (37,) and relevant.shape == (37, gh * gw) and relevant.dtype == bool
+    assert (relevant.sum(1) == labels).all()
+    assert labels.min() >= 0 and labels.max() <= TOY_MAX_COUNT
+    # Every relevant patch is red (R high, G and B low); every other patch is not.
+    patches = images.reshape(37, gh, TOY_PATCH, gw, TOY_PATCH, 3).transpose(0, 1, 3, 2, 4, 5)
+    mean = patches.reshape(37, gh * gw, -1, 3).mean(2)
+    red = (mean[..., 0] > 180) & (mean[..., 1] < 80) & (mean[..., 2] < 80)
+    assert (red == relevant).all()
+
+
+def test_toy_batch_is_seeded_and_varies_distractors():
+    a, b = toy_batch(64, 5), toy_batch(64, 5)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    c = toy_batch(64, 6)[0]
+    assert not np.array_equal(a[0], c)
+    # The number of non-grey, non-target patches varies independently of the label.
+    images, labels, relevant = toy_batch(400, 1)
+    patches = images.reshape(400, 4, 8, 4, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(400, 16, -1, 3).mean(2)
+    grey = (np.abs(patches - 128).max(-1) < 30)
+    distractors = (~grey & ~relevant).sum(1)
+    assert distractors.min() == 0 and distractors.max() >= 5
+    assert abs(np.corrcoef(distractors, labels)[0, 1]) < 0.2
+
+
+def test_toy_batch_rejects_bad_n():
+    with pytest.raises(ValueError, match="n >= 1"):
+        toy_batch(0, 0)
+
+
+def test_digits_splits_are_disjoint_and_upscaled():
+    tr, ytr = digits_split("train")
+    va, _ = digits_split("val")
+    te, yte = digits_split("test")
+    assert tr.shape == (1297, 32, 32, 3) and va.shape[0] == 200 and te.shape[0] == 300
+    assert tr.dtype == np.uint8 and set(np.unique(ytr)) == set(range(10))
+    flat = {x.tobytes() for x in tr}
+    assert sum(x.tobytes() in flat for x in te) <= 3  # a few scans are duplicated in the original data
+    with pytest.raises(ValueError, match="unknown digits split"):
+        digits_split("bogus")
+
+
+def test_open_source_specs(tmp_path):
+    assert len(open_source("digits")) == 1297
+    assert len(open_source("toy")) > 1000
+    with pytest.raises(ValueError, match="unknown data source"):
+        open_source("cifar")
+    with pytest.raises(ValueError, match="needs a path"):
+        open_source("imagefolder:")
+    with pytest.raises(ValueError, match="not a directory"):
+        open_source(f"imagefolder:{tmp_path / 'nope'}")
+    with pytest.raises(ValueError, match="no image files"):
+        open_source(f"imagefolder:{tmp_path}")
+
+
+def test_imagefolder_reads_nested_images_and_preprocesses(tmp_path, tiny_backbone):
+    rng = np.random.default_rng(0)
+    for i in range(13):
+        sub = tmp_path / f"class{i % 3}"
+        sub.mkdir(exist_ok=True)
+        size = (20 + i, 17 + 2 * i)  # odd sizes: the backbone's processor resizes them
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(sub / f"img{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    src = open_source(f"imagefolder:{tmp_path}")
+    assert isinstance(src, ImageFolderSource)
+    assert len(src) + len(src.val_files) == 13
+    batch = next(pixel_batches(src, tiny_backbone.preprocess, 5, seed=0))
+    assert batch.shape == (5, 3, 32, 32) and batch.dtype == torch.float32
+    tiny_backbone.check_pixels(batch)
+    val = tiny_backbone.preprocess(src.validation(4))
+    assert val.shape[1:] == (3, 32, 32)
+
+
+def test_hf_source_gives_clear_error_without_datasets(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_datasets(name, *a, **k):
+        if name == "datasets" or name.startswith("datasets."):
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(ValueError, match="optional 'datasets' package"):
+        open_source("hf:cifar10:test")
+    with pytest.raises(ValueError, match="needs a data set name"):
+        open_source("hf:")
+
+
+def test_hf_source_offline_error_names_the_dataset(monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="could not open the Hugging Face data set 'no-such/dataset-xyz'"):
+        open_source("hf:no-such/dataset-xyz:train")
+
+
+class _Counting(DataSource):
+    spec = "counting"
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def images(self, indices):
+        return np.asarray(indices)
+
+
+def test_pixel_batches_resume_and_sharding():
+    src = _Counting(40)
+    ident = lambda idx: torch.as_tensor(idx)  # noqa: E731
+    full = pixel_batches(src, ident, 8, seed=1)
+    seq = [next(full) for _ in range(12)]  # 2.4 epochs
+    resumed = pixel_batches(src, ident, 8, seed=1, start=7)
+    for s in seq[7:]:
+        assert torch.equal(next(resumed), s)
+    epoch0 = torch.cat(seq[:5])
+    assert sorted(epoch0.tolist()) == list(range(40))  # one epoch = a permutation
+    r0 = pixel_batches(src, ident, 4, seed=1, rank=0, world_size=2)
+    r1 = pixel_batches(src, ident, 4, seed=1, rank=1, world_size=2)
+    a = torch.cat([next(r0) for _ in range(5)])
+    b = torch.cat([next(r1) for _ in range(5)])
+    assert set(a.tolist()).isdisjoint(b.tolist()) and len(set(a.tolist()) | set(b.tolist())) == 40

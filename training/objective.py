@@ -1,0 +1,158 @@
+"""The Lagrangian DiffMask objective (De Cao et al. 2020; Vision DiffMask, Nalmpantis et al. 2023).
+
+Per step: one clean forward gives the original logits and the L+2 hidden states; gates sampled up to
+a depth k mask the patch embeddings; the masked forward gives ``p_masked``; the loss
+
+    alpha_k * (KL(p_orig || p_masked) - eps) + L0_k
+
+is minimised over the probes and the placeholder and maximised over ``alpha_k``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from vdm_engine.explainer import kl_divergence
+from vdm_engine.gates import Gates
+
+__all__ = ["GateObjective", "StepStats", "autocast_context", "clean_pass", "depth_weights", "hard_mask_validation"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_context(device: torch.device, precision: str):
+    """``torch.autocast`` for the frozen ViT in ``precision`` (``fp32`` -> no autocast)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=_DTYPES[precision])
+
+
+@torch.no_grad()
+def clean_pass(backbone, pixel_values: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Original logits (B, C) float32 and hidden states (L+2, B, T, D) from one frozen forward."""
+    with autocast_context(pixel_values.device, precision):
+        logits, hidden = backbone.hidden_states(pixel_values)
+    return logits.float(), hidden
+
+
+class StepStats(NamedTuple):
+    """Per-step training numbers (0-d tensors, detached).
+
+    kl: mean KL(orig || masked); kept: mean sampled gate value; l0: mean L0 term; agree: fraction
+    of images whose masked argmax equals the original.
+    """
+
+    kl: torch.Tensor
+    kept: torch.Tensor
+    l0: torch.Tensor
+    agree: torch.Tensor
+
+
+class GateObjective(nn.Module):
+    """Trainable state of one run: the gates and one Lagrange multiplier per depth.
+
+    The frozen backbone is held by reference (not a submodule), so wrapping this module in
+    ``DistributedDataParallel`` synchronises only the gates and ``alpha``.
+
+    Args:
+        backbone: frozen ``Backbone``.
+        gates: ``Gates`` to train.
+        alpha_init: initial value of every alpha_k.
+        eps: KL budget.
+        l0: ``"prob"`` (mean keep probability) or ``"log"`` (mean log keep probability).
+        precision: autocast dtype of the masked forward.
+    """
+
+    def __init__(self, backbone, gates: Gates, *, alpha_init: float, eps: float, l0: str = "prob", precision: str = "fp32"):
+        super().__init__()
+        object.__setattr__(self, "backbone", backbone)  # not registered: frozen and never synchronised
+        self.gates = gates
+        self.alpha = nn.Parameter(torch.full((gates.config.num_hidden_states,), float(alpha_init)))
+        self.eps, self.l0, self.precision = float(eps), l0, precision
+
+    def forward(
+        self, logits: torch.Tensor, hidden: torch.Tensor, depth: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, StepStats]:
+        """Loss of one step.
+
+        Args:
+            logits: (B, C) original logits (no grad).
+            hidden: (L+2, B, T, D) hidden states of the clean pass (no grad).
+            depth: aggregation depth k in [0, L+1].
+            generator: RNG of the hard-concrete noise.
+
+        Returns:
+            scalar loss and ``StepStats``.
+        """
+        gates, log_keep = self.gates.sample(hidden.float(), depth, generator)  # (B, N), (B, N)
+        patches = hidden[0, :, 1:]  # (B, N, D) patch projections without position embeddings
+        with autocast_context(patches.device, self.precision):
+            masked = self.backbone.masked_logits_from_patches(patches, gates, self.gates.placeholder)
+        masked = masked.float()
+        kl = kl_divergence(logits, masked)  # (B,)
+        l0 = (log_keep.exp() if self.l0 == "prob" else log_keep).mean(-1)  # (B,)
+        loss = self.alpha[depth] * (kl.mean() - self.eps) + l0.mean()
+        with torch.no_grad():
+            stats = StepStats(
+                kl.mean(), gates.mean(), l0.mean(), (masked.argmax(-1) == logits.argmax(-1)).float().mean()
+            )
+        return loss, stats
+
+
+def depth_weights(alpha: torch.Tensor, mode: str, alpha_init: float, last_weight: float = 0.0) -> torch.Tensor:
+    """Sampling weights over depths k = 0..L+1 (sum to 1).
+
+    ``uniform``: equal. ``adaptive``: proportional to alpha_k + max(alpha_init, 1) / 4, so depths
+    whose constraint is still active (alpha high) are trained more but none starves.
+    ``last_weight`` adds that many uniform shares to the last depth (the explanation's mask).
+    """
+    S = alpha.numel()
+    if mode == "uniform":
+        w = torch.ones(S, dtype=torch.float64)
+    else:
+        w = alpha.detach().double().cpu().clamp_min(0) + max(alpha_init, 1.0) / 4
+        w = w / w.mean()
+    w[-1] += last_weight
+    return w / w.sum()
+
+
+@torch.no_grad()
+def hard_mask_validation(
+    backbone,
+    gates: Gates,
+    pixel_values: torch.Tensor,
+    *,
+    threshold: float = 0.5,
+    precision: str = "fp32",
+    batch_size: int = 256,
+) -> dict[str, torch.Tensor]:
+    """Sums over a validation batch with the deterministic hard mask (keep prob > ``threshold``).
+
+    Args:
+        pixel_values: (V, 3, H, W).
+
+    Returns:
+        sums (0-d float64 tensors) ``kl``, ``agree``, ``kept``, ``count``, and ``kept_depth`` (L+2,):
+        fraction of patches kept by the mask aggregated up to each depth.
+    """
+    dev = pixel_values.device
+    out = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in ("kl", "agree", "kept", "count")}
+    out["kept_depth"] = torch.zeros(gates.config.num_hidden_states, dtype=torch.float64, device=dev)
+    for i in range(0, len(pixel_values), batch_size):
+        pv = pixel_values[i : i + batch_size]
+        logits, hidden = clean_pass(backbone, pv, precision)
+        layer = gates.layer_masks(hidden.float())  # (B, L+2, N)
+        hard = (layer[:, -1] > threshold).float()
+        with autocast_context(dev, precision):
+            masked = backbone.masked_logits_from_patches(hidden[0, :, 1:], hard, gates.placeholder)
+        masked = masked.float()
+        out["kl"] += kl_divergence(logits, masked).double().sum()
+        out["agree"] += (masked.argmax(-1) == logits.argmax(-1)).double().sum()
+        out["kept"] += hard.double().mean(-1).sum()
+        out["count"] += len(pv)
+        out["kept_depth"] += (layer > threshold).double().mean(-1).sum(0)
+    return out

@@ -1,0 +1,118 @@
+"""``vdm-train``: learn DiffMask gates for a ViT classifier (also under ``torchrun --nproc_per_node N``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vdm-train",
+        description="Train DiffMask gates (Lagrangian objective) for a frozen ViT classifier. "
+        "Run it under `torchrun --nproc_per_node N` for data-parallel training.",
+    )
+    req = p.add_argument_group("required")
+    req.add_argument("--model", required=True, help="embedded name (vit-digits, vit-toy), preset, hub id or local dir")
+    req.add_argument("--data", required=True, help="toy, digits, imagefolder:PATH or hf:NAME[:SPLIT]")
+    req.add_argument("--out", required=True, help="output folder: checkpoint, metrics.jsonl, gates/")
+    opt = p.add_argument_group("optional")
+    opt.add_argument("--steps", type=int, default=None, help="optimisation steps (default 3000)")
+    opt.add_argument("--batch-size", type=int, default=None, help="images per step and process (default 64)")
+    opt.add_argument("--eps", type=float, default=None, help="KL budget of the constraint (default 0.1)")
+    opt.add_argument("--lr", type=float, default=None, help="probe learning rate (default 1e-3)")
+    opt.add_argument("--lr-placeholder", type=float, default=None)
+    opt.add_argument("--lr-alpha", type=float, default=None)
+    opt.add_argument("--alpha-init", type=float, default=None)
+    opt.add_argument("--alpha-max", type=float, default=None)
+    opt.add_argument("--mul", type=float, default=None, help="probe output scale")
+    opt.add_argument("--add-init", type=float, default=None, help="initial probe offset")
+    opt.add_argument("--eval-interval", type=int, default=None, help="steps between validations")
+    opt.add_argument("--checkpoint-interval", type=int, default=None, help="steps between checkpoints")
+    opt.add_argument("--val-size", type=int, default=None, help="held-out validation images")
+    opt.add_argument("--eps-valid", type=float, default=None, help="KL bound for selecting the best checkpoint")
+    opt.add_argument("--agreement", type=float, default=None, help="agreement bound for the best checkpoint")
+    opt.add_argument("--seed", type=int, default=None)
+    opt.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    opt.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="autocast of the frozen ViT")
+    opt.add_argument("--revision", default=None, help="hub revision of --model")
+    opt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    opt.add_argument("--no-register", action="store_true", help="do not register the gates in the local registry")
+    opt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+_FIELDS = {
+    "steps": "steps", "batch_size": "batch_size", "eps": "eps", "lr": "lr_probe", "lr_placeholder": "lr_placeholder",
+    "lr_alpha": "lr_alpha", "alpha_init": "alpha_init", "alpha_max": "alpha_max", "mul": "mul", "add_init": "add_init",
+    "eval_interval": "eval_interval", "checkpoint_interval": "checkpoint_interval", "val_size": "val_size",
+    "eps_valid": "eps_valid", "agreement": "agreement", "seed": "seed", "precision": "precision",
+}
+
+
+def _run(args) -> int:
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    import torch
+
+    from vdm_engine import Explainer, load_backbone
+    from vdm_engine.training import TrainConfig, new_gates, train_gates
+    from vdm_engine.training.data import open_source
+    from vdm_engine.training.distributed import init_distributed, shutdown
+    from vdm_engine.training.loop import CHECKPOINT, _load_checkpoint
+
+    given = {f: getattr(args, a) for a, f in _FIELDS.items() if getattr(args, a) is not None}
+    ckpt = Path(args.out) / CHECKPOINT
+    if args.resume and ckpt.exists():
+        # The run's own settings win; only the step budget may be extended.
+        _, meta = _load_checkpoint(ckpt)
+        config = TrainConfig.from_dict(meta["config"])
+        if "steps" in given:
+            config = replace(config, steps=given["steps"])
+    else:
+        config = TrainConfig(**given)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    info = init_distributed(device)
+    try:
+        dev = torch.device("cuda", info.local_rank) if device == "cuda" else torch.device("cpu")
+        backbone = load_backbone(args.model, revision=args.revision, device=dev)
+        source = open_source(args.data, seed=config.seed)
+        explainer = Explainer(backbone, new_gates(backbone, config).to(dev))
+        result = train_gates(
+            explainer, source, None, config, out_dir=args.out, resume=args.resume,
+            register=False if args.no_register else args.model, progress=not args.no_progress,
+        )
+        if info.is_main:
+            chosen = result.best or result.last or {}
+            summary = {
+                "gates": str(result.gates_dir),
+                "step": result.step,
+                "selected": "best" if result.qualified else "last",
+                "kept": chosen.get("kept"),
+                "agreement": chosen.get("agreement"),
+                "kl": chosen.get("kl"),
+                "registered": str(result.registered) if result.registered else None,
+                "seconds": round(result.seconds, 1),
+            }
+            print(json.dumps(summary))
+    finally:
+        shutdown()
+    return 0
+
+
+def main(argv=None) -> int:
+    from vdm_engine.cli._common import run_cli
+
+    args = build_parser().parse_args(argv)
+    return run_cli("vdm-train", lambda: _run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
