@@ -188,8 +188,15 @@ class OnnxExplainer:
         }[name]
 
     def _run_cuda(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        binding = self.session.io_binding()
         dev = x.device.index or 0
+        opts = self.session.get_provider_options().get(_CUDA, {})
+        session_dev = int(opts.get("device_id", 0))
+        if dev != session_dev:
+            raise ValueError(
+                f"the input is on cuda:{dev} but the onnxruntime session runs on cuda:{session_dev}; move the "
+                f"input, or pass providers=[('CUDAExecutionProvider', {{'device_id': {dev}}})]"
+            )
+        binding = self.session.io_binding()
         elem = np.uint8 if self.uint8_input else np.float32
         binding.bind_input(self.input_name, "cuda", dev, elem, tuple(x.shape), x.data_ptr())
         outs = {}
