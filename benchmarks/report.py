@@ -1,0 +1,251 @@
+"""Markdown tables of images/s and the ratios that matter, from ``pytest --benchmark-json`` output.
+
+Usage::
+
+    pytest benchmarks --benchmark-only --benchmark-json=RESULTS.json [--vdm-model vit-b16 ...]
+    python -m benchmarks.report RESULTS.json [MORE.json ...] [--out TABLE.md]
+
+Every case is reported by the ``case`` key the suite writes into ``extra_info``; images/s is the
+batch over the median time per call (``--stat min``: the fastest call, the better estimate of what
+the hardware does when other work shares the machine). Several files measured on the same model,
+batch, device and dtype are merged case by case, keeping each case's fastest run ("best of N"). Ratios are throughput ratios on the same model, batch, device
+and dtype: explain / plain per runtime, the engine / the original two-pass method, the engine /
+each other explainer. Targets are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["CASES", "RATIOS", "STATS", "Result", "load_results", "merge", "ratio_rows", "render", "main"]
+
+#: case key -> (what it is, runtime), in table order.
+CASES = {
+    "plain/torch": ("plain inference (HF ViT, SDPA)", "PyTorch"),
+    "plain/onnxruntime": ("plain inference (plain ViT export)", "onnxruntime"),
+    "explain/torch-reference": ("explain: engine, reference kernels", "PyTorch"),
+    "explain/torch-triton": ("explain: engine, Triton kernels", "PyTorch"),
+    "explain/onnxruntime": ("explain: engine, fused graph (OnnxExplainer)", "onnxruntime"),
+    "original/two-pass": ("original Vision-DiffMask (hooks, two passes)", "PyTorch"),
+    "baseline/rollout": ("attention rollout", "PyTorch"),
+    "baseline/gradcam": ("Grad-CAM (last block)", "PyTorch"),
+    "baseline/chefer": ("Chefer et al. relevance", "PyTorch"),
+    "baseline/ig50": ("Integrated Gradients, 50 steps (captum)", "PyTorch"),
+    "train/step": ("one gate-training step", "PyTorch"),
+}
+
+_ENGINE = "engine"  # placeholder in RATIOS for each PyTorch engine case present
+_ENGINES = ("explain/torch-reference", "explain/torch-triton")
+
+#: (label, numerator, denominator, target or None); throughput ratios (images/s over images/s).
+RATIOS = [
+    ("explain / plain, PyTorch (reference kernels)", "explain/torch-reference", "plain/torch", 0.93),
+    ("explain / plain, PyTorch (Triton kernels)", "explain/torch-triton", "plain/torch", 0.93),
+    ("explain / plain, onnxruntime", "explain/onnxruntime", "plain/onnxruntime", 0.93),
+    ("{engine} / original two-pass method", _ENGINE, "original/two-pass", 1.9),
+    ("{engine} / attention rollout", _ENGINE, "baseline/rollout", None),
+    ("{engine} / Grad-CAM", _ENGINE, "baseline/gradcam", 3.0),
+    ("{engine} / Chefer et al.", _ENGINE, "baseline/chefer", 3.0),
+    ("{engine} / Integrated Gradients (50 steps)", _ENGINE, "baseline/ig50", 100.0),
+    ("training step / plain inference, PyTorch", "train/step", "plain/torch", None),
+]
+
+_ENGINE_NAMES = {"explain/torch-reference": "engine (reference)", "explain/torch-triton": "engine (Triton)"}
+
+
+STATS = ("median", "min")
+
+
+@dataclass(frozen=True)
+class Result:
+    """One measured case: seconds per call (median and fastest) and images/s from the chosen stat."""
+
+    case: str
+    name: str
+    median_s: float
+    min_s: float
+    images_per_s: float
+    rounds: int
+    extra: dict
+    runs: int = 1
+
+
+def _config_key(extra: dict) -> tuple:
+    return (extra.get("model"), extra.get("batch"), extra.get("device"), extra.get("device_name"), extra.get("dtype"))
+
+
+def load_results(path: str | Path, stat: str = "median") -> tuple[dict, dict[tuple, dict[str, Result]]]:
+    """Read a ``--benchmark-json`` file; images/s uses ``stat`` (``median`` or ``min``) seconds per call.
+
+    Returns:
+        (machine_info, {config key: {case: Result}}); the config key is (model, batch, device,
+        device name, dtype). Benchmarks without a ``case`` in extra_info (kernel micro-benchmarks)
+        are left out.
+
+    Raises:
+        ValueError: the file is not pytest-benchmark JSON, or holds no case of this suite.
+    """
+    if stat not in STATS:
+        raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e}); expected the file written by --benchmark-json") from e
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        raise ValueError(f"{path} has no 'benchmarks' list; expected the file written by pytest --benchmark-json")
+    configs: dict[tuple, dict[str, Result]] = {}
+    for bench in data["benchmarks"]:
+        extra = bench.get("extra_info") or {}
+        case, stats = extra.get("case"), bench.get("stats") or {}
+        if not case or "median" not in stats or "min" not in stats or "batch" not in extra:
+            continue
+        seconds = float(stats[stat])
+        ips = float(extra["batch"]) / seconds if seconds > 0 else float("inf")
+        configs.setdefault(_config_key(extra), {})[case] = Result(
+            case, bench.get("name", case), float(stats["median"]), float(stats["min"]), ips,
+            int(stats.get("rounds", 0)), extra,
+        )
+    if not configs:
+        raise ValueError(
+            f"{path} holds no benchmark of this suite (none has extra_info['case']); "
+            "run `pytest benchmarks --benchmark-only --benchmark-json=PATH`"
+        )
+    return data.get("machine_info") or {}, configs
+
+
+def merge(runs: list[dict[tuple, dict[str, Result]]]) -> dict[tuple, dict[str, Result]]:
+    """Merge runs on the same configurations case by case, keeping each case's highest images/s."""
+    merged: dict[tuple, dict[str, Result]] = {}
+    for configs in runs:
+        for key, results in configs.items():
+            into = merged.setdefault(key, {})
+            for case, r in results.items():
+                old = into.get(case)
+                runs_n = (old.runs if old else 0) + 1
+                best = r if old is None or r.images_per_s > old.images_per_s else old
+                into[case] = Result(best.case, best.name, best.median_s, best.min_s, best.images_per_s,
+                                    best.rounds, best.extra, runs_n)
+    return merged
+
+
+def ratio_rows(results: dict[str, Result]) -> list[tuple[str, float | None, float | None]]:
+    """(label, throughput ratio or None when a side is missing, target or None) for every ratio."""
+    rows = []
+    for label, num, den, target in RATIOS:
+        if num == _ENGINE:
+            nums = [e for e in _ENGINES if e in results] or [_ENGINES[0]]
+        else:
+            nums = [num]
+        for n in nums:
+            text = label.format(engine=_ENGINE_NAMES.get(n, n))
+            a, b = results.get(n), results.get(den)
+            value = a.images_per_s / b.images_per_s if a and b and b.images_per_s > 0 else None
+            rows.append((text, value, target))
+    return rows
+
+
+def _fmt(x: float) -> str:
+    if x >= 100:
+        return f"{x:,.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}" if x >= 1 else f"{x:.3f}"
+
+
+def _machine_lines(machine: dict) -> list[str]:
+    vdm = machine.get("vdm") or {}
+    cpu = vdm.get("cpu_model") or (machine.get("cpu") or {}).get("brand_raw") or machine.get("processor") or "?"
+    parts = [f"CPU: {cpu}, {vdm.get('cpu_count', '?')} cores"]
+    if vdm.get("gpu"):
+        parts.append(f"GPU: {vdm['gpu']}")
+    versions = ", ".join(f"{k} {vdm[k]}" for k in ("torch", "transformers", "onnxruntime") if vdm.get(k))
+    if versions:
+        parts.append(versions)
+    if vdm.get("torch_threads"):
+        parts.append(f"torch threads {vdm['torch_threads']}")
+    if vdm.get("date_utc"):
+        parts.append(f"run {vdm['date_utc']}")
+    return ["; ".join(parts)]
+
+
+def render(machine: dict, configs: dict[tuple, dict[str, Result]], title: str | None = None,
+           stat: str = "median") -> str:
+    """Markdown: a machine line, then per configuration a throughput table and a ratio table."""
+    out = [f"## {title}", ""] if title else []
+    out += _machine_lines(machine) + [""]
+    for (model, batch, device, device_name, dtype), results in configs.items():
+        runs = max(r.runs for r in results.values())
+        note = f", best of {runs} runs" if runs > 1 else ""
+        out += [f"### {model}, batch {batch}, {device} ({device_name}), {dtype}", "",
+                f"images/s from the {stat} time per call{note}.", ""]
+        out += ["| case | runtime | ms / batch (median) | ms / batch (min) | images/s | rounds | load (1 min) |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for case, (what, runtime) in CASES.items():
+            r = results.get(case)
+            if r is None:
+                out.append(f"| {what} | {runtime} | not run | | | | |")
+                continue
+            load = r.extra.get("loadavg_1m")
+            load_text = f"{load:.1f}" if isinstance(load, (int, float)) else ""
+            out.append(
+                f"| {what} | {runtime} | {r.median_s * 1e3:.1f} | {r.min_s * 1e3:.1f} | {_fmt(r.images_per_s)} "
+                f"| {r.rounds} | {load_text} |"
+            )
+        out += ["", "| ratio (images/s over images/s) | value | target | met |", "|---|---:|---:|:---:|"]
+        for label, value, target in ratio_rows(results):
+            if value is None:
+                continue
+            t = f">= {target:g}" if target is not None else ""
+            met = "" if target is None else ("yes" if value >= target else "**no**")
+            shown = f"{value:.1f}x" if value >= 10 else f"{value:.2f}"
+            out.append(f"| {label} | {shown} | {t} | {met} |")
+        others = sorted(set(results) - set(CASES))
+        if others:
+            out += ["", "Other cases in the file (micro-benchmarks; ms per call):", "",
+                    "| case | ms (median) | ms (min) | rounds |", "|---|---:|---:|---:|"]
+            out += [f"| {c} | {results[c].median_s * 1e3:.3f} | {results[c].min_s * 1e3:.3f} | {results[c].rounds} |"
+                    for c in others]
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    """``python -m benchmarks.report RESULTS.json [...] [--out FILE] [--title TEXT]``; exit 2 on bad input."""
+    from vdm_engine._io import atomic_write_bytes
+    from vdm_engine.cli._common import UsageError, run_cli
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", help="JSON files written by pytest --benchmark-json")
+    parser.add_argument("--out", help="write the markdown here (default: stdout)")
+    parser.add_argument("--title", help="a heading for the report")
+    parser.add_argument("--stat", choices=STATS, default="median",
+                        help="seconds per call behind images/s: median (default) or min (fastest call)")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        runs, machine = [], {}
+        for path in args.results:
+            if not Path(path).is_file():
+                raise UsageError(f"{path} does not exist; pass the file written by --benchmark-json")
+            m, configs = load_results(path, args.stat)
+            machine = machine or m
+            runs.append(configs)
+        text = render(machine, merge(runs), args.title, args.stat)
+        if args.out:
+            atomic_write_bytes(Path(args.out), text.encode())
+        else:
+            sys.stdout.write(text)
+        return 0
+
+    return run_cli("benchmarks.report", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The report script on hand-made pytest-benchmark JSON (no timing)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import report
+
+_CONFIG = {"model": "m", "batch": 8, "device": "cpu", "device_name": "CPU X", "dtype": "fp32"}
+
+
+def _bench(case: str, median: float, minimum: float | None = None, **extra) -> dict:
+    return {
+        "name": f"test_{case}",
+        "group": "g",
+        "stats": {"median": median, "min": minimum if minimum is not None else median, "rounds": 5},
+        "extra_info": {"case": case, **_CONFIG, **extra},
+    }
+
+
+def _write(tmp_path, name: str, benches: list[dict]):
+    path = tmp_path / name
+    path.write_text(json.dumps({"machine_info": {"vdm": {"cpu_model": "CPU X", "cpu_count": 2, "torch": "2.x"}},
+                                "benchmarks": benches}))
+    return path
+
+
+def test_ratios_are_throughput_ratios(tmp_path):
+    path = _write(tmp_path, "r.json", [
+        _bench("plain/torch", 0.100), _bench("explain/torch-reference", 0.105), _bench("original/two-pass", 0.210),
+        _bench("baseline/gradcam", 0.200), _bench("baseline/ig50", 12.6), _bench("kernel/x", 0.001),
+    ])
+    _, configs = report.load_results(path)
+    (results,) = configs.values()
+    assert results["plain/torch"].images_per_s == pytest.approx(80.0)
+    rows = {label: (value, target) for label, value, target in report.ratio_rows(results)}
+    assert rows["explain / plain, PyTorch (reference kernels)"] == (pytest.approx(0.100 / 0.105), 0.93)
+    assert rows["engine (reference) / original two-pass method"] == (pytest.approx(2.0), 1.9)
+    assert rows["engine (reference) / Integrated Gradients (50 steps)"][0] == pytest.approx(120.0)
+    assert rows["explain / plain, onnxruntime"] == (None, 0.93)  # missing cases give no ratio
+    text = report.render({}, configs)
+    assert "| explain / plain, PyTorch (reference kernels) | 0.95 | >= 0.93 | yes |" in text
+    assert "| engine (reference) / Grad-CAM | 1.90 | >= 3 | **no** |" in text
+    assert "kernel/x" in text and "| explain: engine, Triton kernels | PyTorch | not run |" in text
+
+
+def test_min_stat_and_best_of_runs(tmp_path):
+    a = _write(tmp_path, "a.json", [_bench("plain/torch", 0.100, 0.080), _bench("explain/torch-reference", 0.200, 0.090)])
+    b = _write(tmp_path, "b.json", [_bench("plain/torch", 0.120, 0.090), _bench("explain/torch-reference", 0.110, 0.100)])
+    runs = [report.load_results(p, "min")[1] for p in (a, b)]
+    (results,) = report.merge(runs).values()
+    assert results["plain/torch"].min_s == pytest.approx(0.080) and results["plain/torch"].runs == 2
+    assert results["explain/torch-reference"].min_s == pytest.approx(0.090)
+    assert "best of 2 runs" in report.render({}, report.merge(runs), stat="min")
+
+
+def test_cli_writes_markdown_and_rejects_bad_input(tmp_path, capsys):
+    path = _write(tmp_path, "r.json", [_bench("plain/torch", 0.1), _bench("explain/onnxruntime", 0.1)])
+    out = tmp_path / "table.md"
+    assert report.main([str(path), "--out", str(out), "--title", "T"]) == 0
+    assert out.read_text().startswith("## T")
+    assert report.main([str(tmp_path / "missing.json")]) == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"benchmarks": [{"name": "x", "stats": {"median": 1}, "extra_info": {}}]}))
+    assert report.main([str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("benchmarks.report: error:") for line in err)
