@@ -70,7 +70,8 @@ def test_outputs_are_checked_and_ordered(tiny_explainer):
 
 
 # ----- fp32, every output, dynamic batch ----------------------------------------------------
-def test_full_export_reports_small_differences(full_export):
+def test_full_export_reports_small_differences(full_export, export_explainer):
+    assert export_explainer.backbone.config._attn_implementation == "sdpa"  # SDPA attention is what gets exported
     assert set(full_export.max_diffs) == set(ALL_OUTPUTS)
     assert all(d <= 1e-4 for d in full_export.max_diffs.values()), full_export.max_diffs
     assert full_export.tolerance == 1e-4
