@@ -113,6 +113,9 @@ def _build_metadata(explainer, graph: ExplainerGraph, *, opset, dtype, batch, un
 
     bb = explainer.backbone
     spec = bb.image_spec
+    extra = {str(k): str(v) for k, v in (extra or {}).items()}
+    if untrained_gates:
+        extra.setdefault("warning", "untrained (random) gates: the masks carry no explanation; for benchmarks only")
     return ExportMetadata(
         engine_version=__version__,
         backbone_id=str(bb.name_or_path or ""),
@@ -136,7 +139,7 @@ def _build_metadata(explainer, graph: ExplainerGraph, *, opset, dtype, batch, un
         threshold=graph.threshold,
         untrained_gates=bool(untrained_gates),
         random_weights=bool(random_weights),
-        extra={str(k): str(v) for k, v in (extra or {}).items()},
+        extra=extra,
     )
 
 
