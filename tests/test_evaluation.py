@@ -163,3 +163,19 @@ def test_evaluate_is_independent_of_batching_and_other_methods(tiny_backbone, pi
     c = evaluate({"random": rnd}, tiny_backbone, pixels, config=PerturbationConfig(replacements=("noise",), seed=1),
                  progress=False)
     assert c["methods"]["random"]["noise"]["positive"]["prob"][-1] != a["methods"]["random"]["noise"]["positive"]["prob"][-1]
+
+
+def test_paired_difference_and_markdown():
+    from vdm_engine.evaluation import paired_difference, results_markdown
+
+    def entry(per_image):
+        d = {"prob": [1, 0], "kl": [0, 1], "auc_prob": float(np.mean(per_image)), "auc_prob_sem": 0.0,
+             "auc_kl": 0.0, "auc_kl_sem": 0.0, "auc_prob_per_image": per_image, "auc_kl_per_image": [0.0] * 3}
+        return {"noise": {"positive": d, "negative": d}, "seconds_per_image": 0.001}
+
+    res = {"n": 3, "fractions": [0.0, 1.0], "config": {"steps": 1, "replacements": ["noise"], "seed": 0},
+           "methods": {"diffmask": entry([0.2, 0.4, 0.6]), "random": entry([0.5, 0.5, 0.8])}}
+    mean, se = paired_difference(res, "random", "diffmask", "noise", "positive")
+    assert mean == pytest.approx(0.2) and se == pytest.approx(np.std([0.3, 0.1, 0.2], ddof=1) / np.sqrt(3))
+    md = results_markdown(res)
+    assert "| random | noise | +0.2000 ± 0.0577 | +0.2000 ± 0.0577 |" in md

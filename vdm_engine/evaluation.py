@@ -46,6 +46,7 @@ __all__ = [
     "check_data_spec",
     "load_eval_data",
     "evaluate_model",
+    "paired_difference",
     "results_markdown",
     "write_report",
 ]
@@ -403,6 +404,7 @@ def evaluate(
                     d[key] = c.mean(0).tolist()
                     d[f"auc_{key}"] = float(areas.mean())
                     d[f"auc_{key}_sem"] = float(areas.std(ddof=1) / math.sqrt(M)) if M > 1 else 0.0
+                    d[f"auc_{key}_per_image"] = [round(float(a), 6) for a in areas]
                 entry[rp][o] = d
         entry["seconds_per_image"] = timing[m] / M
         if relevant is not None:
@@ -501,6 +503,7 @@ def evaluate_model(
     gates: str | None = None,
     config: PerturbationConfig = PerturbationConfig(),
     ig_steps: int = 50,
+    ig_baseline: str = "black",
     threshold: float = 0.5,
     device: str | None = None,
     num_examples: int = 6,
@@ -532,7 +535,7 @@ def evaluate_model(
     check_data_spec(data)
     explainer = Explainer.from_pretrained(model, gates=gates, device=device).eval()
     bb = explainer.backbone
-    options = {"ig": {"n_steps": ig_steps}, "random": {"seed": config.seed}}
+    options = {"ig": {"n_steps": ig_steps, "baseline": ig_baseline}, "random": {"seed": config.seed}}
     fns = {m: get_method(m, explainer, **options.get(m, {})) for m in names}
     ev = load_eval_data(data, n, preprocess=bb.preprocess, grid=bb.grid, seed=config.seed)
     kept = {"diffmask": (lambda s: s > threshold)} if "diffmask" in names else None
@@ -546,6 +549,7 @@ def evaluate_model(
         "seed": config.seed,
         "threshold": threshold,
         "ig_steps": ig_steps if "ig" in names else None,
+        "ig_baseline": ig_baseline if "ig" in names else None,
         "gates_sha256": explainer.gates.sha256,
         "environment": {
             "vdm_engine": __version__, "torch": _torch.__version__, "device": str(bb.device),
@@ -572,6 +576,15 @@ _COLUMNS = [
 ]
 
 
+def paired_difference(results: dict, method: str, reference: str, replacement: str, order: str,
+                      key: str = "prob") -> tuple[float, float]:
+    """Mean and standard error of the per-image AUC difference ``method - reference`` (same images)."""
+    a = np.asarray(results["methods"][method][replacement][order][f"auc_{key}_per_image"])
+    b = np.asarray(results["methods"][reference][replacement][order][f"auc_{key}_per_image"])
+    d = a - b
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+
+
 def results_markdown(results: dict) -> str:
     """A markdown report: one AUC table per replacement setting, plus localisation when present."""
     lines = [
@@ -583,6 +596,15 @@ def results_markdown(results: dict) -> str:
         "least relevant first.",
         "",
     ]
+    extra = []
+    if results.get("ig_steps"):
+        extra.append(f"Integrated Gradients: {results['ig_steps']} steps, {results.get('ig_baseline', 'black')} baseline")
+    if results.get("gates_sha256"):
+        extra.append(f"gates sha256 {results['gates_sha256'][:16]}…")
+    if "diffmask" in results["methods"]:
+        extra.append(f"DiffMask kept patches: keep probability > {results.get('threshold', 0.5)}")
+    if extra:
+        lines += ["; ".join(extra) + ".", ""]
     methods = results["methods"]
     for rp in results["config"]["replacements"]:
         lines += [f"## Replacement: {rp}", "", "| method | " + " | ".join(c[2] for c in _COLUMNS) + " | s/image |",
@@ -590,6 +612,18 @@ def results_markdown(results: dict) -> str:
         for m, e in methods.items():
             cells = [f"{e[rp][o][k]:.4f} ± {e[rp][o][k + '_sem']:.4f}" for o, k, _ in _COLUMNS]
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {e['seconds_per_image'] * 1e3:.1f} ms |")
+        lines.append("")
+    if "diffmask" in methods and len(methods) > 1:
+        lines += ["## Paired differences to DiffMask (AUC of P(original class), same images)", "",
+                  "Mean ± standard error of the per-image difference method − DiffMask. Positive perturbation: "
+                  "a negative difference means the method beats DiffMask; negative perturbation: a positive one.", "",
+                  "| method | replacement | positive | negative |", "|---|---|---|---|"]
+        for rp in results["config"]["replacements"]:
+            for m in methods:
+                if m == "diffmask":
+                    continue
+                cells = ["{:+.4f} ± {:.4f}".format(*paired_difference(results, m, "diffmask", rp, o)) for o in ORDERS]
+                lines.append(f"| {m} | {rp} | " + " | ".join(cells) + " |")
         lines.append("")
     if any("localisation" in e for e in methods.values()):
         lines += ["## Localisation against the ground-truth relevant patches", "",

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--seed", type=int, default=0, help="noise, tie-breaking and toy-data seed (default 0)")
     opt.add_argument("--batch-size", type=int, default=32, help="images per attribution batch (default 32)")
     opt.add_argument("--ig-steps", type=int, default=50, help="Integrated Gradients steps (default 50)")
+    opt.add_argument("--ig-baseline", default="black", choices=("black", "zeros", "mean"),
+                     help="Integrated Gradients baseline image: black (default), zeros (pixel values 0), mean")
     opt.add_argument("--threshold", type=float, default=0.5, help="DiffMask keep-probability threshold (default 0.5)")
     opt.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
     opt.add_argument("--no-plots", action="store_true", help="skip the PNG figures (no matplotlib needed)")
@@ -75,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         results, examples = evaluate_model(
             args.model, args.data, methods, n=args.n, gates=args.gates, config=config, ig_steps=args.ig_steps,
-            threshold=args.threshold, device=args.device,
+            ig_baseline=args.ig_baseline, threshold=args.threshold, device=args.device,
         )
         written = write_report(results, args.out, examples, plots=not args.no_plots)
         rp = config.replacements[0]

@@ -195,8 +195,8 @@ def explain_files(model, paths: Sequence[str | os.PathLike], out_dir: str | os.P
                         for c, s in zip(idx, top.values[i].tolist())]
             grid = grids[i].numpy()
             kept = float((grid > threshold).mean())
-            caption = [f"{model.name}: {top_list[0]['label']} ({top_list[0]['score']:.3f}), kept {kept:.0%} of patches"]
-            caption += [f"{r + 1}. {t['label']}  {t['score']:.3f}" for r, t in enumerate(top_list)]
+            caption = [f"{model.name}: predicts {top_list[0]['label']}, kept {kept:.0%} of patches"]
+            caption += [f"{r + 1}. {t['label']}  p={t['score']:.3f}" for r, t in enumerate(top_list)]
             png = out_dir / f"{stem}.overlay.png"
             buf = io.BytesIO()
             overlay(img, grid, threshold=threshold, caption=caption).save(buf, format="PNG")
