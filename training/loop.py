@@ -252,7 +252,7 @@ def train_gates(
     gens = {"depth": gen_depth, "noise": gen_noise}
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and device.type == "cuda")
 
-    step, best, best_state, history = 0, None, None, []
+    step, best, best_state, history, resumed_window = 0, None, None, [], None
     if resume and ckpt_path.exists():
         tensors, meta = _load_checkpoint(ckpt_path)
         if meta.get("gate_config") != gates.config.to_dict():
@@ -271,6 +271,7 @@ def train_gates(
         if meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
         step, best, history = meta["step"], meta.get("best"), meta.get("history", [])
+        resumed_window = meta.get("log_window")
         if any(k.startswith("best.") for k in tensors):
             best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
         if info.is_main:
@@ -299,6 +300,7 @@ def train_gates(
             "history": history,
             "backbone": backbone.name_or_path,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "log_window": acc,
         }
         _save_checkpoint(ckpt_path, obj, opt, opt_alpha, gens, meta, best_state)
 
@@ -316,7 +318,8 @@ def train_gates(
         total=cfg.steps, initial=step, desc="vdm-train", disable=not (progress and info.is_main),
         mininterval=0.5, dynamic_ncols=True, file=sys.stderr,
     )
-    acc = {"loss": 0.0, "kl": 0.0, "kept": 0.0, "l0": 0.0, "agree": 0.0, "n": 0}
+    # Running sums of the current log window (saved in checkpoints so resumed logs match).
+    acc = resumed_window or {"loss": 0.0, "kl": 0.0, "kept": 0.0, "l0": 0.0, "agree": 0.0, "n": 0}
     last_val = history[-1] if history else None
     try:
         while step < cfg.steps:

@@ -114,11 +114,24 @@ def test_selection_reports_when_nothing_qualifies(tiny_backbone, toy_pixels, tmp
     assert Gates.from_pretrained(tmp_path / GATES_DIR).metrics["selected"] == "last"
 
 
-def test_resume_in_process_is_exact(tiny_backbone, toy_pixels, tmp_path):
+def test_resume_in_process_is_exact(tiny_backbone, toy_pixels, tmp_path, monkeypatch):
     train, val = toy_pixels
     full = train_gates(_explainer(tiny_backbone), train, val, SMALL, out_dir=tmp_path / "a", progress=False, register=False)
-    short = replace(SMALL, steps=20)
-    train_gates(_explainer(tiny_backbone), train, val, short, out_dir=tmp_path / "b", progress=False, register=False)
+    # Interrupt at step 27 (last checkpoint: step 20), as Ctrl-C would.
+    real, calls = tiny_backbone.masked_logits_from_patches, {"n": 0}
+
+    def interrupted(*args):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 27:
+                raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(tiny_backbone, "masked_logits_from_patches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_gates(_explainer(tiny_backbone), train, val, SMALL, out_dir=tmp_path / "b", progress=False, register=False)
+    monkeypatch.setattr(tiny_backbone, "masked_logits_from_patches", real)
+    assert _load_checkpoint(tmp_path / "b" / CHECKPOINT)[1]["step"] == 20
     # Fresh gates with other values: resume must overwrite everything from the checkpoint.
     other = Explainer(tiny_backbone, new_gates(tiny_backbone, replace(SMALL, seed=9)))
     res = train_gates(other, train, val, SMALL, out_dir=tmp_path / "b", resume=True, progress=False, register=False)
@@ -126,8 +139,7 @@ def test_resume_in_process_is_exact(tiny_backbone, toy_pixels, tmp_path):
     for k, v in full.gates.state_dict().items():
         assert torch.equal(res.gates.state_dict()[k], v), k
     assert res.history == full.history
-    a = (tmp_path / "a" / METRICS).read_text()
-    assert (tmp_path / "b" / METRICS).read_text() == a
+    assert (tmp_path / "b" / METRICS).read_text() == (tmp_path / "a" / METRICS).read_text()
 
 
 def test_nan_guard_keeps_last_good_checkpoint(tiny_backbone, toy_pixels, tmp_path, monkeypatch):

@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--seed", type=int, default=None)
     opt.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     opt.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="autocast of the frozen ViT")
+    opt.add_argument(
+        "--threads", type=int, default=None,
+        help="CPU intra-op threads (default: 1 for small models, where more threads only contend; else torch's)",
+    )
     opt.add_argument("--revision", default=None, help="hub revision of --model")
     opt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     opt.add_argument("--no-register", action="store_true", help="do not register the gates in the local registry")
@@ -80,10 +84,23 @@ def _run(args) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     info = init_distributed(device)
+    threads = torch.get_num_threads()
     try:
         dev = torch.device("cuda", info.local_rank) if device == "cuda" else torch.device("cpu")
+        source = open_source(args.data, seed=config.seed)  # fail fast on a bad --data
+        try:  # the weight-loading bar of transformers would interleave with ours
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
         backbone = load_backbone(args.model, revision=args.revision, device=dev)
-        source = open_source(args.data, seed=config.seed)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        elif dev.type == "cpu" and backbone.hidden_size * backbone.num_tokens <= 256 * 65:
+            torch.set_num_threads(1)  # tiny matmuls: extra threads only add synchronisation
         explainer = Explainer(backbone, new_gates(backbone, config).to(dev))
         result = train_gates(
             explainer, source, None, config, out_dir=args.out, resume=args.resume,
@@ -103,6 +120,7 @@ def _run(args) -> int:
             }
             print(json.dumps(summary))
     finally:
+        torch.set_num_threads(threads)
         shutdown()
     return 0
 
