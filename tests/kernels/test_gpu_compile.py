@@ -1,0 +1,92 @@
+"""The kernels compile for real GPUs (sm_80, sm_90) ahead of time, without a GPU.
+
+The interpreter runs the kernels' Python semantics but not Triton's compiler (type checks across
+loops, layouts, tl.dot operand rules, register allocation). Here each kernel is compiled to a cubin
+with the launchers' GPU block sizes in a subprocess where ``TRITON_INTERPRET`` is unset; the
+script also prints registers and spill bytes when ``cuobjdump`` is available.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _compile_all() -> list[dict]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    gp = importlib.import_module("vdm_engine.kernels.gate_probe")
+    pm = importlib.import_module("vdm_engine.kernels.patch_mask")
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+    def build(name, fn, sig, consts, opts, cc):
+        names = fn.arg_names
+        src = ASTSource(fn, {n: sig.get(n, "constexpr") for n in names},
+                        constexprs={(names.index(k),): v for k, v in consts.items()})
+        k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
+        row = dict(kernel=name, sm=cc, shared=k.metadata.shared, usage=None)
+        if os.path.exists(cuobjdump):
+            path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"vdm_{os.getpid()}.cubin")
+            with open(path, "wb") as f:
+                f.write(k.asm["cubin"])
+            out = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True)
+            os.unlink(path)
+            row["usage"] = " ".join(next((ln.split()[:3] for ln in out.stdout.splitlines() if "REG:" in ln), []))
+        return row
+
+    rows = []
+    bf = "bf16"
+    br, bd, warps = pm._block_sizes(197, 768, False)
+    fwd_sig = dict(x_ptr=f"*{bf}", g_ptr="*fp32", ph_ptr="*fp32", cls_ptr=f"*{bf}", pos_ptr=f"*{bf}",
+                   out_ptr=f"*{bf}", N="i32", D="i32", K="i32")
+    bwd_sig = dict(go_ptr=f"*{bf}", x_ptr=f"*{bf}", g_ptr="*fp32", ph_ptr="*fp32", gx_ptr=f"*{bf}",
+                   gg_ptr="*fp32", gph_ptr="*fp32", N="i32", D="i32", K="i32")
+    for cc in (80, 90):
+        rows.append(build("patch_mask_fwd", pm._patch_mask_fwd_kernel, fwd_sig,
+                          dict(HAS_PH=True, BLOCK_R=br, BLOCK_D=bd), dict(num_warps=warps), cc))
+    rows.append(build("patch_mask_bwd", pm._patch_mask_bwd_kernel, bwd_sig,
+                      dict(HAS_PH=True, NEED_GX=True, NEED_GG=True, NEED_GPH=True, BLOCK_N=br, BLOCK_D=bd),
+                      dict(num_warps=warps), 90))
+    for dt, elem in (("bf16", 2), ("fp32", 4)):
+        bt, bd, bp, warps, stages = gp._block_sizes(256 * 197, 768, 192, False, elem)
+        sig = dict(h_ptr=f"*{dt}", w1_ptr=f"*{dt}", b1_ptr="*fp32", w2_ptr="*fp32", b2_ptr="*fp32", add_ptr="*fp32",
+                   out_ptr="*fp32", mask_ptr="*fp32", S="i32", R="i32", T="i32", D="i32", P="i32", mul="fp32",
+                   offset="fp32")
+        consts = dict(WRITE_LAYERS=True, WRITE_MASK=False, IEEE=dt == "fp32", UPCAST=False,
+                      BLOCK_T=bt, BLOCK_D=bd, BLOCK_P=bp)
+        for cc in ((80, 90) if dt == "bf16" else (90,)):
+            rows.append(build(f"gate_probe_{dt}", gp._gate_probe_kernel, sig, consts,
+                              dict(num_warps=warps, num_stages=stages), cc))
+    return rows
+
+
+def _nvidia_backend() -> bool:
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not spec.origin:
+        return False
+    ptxas = os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "ptxas")
+    return os.path.exists(ptxas)
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="triton with its NVIDIA backend (ptxas) is not installed")
+def test_kernels_compile_for_sm80_and_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {r["kernel"] for r in rows} == {"patch_mask_fwd", "patch_mask_bwd", "gate_probe_bf16", "gate_probe_fp32"}
+    for r in rows:
+        print(r)
+
+
+if __name__ == "__main__":
+    print(json.dumps(_compile_all()))
