@@ -153,3 +153,23 @@ def test_onnx_backend_is_used_lazily(tmp_path, model_and_gates, monkeypatch, cap
     assert len(rec["model_sha256"]) == 64
     assert main([str(tmp_path / "a.png"), "--onnx", str(tmp_path / "none.onnx")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_onnx_backend_matches_pytorch(tmp_path, model_and_gates, capsys):
+    """A real exported graph through vdm_engine.runtime gives the PyTorch path's record."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    export = pytest.importorskip("vdm_engine.export")
+    model, gates = model_and_gates
+    ex = Explainer.from_pretrained(model, gates=gates)
+    onnx_path = tmp_path / "tiny.onnx"
+    export.export_onnx(ex, onnx_path)
+    _image(tmp_path / "a.png", 36, 30, 9)
+    assert main([str(tmp_path / "a.png"), "--onnx", str(onnx_path), "--out", str(tmp_path / "o1")]) == 0, \
+        capsys.readouterr().err
+    assert main([str(tmp_path / "a.png"), "--model", model, "--gates", gates, "--out", str(tmp_path / "o2")]) == 0
+    r1 = json.loads((tmp_path / "o1" / "a.json").read_text())
+    r2 = json.loads((tmp_path / "o2" / "a.json").read_text())
+    np.testing.assert_allclose(r1["patch_mask"], r2["patch_mask"], atol=1e-4)
+    assert r1["label"] == r2["label"] and r1["gates_sha256"] == r2["gates_sha256"] == ex.gates.sha256
+    assert r1["model"] == str(onnx_path)

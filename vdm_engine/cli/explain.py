@@ -99,11 +99,17 @@ class _Model:
             if not Path(args.onnx).is_file():
                 raise UsageError(f"--onnx {args.onnx}: no such file")
             self.impl = OnnxExplainer(args.onnx)
-            meta = dict(getattr(self.impl, "metadata", None) or {})
+            meta = getattr(self.impl, "metadata", None)
+            if meta is not None and not isinstance(meta, dict):  # ExportMetadata dataclass
+                meta = {k: getattr(meta, k) for k in ("gates_sha256", "id2label", "untrained_gates") if hasattr(meta, k)}
+            meta = meta or {}
             self.name = str(args.onnx)
             self.model_sha256 = sha256_file(args.onnx)
-            self.gates_sha256 = next((str(v) for k, v in meta.items() if "gates" in k and "sha" in k), None)
+            self.gates_sha256 = meta.get("gates_sha256")
             self.id2label = _labels(getattr(self.impl, "id2label", None) or meta.get("id2label"))
+            if meta.get("untrained_gates"):
+                print(f"{PROG}: warning: {args.onnx} was exported with untrained gates; its masks mean nothing",
+                      file=sys.stderr)
         else:
             from vdm_engine import Explainer
 
