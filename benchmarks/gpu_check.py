@@ -14,7 +14,8 @@ Sections:
    (CUDA graphs, static shapes) vs eager.
 2. Kernel timings (``triton.testing.do_bench``, median) for ViT-B/16 shapes (B = 64 and 256, T = 197,
    D = 768, L+2 = 14, K = 1 and 8) in bf16: Triton vs the PyTorch references eager and compiled;
-   achieved GB/s against a measured device-to-device copy.
+   achieved GB/s against a measured device-to-device copy. A tile sweep times a few block-size
+   choices for both kernels at B = 256 (each checked against the reference) to tune the defaults.
 3. End-to-end explain throughput of a random-weight ViT-B/16 in bf16 at batch 256 against plain
    inference of the same model (SDPA attention), eager and compiled.
 
@@ -42,6 +43,7 @@ def _parse(argv):
     p.add_argument("--tiny", action="store_true", help="tiny shapes (for a CPU dry run of the script)")
     p.add_argument("--no-compile", action="store_true", help="skip every torch.compile baseline")
     p.add_argument("--no-end-to-end", action="store_true", help="skip the end-to-end ViT section")
+    p.add_argument("--sweep", action="store_true", help="also sweep tile sizes in a --tiny dry run")
     p.add_argument("--batches", default=None, help="comma-separated kernel batch sizes (default 64,256)")
     p.add_argument("--explain-batch", type=int, default=None, help="end-to-end batch (default 256)")
     return p.parse_args(argv)
@@ -71,6 +73,7 @@ class Check:
         self.correctness: list[dict] = []
         self.kernels: list[dict] = []
         self.end_to_end: list[dict] = []
+        self.sweep: list[dict] = []
         self.errors: list[str] = []
         self.copy_gbps: float | None = None
 
@@ -267,6 +270,56 @@ def _kernel_row(op, provider, B, K, dtype, ms, nbytes, copy_gbps):
                 pct_copy=100 * gbps / copy_gbps if copy_gbps else None)
 
 
+# ----- 2b. tile sweep -----------------------------------------------------------------------------
+GATE_PROBE_TILES = [  # (BLOCK_T, BLOCK_D, BLOCK_P, num_warps, num_stages); the first is the launcher's default
+    (64, 64, 64, 8, 3), (64, 64, 64, 4, 3), (128, 32, 64, 8, 4), (128, 64, 64, 8, 3), (64, 32, 256, 8, 3),
+]
+PATCH_MASK_TILES = [(16, 256, 8), (16, 256, 4), (8, 256, 4), (32, 128, 8), (4, 1024, 8)]  # (BLOCK_R, BLOCK_D, warps)
+
+
+def sweep_tiles(chk: Check, device, dtype, B: int, dims):
+    """Time a few GPU tile choices (each checked against the reference) so the defaults can be tuned."""
+    import importlib
+
+    gp = importlib.import_module("vdm_engine.kernels.gate_probe")
+    pm = importlib.import_module("vdm_engine.kernels.patch_mask")
+    S, T, D, Ks = dims
+    N, K = T - 1, max(Ks)
+    probes = random_probes(D, S, device).probe_params()
+    hs = torch.randn(S, B, T, D, device=device, dtype=dtype)
+    x = torch.randn(B, N, D, device=device, dtype=dtype)
+    g = torch.rand(B, K, N, device=device)
+    ph, cls, pos = torch.randn(D, device=device), torch.randn(D, device=device).to(dtype), torch.randn(N + 1, D, device=device).to(dtype)
+    with torch.no_grad():
+        ref_gp, ref_pm = gate_probe_reference(hs, probes), patch_mask_reference(x, g, ph, cls, pos)
+    default_gp, default_pm = gp._block_sizes, pm._block_sizes
+    try:
+        for cfg in GATE_PROBE_TILES:
+            gp._block_sizes = lambda *_, cfg=cfg: cfg
+            row = dict(op="gate_probe", B=B, K=None, tiles=str(cfg),
+                       default="default" if cfg == default_gp(B * T, D, probes.w1.shape[1], False, 2) else "")
+            try:
+                with torch.no_grad():
+                    row["ok"] = within(gate_probe(hs, probes), ref_gp, dtype)
+                    row["ms"] = bench_ms(lambda: gate_probe(hs, probes), device)
+            except Exception as e:  # e.g. out of shared memory on this card
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120]
+            chk.sweep.append(row)
+        for cfg in PATCH_MASK_TILES:
+            pm._block_sizes = lambda *_, cfg=cfg: cfg
+            row = dict(op="patch_mask fwd", B=B, K=K, tiles=str(cfg),
+                       default="default" if cfg == default_pm(T, D, False) else "")
+            try:
+                with torch.no_grad():
+                    row["ok"] = within(patch_mask(x, g, ph, cls, pos), ref_pm, torch.float16 if dtype == torch.float16 else torch.bfloat16)
+                    row["ms"] = bench_ms(lambda: patch_mask(x, g, ph, cls, pos), device)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120]
+            chk.sweep.append(row)
+    finally:
+        gp._block_sizes, pm._block_sizes = default_gp, default_pm
+
+
 # ----- 3. end to end ------------------------------------------------------------------------------------
 def time_end_to_end(chk: Check, device, shape: str, batch: int, dtype, compile_: bool):
     backbone = random_backbone(shape, seed=0).to(device=device, dtype=dtype)
@@ -340,6 +393,10 @@ def report(chk: Check, meta: dict) -> str:
               "GB/s counts the bytes the op must move (inputs read once, outputs written once), for every provider.", ""]
     lines.append(_table(chk.kernels, [("op", "op"), ("provider", "provider"), ("B", "B"), ("K", "K"), ("dtype", "dtype"),
                                       ("ms", "ms"), ("GB/s", "GBps"), ("% of copy", "pct_copy"), ("TFLOP/s", "tflops")]))
+    if chk.sweep:
+        lines += ["", "## Tile sweep (bf16; the launcher's default marked)", ""]
+        lines.append(_table(chk.sweep, [("op", "op"), ("B", "B"), ("K", "K"), ("tiles", "tiles"), ("", "default"),
+                                        ("ms", "ms"), ("ok", "ok"), ("error", "error")]))
     lines += ["", "## End to end", ""]
     lines.append(_table(chk.end_to_end, [("case", "case"), ("model", "model"), ("B", "B"), ("dtype", "dtype"),
                                          ("attention", "attn"), ("ms", "ms"), ("images/s", "images_per_s")]))
@@ -384,8 +441,8 @@ def main() -> int:
         text = report(chk, meta)
         atomic_write_bytes(out / "gpu_check.md", text.encode())
         atomic_write_json(out / "gpu_check.json", dict(meta=meta, correctness=chk.correctness, kernels=chk.kernels,
-                                                      end_to_end=chk.end_to_end, copy_GBps=chk.copy_gbps,
-                                                      errors=chk.errors))
+                                                      sweep=chk.sweep, end_to_end=chk.end_to_end,
+                                                      copy_GBps=chk.copy_gbps, errors=chk.errors))
         return text
 
     sections = [
@@ -395,6 +452,8 @@ def main() -> int:
         ("copy bandwidth", lambda: measure_copy(chk, device, copy_bytes)),
         ("kernel timings", lambda: time_kernels(chk, device, dtype, batches, kdims, compile_)),
     ]
+    if not args.tiny or args.sweep:
+        sections.append(("tile sweep", lambda: sweep_tiles(chk, device, dtype, max(batches), kdims)))
     if not args.no_end_to_end:
         sections.append(("end to end", lambda: time_end_to_end(chk, device, shape, explain_batch, dtype, compile_)))
     for name, fn in sections:
