@@ -77,3 +77,22 @@ def test_eval_usage_errors(tmp_path, model_and_gates, capsys, args, message):
     err = capsys.readouterr().err
     ours = [line for line in err.splitlines() if line.startswith("vdm-eval:")]
     assert rc == 2 and "Traceback" not in err and len(ours) == 1 and message in ours[0]
+
+
+def test_eval_imagefolder_without_plots(tmp_path, model_and_gates, capsys):
+    import numpy as np
+
+    model, gates = model_and_gates
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(["a.png", "b.jpg", "sub/c.png"]):
+        Image.fromarray(rng.integers(0, 256, size=(40 + i, 36, 3), dtype=np.uint8)).save(folder / name)
+    out = tmp_path / "ev"
+    rc = main(["--model", model, "--gates", gates, "--data", f"imagefolder:{folder}", "--methods", "diffmask,random",
+               "--n", "10", "--replacements", "mean", "--no-plots", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert res["n"] == 3 and list(res["config"]["replacements"]) == ["mean"]
+    assert "localisation" not in res["methods"]["diffmask"]
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]

@@ -482,7 +482,7 @@ def load_eval_data(spec: str, n: int, *, preprocess: Callable, grid: tuple[int, 
         source = D.open_source(spec, seed=seed)
         if source.indexed:
             if isinstance(source, D.ImageFolderSource):
-                files = sorted(source.files + source.val_files)[:n]
+                files = sorted(set(source.files) | set(source.val_files))[:n]  # val may repeat files
                 images = [source._open(f) for f in files]
             else:
                 images = list(source.images(np.arange(min(n, len(source)))))
