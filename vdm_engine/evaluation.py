@@ -540,8 +540,6 @@ def evaluate_model(
     ev = load_eval_data(data, n, preprocess=bb.preprocess, grid=bb.grid, seed=config.seed)
     kept = {"diffmask": (lambda s: s > threshold)} if "diffmask" in names else None
     res = evaluate(fns, bb, ev.pixel_values, relevant=ev.relevant, config=config, kept_masks=kept, progress=progress)
-    import torch as _torch
-
     res.update({
         "model": model,
         "data": data,
@@ -552,7 +550,7 @@ def evaluate_model(
         "ig_baseline": ig_baseline if "ig" in names else None,
         "gates_sha256": explainer.gates.sha256,
         "environment": {
-            "vdm_engine": __version__, "torch": _torch.__version__, "device": str(bb.device),
+            "vdm_engine": __version__, "torch": torch.__version__, "device": str(bb.device),
             "cpu": platform.processor() or platform.machine(),
         },
     })
