@@ -431,6 +431,7 @@ def main() -> int:
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
         interpreter=os.environ.get("TRITON_INTERPRET", "0"),
     )
+    torch.manual_seed(int(os.environ.get("GPU_CHECK_SEED", "0")))
     chk = Check()
     t0 = time.time()
     out = Path(args.out)

@@ -18,9 +18,9 @@ def test_gpu_check_dry_run(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert not data["errors"]
+    assert not data["errors"], data["errors"]
     assert {r["op"] for r in data["correctness"]} >= {"patch_mask", "gate_probe", "explain (kernels vs references)"}
-    assert all(r["ok"] for r in data["correctness"])
+    assert all(r["ok"] for r in data["correctness"]), data["correctness"]
     providers = {(r["op"], r["provider"]) for r in data["kernels"]}
     assert ("patch_mask fwd", "triton") in providers and ("gate_probe (L+2 probes)", "torch eager") in providers
     assert "| patch_mask fwd | triton |" in (tmp_path / "gpu_check.md").read_text()
