@@ -181,12 +181,15 @@ def check_explain(chk: Check, device, shape: str, batch: int, dtype, compile_: b
     install(explainer, "triton")
     got = explainer.explain(pv)
     got_check = explainer.verify(pv, got)
-    agree = float((got.keep() == ref.keep()).float().mean())
+    disagree = got.keep() != ref.keep()
+    agree = float(1 - disagree.float().mean())
+    # A kept/dropped flip is fine only for a patch whose reference probability sits at the threshold.
+    flips_at_threshold = bool(((ref.patch_mask[disagree] - 0.5).abs() <= TOL[dtype][0]).all())
     chk.correctness.append(dict(
         op="explain (kernels vs references)", dtype=DT[dtype], shape=f"{shape} B={batch}",
         out_err=max_err(got.patch_mask, ref.patch_mask), mask_err=max_err(got.layer_masks, ref.layer_masks),
         keep_agreement=agree, verify_logits_err=max_err(got_check.masked_logits, ref_check.masked_logits),
-        ok=within(got.patch_mask, ref.patch_mask, dtype) and agree >= 0.99,
+        ok=within(got.patch_mask, ref.patch_mask, dtype) and flips_at_threshold,
     ))
     if compile_:
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on the card
