@@ -131,6 +131,12 @@ def bench_config(pytestconfig) -> BenchConfig:
     return cfg
 
 
+def _random_shapes() -> set[str]:
+    from vdm_engine.backbone import SHAPES
+
+    return set(SHAPES)
+
+
 def build_backbone(model: str):
     """A backbone for ``--vdm-model``: a random-weight shape, or a checkpoint loaded offline."""
     from vdm_engine.backbone import SHAPES, load_backbone, random_backbone
@@ -221,17 +227,30 @@ def onnx_dir(tmp_path_factory) -> Path:
 
 def _onnx_export(bench_config, bench_explainer, path: Path, outputs: tuple[str, ...]) -> Path:
     """Export the session explainer once with ``vdm_engine.export.export_onnx`` (skip if unavailable)."""
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
     pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript")
+    if bench_config.cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider here; install onnxruntime-gpu to time ONNX on CUDA")
     export = pytest.importorskip("vdm_engine.export", reason="vdm_engine.export is not available")
     if bench_config.dtype_name not in ONNX_DTYPES:
         pytest.skip(f"ONNX export supports {sorted(ONNX_DTYPES)} compute, not {bench_config.dtype_name}")
     if not path.is_file():
         # The benchmark checks its own outputs against PyTorch; the export's validation is the
         # export tests' job, so it is skipped here to keep plain pytest fast.
+        random_weights = bench_config.model in BENCH_SHAPES or bench_config.model in _random_shapes()
         export.export_onnx(bench_explainer, path, outputs=outputs, dtype=bench_config.dtype_name, validate=False,
-                           random_weights=True, untrained_gates=True)
+                           random_weights=random_weights, untrained_gates=True)
     return path
+
+
+def passive_wait() -> bool:
+    """True when ``OMP_WAIT_POLICY=PASSIVE``: idle worker threads sleep instead of spinning.
+
+    Set it in the environment (before Python starts) on a machine shared with other work: spinning
+    threads of both runtimes then stop competing with the other processes for the cores. The same
+    setting applies to onnxruntime's intra-op pool (``session.intra_op.allow_spinning``).
+    """
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 
 
 def _session_options(bench_config):
@@ -240,6 +259,8 @@ def _session_options(bench_config):
     options = ort.SessionOptions()
     if bench_config.threads is not None:
         options.intra_op_num_threads = bench_config.threads
+    if passive_wait():
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -283,19 +304,22 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "transformers": transformers.__version__,
         "onnxruntime": ort_version,
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "ort_spinning": not passive_wait(),
         "loadavg_end": list(os.getloadavg()),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 
-def _rounds(seconds_per_call: float, budget_s: float) -> int:
-    """Timed rounds for a call of this duration: about ``budget_s`` in all, 3..MAX_ROUNDS, 1 for very slow calls."""
+def _rounds(seconds_per_call: float, budget_s: float, min_rounds: int = 1) -> int:
+    """Timed rounds for a call of this duration: about ``budget_s`` in all, 3..MAX_ROUNDS, fewer
+    (down to ``min_rounds``) for calls so slow that 3 rounds would pass ``SLOW_CASE_S``."""
     t = max(seconds_per_call, 1e-6)
     rounds = min(MAX_ROUNDS, max(3, math.ceil(budget_s / t)))
     cap = max(3 * budget_s, SLOW_CASE_S)
     if t * rounds > cap:
-        rounds = max(1, int(cap // t))
-    return rounds
+        rounds = int(cap // t)
+    return max(rounds, min_rounds, 1)
 
 
 @pytest.fixture
@@ -306,8 +330,13 @@ def measure(benchmark, bench_config) -> Callable:
     """
     cfg = bench_config
 
-    def run(case: str, fn: Callable, *args, warmup: tuple | None = None):
-        """Time ``fn(*args)``; ``warmup`` (args whose first item is a smaller batch) warms up cheaply."""
+    def run(case: str, fn: Callable, *args, warmup: tuple | None = None, budget_s: float | None = None,
+            min_rounds: int = 1):
+        """Time ``fn(*args)``.
+
+        ``warmup``: args whose first item is a smaller batch, to warm up cheaply; ``budget_s``
+        overrides ``--vdm-budget`` for this case; ``min_rounds`` holds even for very slow calls.
+        """
 
         def timed(*call_args):
             out = fn(*(call_args or args))
@@ -328,7 +357,7 @@ def measure(benchmark, bench_config) -> Callable:
         else:
             timed(*warmup)
             estimate = (time.perf_counter() - start) * cfg.batch / max(1, len(warmup[0]))
-        rounds = _rounds(estimate, cfg.budget_s)
+        rounds = _rounds(estimate, budget_s or cfg.budget_s, min_rounds)
         result = benchmark.pedantic(timed, rounds=rounds, iterations=1)
         median = benchmark.stats.stats.median
         benchmark.extra_info["images_per_s"] = cfg.batch / median if median > 0 else float("inf")

@@ -21,7 +21,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CASES", "RATIOS", "STATS", "Result", "load_results", "merge", "ratio_rows", "render", "main"]
+__all__ = ["CASES", "RATIOS", "STATS", "Result", "load_results", "merge", "paired_ratio", "ratio_rows",
+           "ratio_rows_paired", "render", "main"]
 
 #: case key -> (what it is, runtime), in table order.
 CASES = {
@@ -37,6 +38,7 @@ CASES = {
     "baseline/ig50": ("Integrated Gradients, 50 steps (captum)", "PyTorch"),
     "train/step": ("one gate-training step", "PyTorch"),
 }
+_PAIRED = "paired/round"  # one round of back-to-back calls; extra_info["paired_times"] = {case: [s, ...]}
 
 _ENGINE = "engine"  # placeholder in RATIOS for each PyTorch engine case present
 _ENGINES = ("explain/torch-reference", "explain/torch-triton")
@@ -135,8 +137,29 @@ def merge(runs: list[dict[tuple, dict[str, Result]]]) -> dict[tuple, dict[str, R
     return merged
 
 
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def paired_ratio(results: dict[str, Result], num: str, den: str) -> float | None:
+    """Median over paired rounds of time(den) / time(num), or None without paired times for both."""
+    paired = results.get(_PAIRED)
+    times = (paired.extra.get("paired_times") or {}) if paired else {}
+    a, b = times.get(num), times.get(den)
+    if not a or not b or len(a) != len(b):
+        return None
+    return _median([tb / ta for ta, tb in zip(a, b) if ta > 0])
+
+
 def ratio_rows(results: dict[str, Result]) -> list[tuple[str, float | None, float | None]]:
     """(label, throughput ratio or None when a side is missing, target or None) for every ratio."""
+    return [(label, value, target) for label, value, _, target in ratio_rows_paired(results)]
+
+
+def ratio_rows_paired(results: dict[str, Result]) -> list[tuple[str, float | None, float | None, float | None]]:
+    """(label, ratio of the separate cases, median paired ratio, target) for every ratio; None = missing."""
     rows = []
     for label, num, den, target in RATIOS:
         if num == _ENGINE:
@@ -147,7 +170,7 @@ def ratio_rows(results: dict[str, Result]) -> list[tuple[str, float | None, floa
             text = label.format(engine=_ENGINE_NAMES.get(n, n))
             a, b = results.get(n), results.get(den)
             value = a.images_per_s / b.images_per_s if a and b and b.images_per_s > 0 else None
-            rows.append((text, value, target))
+            rows.append((text, value, paired_ratio(results, n, den), target))
     return rows
 
 
@@ -157,6 +180,12 @@ def _fmt(x: float) -> str:
     if x >= 10:
         return f"{x:.1f}"
     return f"{x:.2f}" if x >= 1 else f"{x:.3f}"
+
+
+def _ratio(x: float | None) -> str:
+    if x is None:
+        return ""
+    return f"{x:.1f}x" if x >= 10 else f"{x:.2f}"
 
 
 def _machine_lines(machine: dict) -> list[str]:
@@ -198,15 +227,18 @@ def render(machine: dict, configs: dict[tuple, dict[str, Result]], title: str | 
                 f"| {what} | {runtime} | {r.median_s * 1e3:.1f} | {r.min_s * 1e3:.1f} | {_fmt(r.images_per_s)} "
                 f"| {r.rounds} | {load_text} |"
             )
-        out += ["", "| ratio (images/s over images/s) | value | target | met |", "|---|---:|---:|:---:|"]
-        for label, value, target in ratio_rows(results):
-            if value is None:
+        paired = results.get(_PAIRED)
+        rounds_note = f"{len(next(iter(paired.extra.get('paired_times', {}).values()), []))} " if paired else ""
+        out += ["", f"| ratio (images/s over images/s) | separate cases | paired ({rounds_note}rounds, median) "
+                    "| target | met (paired if measured) |", "|---|---:|---:|---:|:---:|"]
+        for label, value, pvalue, target in ratio_rows_paired(results):
+            if value is None and pvalue is None:
                 continue
             t = f">= {target:g}" if target is not None else ""
-            met = "" if target is None else ("yes" if value >= target else "**no**")
-            shown = f"{value:.1f}x" if value >= 10 else f"{value:.2f}"
-            out.append(f"| {label} | {shown} | {t} | {met} |")
-        others = sorted(set(results) - set(CASES))
+            decisive = pvalue if pvalue is not None else value
+            met = "" if target is None else ("yes" if decisive >= target else "**no**")
+            out.append(f"| {label} | {_ratio(value)} | {_ratio(pvalue)} | {t} | {met} |")
+        others = sorted(set(results) - set(CASES) - {_PAIRED})
         if others:
             out += ["", "Other cases in the file (micro-benchmarks; ms per call):", "",
                     "| case | ms (median) | ms (min) | rounds |", "|---|---:|---:|---:|"]
