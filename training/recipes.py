@@ -62,7 +62,7 @@ class ClassifierRecipe:
 DIGITS = ClassifierRecipe(
     name="vit-digits",
     vit=dict(
-        image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=32, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
         intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=10,
         id2label={i: str(i) for i in range(10)},
     ),
@@ -165,7 +165,9 @@ def accuracy(backbone, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> fl
 
 # ----- gate settings that worked (recorded in the gates' metrics) ------------------------------
 GATE_CONFIGS = {
-    "digits": dict(steps=1500, eval_interval=100, checkpoint_interval=500),
+    # 8x8 patch grid: a tighter KL budget (eps 0.05) and a stricter selection (agreement >= 0.97 on the
+    # val split) leave a margin for the bar on the unseen test split; kept ~37% after 700 steps.
+    "digits": dict(steps=800, eval_interval=100, checkpoint_interval=400, eps=0.05, eps_valid=0.1, agreement=0.97),
     "toy": dict(steps=600, eval_interval=100, checkpoint_interval=300),
 }
 
