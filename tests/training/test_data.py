@@ -150,3 +150,23 @@ def test_pixel_batches_resume_and_sharding():
     a = torch.cat([next(r0) for _ in range(5)])
     b = torch.cat([next(r1) for _ in range(5)])
     assert set(a.tolist()).isdisjoint(b.tolist()) and len(set(a.tolist()) | set(b.tolist())) == 40
+
+
+def test_hf_source_streams_a_local_dataset(tmp_path, tiny_backbone, monkeypatch):
+    """The streaming path end to end on a parquet data set on disk (what the hub would serve)."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)) for _ in range(30)]
+    ds = datasets.Dataset.from_dict({"img": imgs, "label": list(range(30))}).cast_column("img", datasets.Image())
+    (tmp_path / "data").mkdir()
+    ds.to_parquet(str(tmp_path / "data" / "train-00000.parquet"))
+    src = open_source(f"hf:{tmp_path / 'data'}:train")
+    assert not src.indexed and src.image_key == "img"
+    src.val_size = 6
+    val = tiny_backbone.preprocess(src.validation(4))
+    assert val.shape == (4, 3, 32, 32)
+    batches = pixel_batches(src, tiny_backbone.preprocess, 8, seed=0, rank=1, world_size=2)
+    first = next(batches)
+    assert first.shape == (8, 3, 32, 32)
+    tiny_backbone.check_pixels(first)

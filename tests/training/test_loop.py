@@ -175,3 +175,14 @@ def test_train_gates_rejects_wrong_pixels(tiny_backbone, tmp_path):
                     out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="val_images is None"):
         train_gates(_explainer(tiny_backbone), torch.randn(4, 3, 32, 32), None, SMALL, out_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_autocast_precision_trains(tiny_backbone, toy_pixels, tmp_path, precision):
+    """The frozen ViT runs under autocast (CPU here, CUDA in use); the gates stay fp32 and finite."""
+    train, val = toy_pixels
+    cfg = replace(SMALL, steps=10, precision=precision)
+    res = train_gates(_explainer(tiny_backbone, cfg), train, val, cfg, out_dir=tmp_path, progress=False, register=False)
+    assert res.step == 10 and res.gates.w1.dtype == torch.float32
+    assert all(torch.isfinite(p).all() for p in res.gates.parameters())
+    assert all(0 <= r["kl"] < 10 and 0 <= r["kept"] <= 1 for r in res.history)
