@@ -73,17 +73,17 @@ class TrainResult:
 
 def new_gates(backbone, config: TrainConfig) -> Gates:
     """Fresh gates for ``backbone`` with the maths of ``config`` (mul, add_init, beta, probe size)."""
-    torch.manual_seed(config.seed)
-    return Gates(
-        GateConfig(
-            hidden_size=backbone.hidden_size,
-            num_hidden_states=backbone.num_hidden_states,
-            probe_size=config.probe_size,
-            mul=config.mul,
-            add_init=config.add_init,
-            beta=config.beta,
-        )
+    config_ = GateConfig(
+        hidden_size=backbone.hidden_size,
+        num_hidden_states=backbone.num_hidden_states,
+        probe_size=config.probe_size,
+        mul=config.mul,
+        add_init=config.add_init,
+        beta=config.beta,
     )
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(config.seed)
+        return Gates(config_)
 
 
 # ----- checkpoint I/O ---------------------------------------------------------------------------
@@ -362,9 +362,8 @@ def train_gates(
                 rec.update({k: v / n for k, v in acc.items()})
                 rec["alpha"] = [round(float(a), 4) for a in obj.alpha.detach().cpu()]
                 log(rec)
-                bar.set_postfix(
-                    kl=f"{rec['kl']:.3f}", kept=f"{rec['kept']:.2f}",
-                    agree=f"{(last_val or {}).get('agreement', float('nan')):.2f}",
+                bar.set_postfix(  # live numbers of the sampled gates over the last log window
+                    kl=f"{rec['kl']:.3f}", kept=f"{rec['kept']:.2f}", agree=f"{rec['agree']:.2f}",
                     alpha=f"{float(obj.alpha.detach().mean()):.2f}", refresh=False,
                 )
                 acc = {"loss": 0.0, "kl": 0.0, "kept": 0.0, "l0": 0.0, "agree": 0.0, "n": 0}
