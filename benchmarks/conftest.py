@@ -113,21 +113,30 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-@pytest.fixture(scope="session")
-def bench_config(pytestconfig) -> BenchConfig:
-    opt = pytestconfig.getoption
-    cfg = BenchConfig(opt("--vdm-model"), opt("--vdm-batch"), opt("--vdm-device"), opt("--vdm-dtype"),
-                      opt("--vdm-budget"), opt("--vdm-threads"))
+def _config_from(config) -> BenchConfig:
+    opt = config.getoption
+    return BenchConfig(opt("--vdm-model"), opt("--vdm-batch"), opt("--vdm-device"), opt("--vdm-dtype"),
+                       opt("--vdm-budget"), opt("--vdm-threads"))
+
+
+def pytest_configure(config):
+    """Reject bad options at start-up, in one line."""
+    cfg = _config_from(config)
     if cfg.batch < 1:
         raise pytest.UsageError(f"--vdm-batch must be >= 1, got {cfg.batch}")
     if cfg.budget_s <= 0:
         raise pytest.UsageError(f"--vdm-budget must be > 0 seconds, got {cfg.budget_s}")
-    if cfg.threads is not None:
-        if cfg.threads < 1:
-            raise pytest.UsageError(f"--vdm-threads must be >= 1, got {cfg.threads}")
-        torch.set_num_threads(cfg.threads)
+    if cfg.threads is not None and cfg.threads < 1:
+        raise pytest.UsageError(f"--vdm-threads must be >= 1, got {cfg.threads}")
     if cfg.cuda and not torch.cuda.is_available():
         raise pytest.UsageError("--vdm-device cuda was given but torch sees no CUDA device; use --vdm-device cpu")
+
+
+@pytest.fixture(scope="session")
+def bench_config(pytestconfig) -> BenchConfig:
+    cfg = _config_from(pytestconfig)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     return cfg
 
 
