@@ -3,7 +3,20 @@
 Each recipe trains a small ViT classifier (seeded, CPU), then trains its DiffMask gates with
 ``train_gates`` and writes ``DIR/backbone`` (``Backbone.save_pretrained``) and ``DIR/gates``
 (``Gates.save_pretrained`` with the achieved numbers in the gates' metrics). The shipped
-``vdm_engine/assets/vit-digits`` and ``vit-toy`` come from these commands.
+``vdm_engine/assets/vit-digits`` and ``vit-toy`` come from these commands (about 3.5 minutes for
+both on the 2-core development machine, one thread).
+
+Tuning notes (8x8-grid digits ViT, 800 gate steps, eps 0.05, hard-mask numbers on the val split):
+
+- the ViT-B/16 reference settings (probe lr 2e-5, mul 15, add init 8, log-L0, uniform depth) still
+  kept 84% of the patches after 800 steps: with z = 15 tanh(.) + 8 the keep probabilities start
+  saturated (sigmoid'(z) ~ e^-8) and a 2e-5 step barely moves them, so the masks look frozen while
+  KL stays under eps and the alphas decay;
+- probe lr 1e-3 (Adam, 100 warm-up steps), mul 10, add init 5 and depth sampling weighted by alpha
+  kept 32-34% at 96-97% agreement with either L0 form; the bounded form (mean keep probability,
+  ``l0="prob"``, the default) gave the lower KL, since the log form keeps pushing dropped
+  patches' probes into saturation;
+- the 4x4-grid variant of the same model reached 37% kept at 96% agreement in 1000 steps.
 """
 
 from __future__ import annotations
