@@ -237,6 +237,8 @@ def train_gates(
     val_shard = val_images[info.rank :: info.world_size].to(device)
     preprocess = (lambda b: b) if isinstance(source, _TensorSource) else backbone.preprocess
 
+    _install_patch_mask(backbone)
+
     # ----- state ----------------------------------------------------------------------------------
     gates.to(device).train()
     obj = GateObjective(backbone, gates, alpha_init=cfg.alpha_init, eps=cfg.eps, l0=cfg.l0, precision=cfg.precision)
@@ -443,6 +445,20 @@ def train_gates(
         gates=final, gates_dir=gates_dir, step=step, best=best, last=last_val, qualified=qualified,
         registered=registered, history=history, seconds=time.time() - t0,
     )
+
+
+def _install_patch_mask(backbone) -> None:
+    """Let the kernels package pick the patch-masking function for this device (Triton on CUDA)."""
+    mode = os.environ.get("VDM_KERNELS", "auto").strip().lower()
+    if mode == "reference":
+        return
+    try:
+        from vdm_engine.kernels.dispatch import install_backbone  # noqa: PLC0415 (optional fast path)
+    except ImportError:
+        if mode == "triton":
+            raise
+        return
+    install_backbone(backbone, mode)
 
 
 class _TensorSource(DataSource):
