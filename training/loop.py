@@ -270,6 +270,10 @@ def train_gates(
         _restore_optimizer(opt_alpha, "opt_alpha", tensors, meta, device)
         gen_depth.set_state(tensors["rng.depth"])
         gen_noise.set_state(tensors["rng.noise"])
+        # Learning rates come from the (possibly changed) config, not the saved groups.
+        if len(opt.param_groups) > 1:
+            opt.param_groups[1]["lr"] = cfg.lr_placeholder
+        opt_alpha.param_groups[0]["lr"] = cfg.lr_alpha
         if meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
         step, best, history = meta["step"], meta.get("best"), meta.get("history", [])

@@ -72,11 +72,10 @@ def _run(args) -> int:
     given = {f: getattr(args, a) for a, f in _FIELDS.items() if getattr(args, a) is not None}
     ckpt = Path(args.out) / CHECKPOINT
     if args.resume and ckpt.exists():
-        # The run's own settings win; only the step budget may be extended.
+        # The run's own settings, except what is given again (e.g. more --steps or a lower --lr
+        # after a divergence); with the same arguments the run continues exactly.
         _, meta = _load_checkpoint(ckpt)
-        config = TrainConfig.from_dict(meta["config"])
-        if "steps" in given:
-            config = replace(config, steps=given["steps"])
+        config = replace(TrainConfig.from_dict(meta["config"]), **given)
     else:
         config = TrainConfig(**given)
 
