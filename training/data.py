@@ -111,7 +111,7 @@ def digits_split(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         images uint8 (n, 32, 32, 3) (white strokes on black), labels int64 (n,).
     """
     try:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # noqa: F401 (availability check)
     except ImportError as e:  # pragma: no cover - sklearn is a dev dependency
         raise ValueError("the 'digits' source needs scikit-learn: pip install scikit-learn") from e
     if split != "all" and split not in _DIGITS_SPLITS:

@@ -13,7 +13,6 @@ Files in ``out_dir``:
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time

@@ -26,10 +26,9 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -247,15 +246,6 @@ def build(which: str, out: str | Path, *, seed: int = 0, work: str | Path | None
     the gates' metrics hold the training settings and the achieved numbers) and ``out/metrics.json``.
     Returns the metrics.
     """
-    import shutil
-    import tempfile
-
-    from vdm_engine import Explainer
-    from vdm_engine._io import atomic_write_json
-
-    from .config import TrainConfig
-    from .loop import new_gates, train_gates
-
     if which not in RECIPES:
         raise ValueError(f"unknown recipe {which!r}; expected one of {sorted(RECIPES)}")
     t0 = time.time()
