@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from vdm_engine._io import atomic_path, atomic_write_bytes
+from vdm_engine.explainer import install_kernels
 from vdm_engine.gates import GateConfig, Gates
 
 from .config import TrainConfig
@@ -236,7 +237,7 @@ def train_gates(
     val_shard = val_images[info.rank :: info.world_size].to(device)
     preprocess = (lambda b: b) if isinstance(source, _TensorSource) else backbone.preprocess
 
-    _install_patch_mask(backbone)
+    install_kernels(backbone)
 
     # ----- state ----------------------------------------------------------------------------------
     gates.to(device).train()
@@ -448,20 +449,6 @@ def train_gates(
         gates=final, gates_dir=gates_dir, step=step, best=best, last=last_val, qualified=qualified,
         registered=registered, history=history, seconds=time.time() - t0,
     )
-
-
-def _install_patch_mask(backbone) -> None:
-    """Let the kernels package pick the patch-masking function for this device (Triton on CUDA)."""
-    mode = os.environ.get("VDM_KERNELS", "auto").strip().lower()
-    if mode == "reference":
-        return
-    try:
-        from vdm_engine.kernels.dispatch import install_backbone  # noqa: PLC0415 (optional fast path)
-    except ImportError:
-        if mode == "triton":
-            raise
-        return
-    install_backbone(backbone, mode)
 
 
 class _TensorSource(DataSource):

@@ -14,7 +14,28 @@ from .backbone import Backbone, load_backbone
 from .gates import Gates, gate_probe_reference
 from .registry import registered_gates
 
-__all__ = ["Explainer", "Explanation", "Verification", "GatesNotFoundError", "kl_divergence"]
+__all__ = ["Explainer", "Explanation", "Verification", "GatesNotFoundError", "install_kernels", "kl_divergence"]
+
+
+def install_kernels(target) -> None:
+    """Install the fast paths the kernels package chooses for ``target`` (an Explainer or a Backbone).
+
+    ``VDM_KERNELS`` = auto (default) | reference | triton. The core never imports the kernels at
+    module load; without them (or with ``reference``) the plain-PyTorch references stay in place.
+    """
+    mode = os.environ.get("VDM_KERNELS", "auto").strip().lower()
+    if mode == "reference":
+        return
+    try:
+        from vdm_engine.kernels import dispatch  # noqa: PLC0415 (lazy: the core must not import kernels)
+    except ImportError:
+        if mode == "triton":
+            raise
+        return
+    if isinstance(target, Backbone):
+        dispatch.install_backbone(target, mode)
+    else:
+        dispatch.install(target, mode)
 
 
 class GatesNotFoundError(LookupError):
@@ -127,16 +148,7 @@ class Explainer(nn.Module):
 
     def _install_fast_paths(self) -> None:
         """Let the kernels package choose Triton or the references for this device (decided once)."""
-        mode = os.environ.get("VDM_KERNELS", "auto").strip().lower()
-        if mode == "reference":
-            return
-        try:
-            from vdm_engine.kernels.dispatch import install  # noqa: PLC0415 (lazy: core must not import kernels)
-        except ImportError:
-            if mode == "triton":
-                raise
-            return
-        install(self, mode)
+        install_kernels(self)
 
     @classmethod
     def from_pretrained(

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, Sequence
+from typing import Callable
 
-__all__ = ["run_cli", "UsageError", "EXIT_USAGE", "EXIT_FAILURE"]
+__all__ = ["run_cli", "quiet_transformers", "UsageError", "EXIT_USAGE", "EXIT_FAILURE"]
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -37,9 +37,11 @@ def run_cli(prog: str, body: Callable[[], int | None]) -> int:
         return EXIT_FAILURE
 
 
-def exit_with(code: int) -> None:
-    sys.exit(code)
+def quiet_transformers() -> None:
+    """No weight-loading progress bars from transformers on our stderr."""
+    try:
+        from transformers.utils import logging as hf_logging
 
-
-def argv_or_sys(argv: Sequence[str] | None) -> list[str]:
-    return list(sys.argv[1:] if argv is None else argv)
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - cosmetic only
+        pass

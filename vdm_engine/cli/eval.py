@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from ._common import UsageError, run_cli
+from ._common import UsageError, quiet_transformers, run_cli
 
 __all__ = ["main"]
 
@@ -41,19 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet_transformers() -> None:
-    """No weight-loading progress bars from transformers on our stderr."""
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - cosmetic only
-        pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _quiet_transformers()
+    quiet_transformers()
 
     def body() -> int:
         from vdm_engine.evaluation import PerturbationConfig, evaluate_model, write_report

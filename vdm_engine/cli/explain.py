@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ._common import EXIT_USAGE, UsageError, run_cli
+from ._common import EXIT_USAGE, UsageError, quiet_transformers, run_cli
 
 __all__ = ["main", "explain_files", "load_image", "SUPPORTED_FORMATS"]
 
@@ -229,19 +229,9 @@ def explain_files(model, paths: Sequence[str | os.PathLike], out_dir: str | os.P
     return records, errors
 
 
-def _quiet_transformers() -> None:
-    """No weight-loading progress bars from transformers on our stderr."""
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - cosmetic only
-        pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _quiet_transformers()
+    quiet_transformers()
 
     def body() -> int:
         model = _Model(args)
