@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Sequence
 
-from ._common import UsageError, run_cli
+from ._common import UsageError, quiet_transformers, run_cli
 
 __all__ = ["main", "load_explainer", "PROG"]
 
@@ -194,6 +194,7 @@ def _run(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_transformers()
     return run_cli(PROG, lambda: _run(argv))
 
 

@@ -64,6 +64,7 @@ def _run(args) -> int:
     import torch
 
     from vdm_engine import Explainer, load_backbone
+    from vdm_engine.cli._common import quiet_transformers
     from vdm_engine.training import TrainConfig, new_gates, train_gates
     from vdm_engine.training.data import open_source
     from vdm_engine.training.distributed import init_distributed, shutdown
@@ -87,12 +88,7 @@ def _run(args) -> int:
     try:
         dev = torch.device("cuda", info.local_rank) if device == "cuda" else torch.device("cpu")
         source = open_source(args.data, seed=config.seed)  # fail fast on a bad --data
-        try:  # the weight-loading bar of transformers would interleave with ours
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        except ImportError:  # pragma: no cover
-            pass
+        quiet_transformers()  # its weight-loading bar would interleave with ours
         backbone = load_backbone(args.model, revision=args.revision, device=dev)
         if args.threads is not None:
             if args.threads < 1:
