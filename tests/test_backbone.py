@@ -163,3 +163,7 @@ def test_preprocess_rejects_bad_images(tiny_backbone, bad, match):
 def test_check_pixels_rejects_bad_input(tiny_backbone, bad, match):
     with pytest.raises(ValueError, match=match):
         tiny_backbone.check_pixels(bad)
+
+
+def test_check_pixels_accepts_finite_values_whose_sum_overflows(tiny_backbone):
+    tiny_backbone.check_pixels(torch.full((2, 3, 32, 32), 3e38))

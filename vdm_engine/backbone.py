@@ -377,7 +377,8 @@ def check_pixel_values(pixel_values, num_channels: int, size: tuple[int, int]) -
         raise ValueError(f"pixel_values must have {num_channels} channels {exp}, got shape {tuple(pixel_values.shape)}")
     if tuple(pixel_values.shape[2:]) != tuple(size):
         raise ValueError(f"pixel_values must be {size[0]}x{size[1]} {exp}, got shape {tuple(pixel_values.shape)}")
-    if not bool(torch.isfinite(pixel_values).all()):
+    # One reduction first: a finite sum proves every pixel finite; only otherwise count the bad ones.
+    if not bool(torch.isfinite(pixel_values.sum())) and not bool(torch.isfinite(pixel_values).all()):
         bad = int((~torch.isfinite(pixel_values)).sum())
         raise ValueError(f"pixel_values contains {bad} NaN or Inf values; expected finite pixels")
 
