@@ -62,14 +62,45 @@ def tiny_backbone():
     return random_backbone("vit-tiny", seed=0)
 
 
+def make_tiny_gates(backbone) -> Gates:
+    """Gates for the tiny ViT with a random placeholder and spread offsets (own RNG, seed 1)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        g = Gates(GateConfig(backbone.hidden_size, backbone.num_hidden_states))
+        with torch.no_grad():
+            g.placeholder.normal_()
+            g.add.copy_(torch.linspace(-1.0, 2.0, g.add.numel()))
+    return g.eval()
+
+
 @pytest.fixture
 def tiny_gates(tiny_backbone):
-    torch.manual_seed(1)
-    g = Gates(GateConfig(tiny_backbone.hidden_size, tiny_backbone.num_hidden_states))
-    with torch.no_grad():
-        g.placeholder.normal_()
-        g.add.copy_(torch.linspace(-1.0, 2.0, g.add.numel()))
-    return g.eval()
+    return make_tiny_gates(tiny_backbone)
+
+
+@pytest.fixture(scope="session")
+def shared_tiny_explainer():
+    """One tiny explainer (same weights as ``tiny_explainer``) for module- and session-scoped work
+    such as ONNX exports; tests must not modify it."""
+    backbone = random_backbone("vit-tiny", seed=0)
+    return Explainer(backbone, make_tiny_gates(backbone)).eval()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run far faster on one thread than two on a shared CPU (no spin-waiting)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def model_and_gates(tmp_path, tiny_model_dir, tiny_gates, tiny_backbone):
+    """(model dir, gates dir) of the tiny ViT, both written with save_pretrained."""
+    gates_dir = tmp_path / "gates"
+    tiny_gates.save_pretrained(gates_dir, backbone=tiny_backbone)
+    return str(tiny_model_dir), str(gates_dir)
 
 
 @pytest.fixture

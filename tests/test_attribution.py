@@ -11,12 +11,9 @@ from vdm_engine.backbone import random_backbone
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run far faster on one thread than two on a shared CPU (no spin-waiting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
+
 
 BASELINES = ["random", "rollout", "gradcam", "chefer", "ig"]
 

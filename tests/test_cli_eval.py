@@ -5,26 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from vdm_engine.cli.eval import main
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run far faster on one thread than two on a shared CPU (no spin-waiting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def model_and_gates(tmp_path, tiny_model_dir, tiny_gates, tiny_backbone):
-    gates_dir = tmp_path / "gates"
-    tiny_gates.save_pretrained(gates_dir, backbone=tiny_backbone)
-    return str(tiny_model_dir), str(gates_dir)
 
 
 def test_eval_writes_results_table_and_figures(tmp_path, model_and_gates, capsys):

@@ -8,7 +8,6 @@ import types
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from vdm_engine import Explainer
@@ -17,19 +16,8 @@ from vdm_engine.visualize import caption_height, overlay_scale
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run far faster on one thread than two on a shared CPU (no spin-waiting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def model_and_gates(tmp_path, tiny_model_dir, tiny_gates, tiny_backbone):
-    gates_dir = tmp_path / "gates"
-    tiny_gates.save_pretrained(gates_dir, backbone=tiny_backbone)
-    return str(tiny_model_dir), str(gates_dir)
 
 
 def _image(path, h, w, seed, fmt=None):

@@ -10,29 +10,16 @@ from PIL import Image
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from vdm_engine import Explainer, GateConfig, Gates  # noqa: E402
-from vdm_engine.backbone import random_backbone  # noqa: E402
+from vdm_engine import Explainer  # noqa: E402
 from vdm_engine.registry import embedded_model_dir  # noqa: E402
 from vdm_engine.runtime import OnnxExplainer, resolve_providers  # noqa: E402
 
 
-def _explainer() -> Explainer:
-    """The conftest's tiny explainer, rebuilt for a module-scoped export."""
-    backbone = random_backbone("vit-tiny", seed=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        g = Gates(GateConfig(backbone.hidden_size, backbone.num_hidden_states))
-        with torch.no_grad():
-            g.placeholder.normal_()
-            g.add.copy_(torch.linspace(-1.0, 2.0, g.add.numel()))
-    return Explainer(backbone, g.eval()).eval()
-
-
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, shared_tiny_explainer):
     from vdm_engine.export import export_onnx
 
-    explainer = _explainer()
+    explainer = shared_tiny_explainer
     path = tmp_path_factory.mktemp("runtime") / "tiny.onnx"
     # this module compares with PyTorch itself, so the export's own validation is skipped
     export_onnx(explainer, path, outputs=("logits", "patch_mask", "layer_masks"), validate=False)

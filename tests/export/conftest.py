@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from vdm_engine import Explainer, GateConfig, Gates
-from vdm_engine.backbone import patch_mask_reference, random_backbone
+from vdm_engine import Explainer
+from vdm_engine.backbone import patch_mask_reference
 from vdm_engine.gates import gate_probe_reference
 
 pytest.importorskip("onnxruntime")
@@ -15,21 +14,9 @@ pytest.importorskip("onnxscript")
 ALL_OUTPUTS = ("logits", "patch_mask", "layer_masks", "masked_logits", "kl")
 
 
-def make_tiny_explainer() -> Explainer:
-    """The conftest's tiny explainer (vit-tiny, seed 0; gates seeded 1), built outside function fixtures."""
-    backbone = random_backbone("vit-tiny", seed=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        g = Gates(GateConfig(backbone.hidden_size, backbone.num_hidden_states))
-        with torch.no_grad():
-            g.placeholder.normal_()
-            g.add.copy_(torch.linspace(-1.0, 2.0, g.add.numel()))
-    return Explainer(backbone, g.eval()).eval()
-
-
 @pytest.fixture(scope="session")
-def export_explainer() -> Explainer:
-    return make_tiny_explainer()
+def export_explainer(shared_tiny_explainer) -> Explainer:
+    return shared_tiny_explainer
 
 
 @pytest.fixture(scope="session")
