@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
+
+from vdm_engine._io import dataclass_from_dict
 
 __all__ = ["TrainConfig", "PRECISIONS", "DEPTH_SAMPLING", "L0_FORMS"]
 
@@ -105,8 +107,4 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; expected a subset of {sorted(names)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)

@@ -1,8 +1,9 @@
-"""Atomic file writes and checksums shared by checkpoints, exports and training."""
+"""Atomic file writes, checksums and config (de)serialisation shared by checkpoints, exports and training."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -10,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "sha256_file"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "dataclass_from_dict", "sha256_file"]
 
 
 @contextlib.contextmanager
@@ -57,3 +58,12 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def dataclass_from_dict(cls, d: dict):
+    """Build the config dataclass ``cls`` from ``d``; ``ValueError`` naming any unknown fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; expected a subset of {sorted(names)}")
+    return cls(**d)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._io import atomic_path, atomic_write_json, sha256_file
+from ._io import atomic_path, atomic_write_json, dataclass_from_dict, sha256_file
 
 __all__ = ["GateConfig", "Gates", "ProbeParams", "gate_probe_reference", "hard_concrete_sample", "GATES_WEIGHTS", "GATES_CONFIG"]
 
@@ -80,11 +80,7 @@ class GateConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GateConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown GateConfig fields {sorted(unknown)}; expected a subset of {sorted(names)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
 
 class ProbeParams(NamedTuple):
