@@ -7,6 +7,7 @@ to it) with fp32 accumulation.
 
 from __future__ import annotations
 
+import copy
 import importlib
 
 import pytest
@@ -21,6 +22,9 @@ from vdm_engine.kernels import (
 )
 
 gp = importlib.import_module("vdm_engine.kernels.gate_probe")
+
+# On a CUDA machine the kernels run on the card; without one, under the interpreter on the CPU.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
 
@@ -42,12 +46,12 @@ def _probes(S: int, D: int, seed: int = 1):
     with torch.no_grad():
         gates.w1.mul_(3.0)
         gates.add.copy_(torch.linspace(-2.0, 4.0, S))
-    return gates.probe_params()
+    return gates.to(DEV).probe_params()
 
 
 def _check(S, B, T, D, dtype, close):
     probes = _probes(S, D)
-    hs = torch.randn(S, B, T, D).to(dtype)
+    hs = torch.randn(S, B, T, D, device=DEV).to(dtype)
     with torch.no_grad():
         expected = gate_probe_reference(hs, probes)
         expected_mask = gate_probe_patch_mask_reference(hs, probes)
@@ -90,13 +94,15 @@ def test_matches_gates_module(tiny_backbone, tiny_gates, pixels, close):
     """Same numbers as the Gates methods the engine and trainer use on real hidden states."""
     with torch.no_grad():
         _, hs = tiny_backbone.hidden_states(pixels)
-        close(gate_probe(hs, tiny_gates.probe_params()), tiny_gates.log_keep_prob(hs), 1e-5, 1e-5, "log_keep")
-        close(gate_probe_patch_mask(hs, tiny_gates.probe_params()), tiny_gates.patch_mask(hs), 1e-5, 1e-5, "mask")
+        gates = copy.deepcopy(tiny_gates).to(DEV)
+        hs = hs.to(DEV)
+        close(gate_probe(hs, gates.probe_params()), gates.log_keep_prob(hs), 1e-5, 1e-5, "log_keep")
+        close(gate_probe_patch_mask(hs, gates.probe_params()), gates.patch_mask(hs), 1e-5, 1e-5, "mask")
 
 
 def test_compiles_without_graph_breaks(close):
     probes = _probes(3, 36)
-    hs = torch.randn(3, 2, 17, 36)
+    hs = torch.randn(3, 2, 17, 36, device=DEV)
     compiled = torch.compile(gate_probe, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         close(compiled(hs, probes), gate_probe_reference(hs, probes), 1e-5, 1e-5, "compiled log_keep")
@@ -113,10 +119,10 @@ def test_compiles_without_graph_breaks(close):
     ],
 )
 def test_bad_arguments(hs_shape, field, value, match):
-    probes = Gates(GateConfig(8, 3, probe_size=2)).probe_params()
+    probes = Gates(GateConfig(8, 3, probe_size=2)).to(DEV).probe_params()
     if field is not None:
-        probes = probes._replace(**{field: value})
-    hs = torch.zeros(hs_shape)
+        probes = probes._replace(**{field: value.to(DEV)})
+    hs = torch.zeros(hs_shape, device=DEV)
     if match is None:  # the valid baseline of this table
         assert gate_probe(hs, probes).shape == (2, 3, 5)
         return
@@ -125,6 +131,6 @@ def test_bad_arguments(hs_shape, field, value, match):
 
 
 def test_patch_mask_needs_a_patch():
-    probes = Gates(GateConfig(8, 3)).probe_params()
+    probes = Gates(GateConfig(8, 3)).to(DEV).probe_params()
     with pytest.raises(ValueError, match=r"T >= 2"):
-        gate_probe_patch_mask(torch.zeros(3, 2, 1, 8), probes)
+        gate_probe_patch_mask(torch.zeros(3, 2, 1, 8, device=DEV), probes)

@@ -50,11 +50,11 @@ def test_explain_routes_through_both_kernels(monkeypatch, tiny_backbone, tiny_ga
     assert ref.gate_probe_fn is gate_probe_reference and tiny_backbone.patch_mask_fn is patch_mask_reference
     expected = ref.explain(pixels)
     expected_check = ref.verify(pixels, expected)
-    gates = torch.rand(5, 3, tiny_backbone.num_patches, requires_grad=True)
+    gates = torch.rand(5, 3, tiny_backbone.num_patches, device=pixels.device, requires_grad=True)
     masked_ref = tiny_backbone.masked_logits(pixels, gates, tiny_gates.placeholder)
     grad_ref = torch.autograd.grad(masked_ref.sum(), gates)[0]
 
-    monkeypatch.setenv("VDM_KERNELS", "triton")  # CPU tensors: allowed because TRITON_INTERPRET=1
+    monkeypatch.setenv("VDM_KERNELS", "triton")  # on the CPU allowed because TRITON_INTERPRET=1
     fast = Explainer(tiny_backbone, tiny_gates).eval()
     assert fast.kernel_backend == "triton"
     assert fast.gate_probe_fn is gate_probe and tiny_backbone.patch_mask_fn is patch_mask
@@ -81,6 +81,7 @@ def test_explain_routes_through_both_kernels(monkeypatch, tiny_backbone, tiny_ga
 
 def test_auto_uses_references_on_cpu(monkeypatch, tiny_explainer):
     monkeypatch.delenv("VDM_KERNELS", raising=False)
+    tiny_explainer = tiny_explainer.cpu()
     assert resolve_mode() == "auto"
     assert install(tiny_explainer) is False
     assert tiny_explainer.gate_probe_fn is gate_probe_reference
@@ -91,6 +92,7 @@ def test_auto_uses_references_on_cpu(monkeypatch, tiny_explainer):
 
 def test_forced_triton_raises_with_reasons(monkeypatch, tiny_explainer):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tiny_explainer = tiny_explainer.cpu()
     with pytest.raises(KernelsUnavailableError, match=r"VDM_KERNELS=triton .* tensors are on the CPU") as info:
         install(tiny_explainer, "triton")
     assert isinstance(info.value, ValueError)
@@ -152,7 +154,7 @@ def test_kernel_paths_compile_in_one_graph(monkeypatch, tiny_backbone, tiny_gate
     (what torch.compile / CUDA graphs need on the GPU; aot_eager here, as CPU has no inductor-Triton)."""
     monkeypatch.setenv("VDM_KERNELS", "triton")
     explainer = Explainer(tiny_backbone, tiny_gates).eval()
-    gates = torch.rand(5, 2, tiny_backbone.num_patches)
+    gates = torch.rand(5, 2, tiny_backbone.num_patches, device=pixels.device)
     with torch.no_grad():
         logits, log_keep = torch.compile(explainer.forward, backend="aot_eager", fullgraph=True)(pixels)
         masked = torch.compile(tiny_backbone.masked_logits, backend="aot_eager", fullgraph=True)(

@@ -18,6 +18,9 @@ from vdm_engine.kernels._triton import interpreting
 
 pm = importlib.import_module("vdm_engine.kernels.patch_mask")
 
+# On a CUDA machine the kernels run on the card; without one, under the interpreter on the CPU.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
 
 
@@ -31,15 +34,15 @@ def poison(monkeypatch):
     monkeypatch.setattr(pm, "_empty", nan_empty)
 
 
-def _inputs(B, K, N, D, dtype, *, placeholder=True, x_grad=True, gates_2d=False):
-    x = torch.randn(B, N, D).to(dtype).requires_grad_(x_grad)
-    g = torch.rand(B, N) if gates_2d else torch.rand(B, K, N)
+def _inputs(B, K, N, D, dtype, *, placeholder=True, x_grad=True, gates_2d=False, device=DEV):
+    x = torch.randn(B, N, D, device=device).to(dtype).requires_grad_(x_grad)
+    g = torch.rand(B, N, device=device) if gates_2d else torch.rand(B, K, N, device=device)
     g[..., 0] = 0.0  # exact 0 and 1 gates on purpose
     g[..., -1] = 1.0
     g.requires_grad_(True)
-    ph = torch.randn(D, requires_grad=True) if placeholder else None  # gates' placeholder stays fp32
-    cls = torch.randn(D).to(dtype)
-    pos = torch.randn(N + 1, D).to(dtype)
+    ph = torch.randn(D, device=device, requires_grad=True) if placeholder else None  # gates' placeholder stays fp32
+    cls = torch.randn(D, device=device).to(dtype)
+    pos = torch.randn(N + 1, D, device=device).to(dtype)
     return x, g, ph, cls, pos
 
 
@@ -60,7 +63,7 @@ def _check(x, g, ph, cls, pos, close, dtype):
         err_ref = (patch_mask_reference(x, g, ph, cls, pos).float() - expected).abs().max()
         assert err_kernel <= err_ref, f"kernel error {err_kernel} > half reference error {err_ref}"
 
-    grad_out = torch.randn(out.shape).to(dtype)
+    grad_out = torch.randn(out.shape, device=out.device).to(dtype)
     wrt = [t for t in (x, g, ph) if t is not None and t.requires_grad]
     wrt_f = [t for t in (xf, gf, phf) if t is not None and t.requires_grad]
     grads = torch.autograd.grad(out, wrt, grad_out)
@@ -110,11 +113,11 @@ def test_gpu_tiling(monkeypatch, close, poison):
 
 def test_noncontiguous_inputs_and_cls_pos_grads(close, poison):
     B, K, N, D = 2, 3, 16, 36
-    x = torch.randn(B, D, N).transpose(1, 2).requires_grad_(True)  # non-contiguous (B, N, D)
-    g = torch.rand(B, N, K).transpose(1, 2).requires_grad_(True)  # non-contiguous (B, K, N)
-    ph = torch.randn(D, requires_grad=True)
-    cls = torch.randn(D, requires_grad=True)
-    pos = torch.randn(N + 1, D, requires_grad=True)
+    x = torch.randn(B, D, N, device=DEV).transpose(1, 2).requires_grad_(True)  # non-contiguous (B, N, D)
+    g = torch.rand(B, N, K, device=DEV).transpose(1, 2).requires_grad_(True)  # non-contiguous (B, K, N)
+    ph = torch.randn(D, device=DEV, requires_grad=True)
+    cls = torch.randn(D, device=DEV, requires_grad=True)
+    pos = torch.randn(N + 1, D, device=DEV, requires_grad=True)
     out = patch_mask(x, g, ph, cls, pos)
     expected = patch_mask_reference(x, g, ph, cls, pos)
     close(out, expected, 1e-5, 1e-5, "output")
@@ -163,12 +166,13 @@ def test_bad_arguments(change, match):
     args = dict(x=torch.zeros(2, 4, 8), gates=torch.zeros(2, 4), placeholder=torch.zeros(8),
                 cls_token=torch.zeros(8), pos_embed=torch.zeros(5, 8))
     args.update(change)
+    args = {k: v.to(DEV) for k, v in args.items()}
     with pytest.raises(ValueError, match=match):
         patch_mask(**args)
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    x, g, ph, cls, pos = _inputs(1, 1, 4, 8, torch.float32)
+    x, g, ph, cls, pos = _inputs(1, 1, 4, 8, torch.float32, device="cpu")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         patch_mask(x, g, ph, cls, pos)

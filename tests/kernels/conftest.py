@@ -1,0 +1,27 @@
+"""Kernel tests run on the card when there is one, else on the CPU under the Triton interpreter.
+
+The tiny model fixtures are moved to that device here; tests about CPU behaviour move their
+explainer back with ``.cpu()``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def tiny_backbone(tiny_backbone):
+    return tiny_backbone.to(DEV)
+
+
+@pytest.fixture
+def tiny_gates(tiny_gates):
+    return tiny_gates.to(DEV)
+
+
+@pytest.fixture
+def pixels(pixels):
+    return pixels.to(DEV)
