@@ -16,7 +16,10 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, output to $OUT/NAME
 }
 
 log "install"
-pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || log "install failed"
+# python -m pip: the pip on PATH may belong to another interpreter than the python that runs below.
+python -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || log "install failed"
+python -c "import vdm_engine.kernels, vdm_engine.export, vdm_engine.training" >> "$OUT/install.log" 2>&1 \
+  || { log "editable install not importable: $(which python pip)"; python -m pip --version >> "$OUT/session.log"; }
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python -c "import torch, triton, transformers, onnxruntime as ort; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__, '| transformers', transformers.__version__, '| onnxruntime', ort.__version__, ort.get_available_providers())"
