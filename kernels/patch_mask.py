@@ -10,6 +10,10 @@ the encoder input of all B*K masked copies in one pass:
 Each program reads its tile of ``x`` once and writes the K masked tiles, so the K copies of ``x``
 are never materialised. The backward kernel produces the gradients of the gates, the placeholder
 and (when needed) ``x`` in one read of the output gradient.
+
+The mask count K bounds a loop, so it is a ``tl.constexpr`` (one compiled variant per K): Triton
+3.6's interpreter turns a runtime loop bound into a Python int with ``int()`` of a 1-element array,
+which NumPy >= 2.4 rejects ("only 0-dimensional arrays can be converted to Python scalars").
 """
 
 import contextlib
@@ -41,7 +45,7 @@ def _patch_mask_fwd_kernel(
     out_ptr,  # (B*K, N+1, D) output tokens, dtype of x
     N,
     D,
-    K,
+    K: tl.constexpr,  # loop bound: constexpr (see the module docstring)
     HAS_PH: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -91,7 +95,7 @@ def _patch_mask_bwd_kernel(
     gph_ptr,  # (B * num_n_tiles, D) fp32 partial placeholder gradients (NEED_GPH)
     N,
     D,
-    K,
+    K: tl.constexpr,
     HAS_PH: tl.constexpr,
     NEED_GX: tl.constexpr,
     NEED_GG: tl.constexpr,

@@ -86,6 +86,20 @@ def test_gpu_tiling(monkeypatch, close, poison):
     _check(3, 3, 17, 36, torch.float16, close)  # P=9 padded to 16
 
 
+@pytest.mark.parametrize("block_p, p_tiles", [(16, 2), (16, 3), (32, 4)])
+def test_p_tiles_share_hidden_state_loads(block_p, p_tiles, monkeypatch, close, poison):
+    """P_TILES P tiles per pass over D (h_s loaded once per pass): ragged P, several passes, padding."""
+    monkeypatch.setattr(gp, "_block_sizes", lambda R, D, P, interpret, elem: (32, 16, block_p, p_tiles, 4, 2))
+    _check(3, 2, 25, 100, torch.float32, close)  # P=25: 2 tiles of 16 (16, 2 and 3 tiles) or 1 of 32 (P_TILES=4)
+    _check(2, 3, 17, 300, torch.bfloat16, close)  # P=75: 5 tiles of 16 in 3 or 2 passes, or 3 tiles of 32
+
+
+def test_p_tiles_out_of_range(monkeypatch):
+    monkeypatch.setattr(gp, "_block_sizes", lambda R, D, P, interpret, elem: (32, 16, 16, 5, 4, 2))
+    with pytest.raises(ValueError, match=r"P_TILES must be 1 to 4, got 5"):
+        gate_probe(torch.zeros(3, 2, 5, 8, device=DEV), _probes(3, 8))
+
+
 def test_one_patch_prime_batch(close, poison):
     _check(2, 7, 2, 36, torch.float32, close)
 

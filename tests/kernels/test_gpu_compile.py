@@ -2,8 +2,10 @@
 
 The interpreter runs the kernels' Python semantics but not Triton's compiler (type checks across
 loops, layouts, tl.dot operand rules, register allocation). Here each kernel is compiled to a cubin
-with the launchers' GPU block sizes in a subprocess where ``TRITON_INTERPRET`` is unset; the
-script also prints registers and spill bytes when ``cuobjdump`` is available.
+with the launchers' GPU block sizes in a subprocess where ``TRITON_INTERPRET`` is unset, and
+must fit the target's shared memory; the script also prints registers and spill bytes (STACK)
+when ``cuobjdump`` is available. Spills are reported, not asserted: on an H100 the 4-warp
+gate_probe build that spills here ran 1.8x faster than the 8-warp one that does not.
 """
 
 from __future__ import annotations
@@ -46,26 +48,35 @@ def _compile_all() -> list[dict]:
     bf = "bf16"
     br, bd, warps = pm._block_sizes(197, 768, False)
     fwd_sig = dict(x_ptr=f"*{bf}", g_ptr="*fp32", ph_ptr="*fp32", cls_ptr=f"*{bf}", pos_ptr=f"*{bf}",
-                   out_ptr=f"*{bf}", N="i32", D="i32", K="i32")
+                   out_ptr=f"*{bf}", N="i32", D="i32")
     bwd_sig = dict(go_ptr=f"*{bf}", x_ptr=f"*{bf}", g_ptr="*fp32", ph_ptr="*fp32", gx_ptr=f"*{bf}",
-                   gg_ptr="*fp32", gph_ptr="*fp32", N="i32", D="i32", K="i32")
+                   gg_ptr="*fp32", gph_ptr="*fp32", N="i32", D="i32")
     for cc in (80, 90):
         rows.append(build("patch_mask_fwd", pm._patch_mask_fwd_kernel, fwd_sig,
-                          dict(HAS_PH=True, BLOCK_R=br, BLOCK_D=bd), dict(num_warps=warps), cc))
+                          dict(K=8, HAS_PH=True, BLOCK_R=br, BLOCK_D=bd), dict(num_warps=warps), cc))
     rows.append(build("patch_mask_bwd", pm._patch_mask_bwd_kernel, bwd_sig,
-                      dict(HAS_PH=True, NEED_GX=True, NEED_GG=True, NEED_GPH=True, BLOCK_N=br, BLOCK_D=bd),
+                      dict(K=8, HAS_PH=True, NEED_GX=True, NEED_GG=True, NEED_GPH=True, BLOCK_N=br, BLOCK_D=bd),
                       dict(num_warps=warps), 90))
-    for dt, elem in (("bf16", 2), ("fp32", 4)):
-        bt, bd, bp, warps, stages = gp._block_sizes(256 * 197, 768, 192, False, elem)
-        sig = dict(h_ptr=f"*{dt}", w1_ptr=f"*{dt}", b1_ptr="*fp32", w2_ptr="*fp32", b2_ptr="*fp32", add_ptr="*fp32",
-                   out_ptr="*fp32", mask_ptr="*fp32", S="i32", R="i32", T="i32", D="i32", P="i32", mul="fp32",
-                   offset="fp32")
+    # gate_probe: the GPU entry (runtime S, D, P) with the launcher's defaults for ViT-B/16 probes,
+    # plus the single-pass P_TILES=3 variant the GPU sweep tries (h_s read once per depth).
+    gp_sig = dict(b1_ptr="*fp32", w2_ptr="*fp32", b2_ptr="*fp32", add_ptr="*fp32", out_ptr="*fp32",
+                  mask_ptr="*fp32", S="i32", R="i32", T="i32", D="i32", P="i32", mul="fp32", offset="fp32")
+    cases = [(dt, gp._block_sizes(256 * 197, 768, 192, False, elem), ccs, "default")
+             for dt, elem, ccs in (("bf16", 2, (80, 90)), ("fp32", 4, (90,)))]
+    cases.append(("bf16", (64, 64, 64, 3, 4, 2), (90,), "sweep"))
+    for dt, (bt, bd, bp, pt, warps, stages), ccs, kind in cases:
+        sig = dict(gp_sig, h_ptr=f"*{dt}", w1_ptr=f"*{dt}")
         consts = dict(WRITE_LAYERS=True, WRITE_MASK=False, IEEE=dt == "fp32", UPCAST=False,
-                      BLOCK_T=bt, BLOCK_D=bd, BLOCK_P=bp)
-        for cc in ((80, 90) if dt == "bf16" else (90,)):
-            rows.append(build(f"gate_probe_{dt}", gp._gate_probe_kernel, sig, consts,
-                              dict(num_warps=warps, num_stages=stages), cc))
+                      BLOCK_T=bt, BLOCK_D=bd, BLOCK_P=bp, P_TILES=pt)
+        for cc in ccs:
+            row = build(f"gate_probe_{dt}", gp._gate_probe_kernel, sig, consts,
+                        dict(num_warps=warps, num_stages=stages), cc)
+            rows.append(dict(row, config=(bt, bd, bp, pt, warps, stages), kind=kind))
     return rows
+
+
+# Largest shared memory one block may use (opt-in): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
 def _nvidia_backend() -> bool:
@@ -85,7 +96,10 @@ def test_kernels_compile_for_sm80_and_sm90():
     rows = json.loads(res.stdout.strip().splitlines()[-1])
     assert {r["kernel"] for r in rows} == {"patch_mask_fwd", "patch_mask_bwd", "gate_probe_bf16", "gate_probe_fp32"}
     for r in rows:
-        print(r)
+        print(r)  # registers and spills (STACK) are reported, not asserted: measured timings decide the tiles
+        assert r["shared"] <= SHARED_LIMIT[r["sm"]], f"{r} needs more shared memory than sm_{r['sm']} has"
+    bf16 = [r for r in rows if r["kernel"] == "gate_probe_bf16" and r.get("kind") == "default"]
+    assert {r["sm"] for r in bf16} == {80, 90} and all(r["config"] == [64, 64, 64, 1, 4, 3] for r in bf16), bf16
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from vdm_engine.backbone import patch_mask_reference
 from vdm_engine.gates import gate_probe_reference
 from vdm_engine.kernels import gate_probe, not_supported_reasons, patch_mask
 from vdm_engine.kernels.dispatch import KernelsUnavailableError, choose, install, resolve_mode
+from vdm_engine.kernels._triton import interpreting
 
 gp = importlib.import_module("vdm_engine.kernels.gate_probe")
 pm = importlib.import_module("vdm_engine.kernels.patch_mask")
@@ -34,11 +35,11 @@ class CountingKernel:
 @pytest.fixture
 def counters(monkeypatch):
     c = {
-        "gate_probe": CountingKernel(gp._gate_probe_kernel),
+        "gate_probe": CountingKernel(gp._kernel(interpreting())),  # the entry this process launches
         "patch_mask_fwd": CountingKernel(pm._patch_mask_fwd_kernel),
         "patch_mask_bwd": CountingKernel(pm._patch_mask_bwd_kernel),
     }
-    monkeypatch.setattr(gp, "_gate_probe_kernel", c["gate_probe"])
+    monkeypatch.setattr(gp, "_kernel", lambda interpret: c["gate_probe"])
     monkeypatch.setattr(pm, "_patch_mask_fwd_kernel", c["patch_mask_fwd"])
     monkeypatch.setattr(pm, "_patch_mask_bwd_kernel", c["patch_mask_bwd"])
     return c
