@@ -14,8 +14,8 @@ Sections:
    (CUDA graphs, static shapes) vs eager.
 2. Kernel timings (``triton.testing.do_bench``, median) for ViT-B/16 shapes (B = 64 and 256, T = 197,
    D = 768, L+2 = 14, K = 1 and 8) in bf16: Triton vs the PyTorch references eager and compiled;
-   achieved GB/s against a measured device-to-device copy. A tile sweep times a few block-size
-   choices for both kernels at B = 256 (each checked against the reference) to tune the defaults.
+   achieved GB/s against a measured device-to-device copy. A tile sweep times a dozen block-size
+   choices for both kernels at B = 256 (each checked against the fp32 reference) to tune the defaults.
 3. End-to-end explain throughput of a random-weight ViT-B/16 in bf16 at batch 256 against plain
    inference of the same model (SDPA attention), eager and compiled.
 
@@ -43,6 +43,7 @@ def _parse(argv):
     p.add_argument("--no-compile", action="store_true", help="skip every torch.compile baseline")
     p.add_argument("--no-end-to-end", action="store_true", help="skip the end-to-end ViT section")
     p.add_argument("--sweep", action="store_true", help="also sweep tile sizes in a --tiny dry run")
+    p.add_argument("--no-sweep", action="store_true", help="skip the tile sweep")
     p.add_argument("--batches", default=None, help="comma-separated kernel batch sizes (default 64,256)")
     p.add_argument("--explain-batch", type=int, default=None, help="end-to-end batch (default 256)")
     return p.parse_args(argv)
@@ -273,14 +274,25 @@ def _kernel_row(op, provider, B, K, dtype, ms, nbytes, copy_gbps):
 
 
 # ----- 2b. tile sweep -----------------------------------------------------------------------------
-GATE_PROBE_TILES = [  # (BLOCK_T, BLOCK_D, BLOCK_P, num_warps, num_stages); the first is the launcher's default
-    (64, 64, 64, 8, 3), (64, 64, 64, 4, 3), (128, 32, 64, 8, 4), (128, 64, 64, 8, 3), (64, 32, 256, 8, 3),
+# (BLOCK_T, BLOCK_D, BLOCK_P, P_TILES, num_warps, num_stages); the first is the launcher's default.
+# H100 bf16 B=256 (triton 3.6, P_TILES=1): (64,64,64,8,3) 3.84 ms, (64,64,64,4,3) 2.12, (128,64,64,8,3)
+# 2.15, (128,32,64,8,4) 2.88, (64,32,256,8,3) 5.8. Around the winner, plus P_TILES=3: one pass over
+# D covers ViT-B's P=192, so each h_s tile is loaded once per depth instead of three times.
+GATE_PROBE_TILES = [
+    (64, 64, 64, 1, 4, 3), (64, 64, 64, 1, 8, 3), (64, 64, 64, 1, 4, 4), (64, 64, 64, 1, 4, 2),
+    (128, 64, 64, 1, 4, 3), (128, 64, 64, 1, 8, 3), (64, 64, 128, 1, 4, 3), (64, 128, 64, 1, 4, 3),
+    (128, 64, 128, 1, 8, 3), (64, 64, 64, 3, 8, 3), (64, 32, 64, 3, 8, 3), (64, 64, 64, 3, 4, 3),
 ]
 PATCH_MASK_TILES = [(16, 256, 8), (16, 256, 4), (8, 256, 4), (32, 128, 8), (4, 1024, 8)]  # (BLOCK_R, BLOCK_D, warps)
 
 
 def sweep_tiles(chk: Check, device, dtype, B: int, dims):
-    """Time a few GPU tile choices (each checked against the reference) so the defaults can be tuned."""
+    """Time GPU tile choices (each checked against the fp32 reference) so the defaults can be tuned.
+
+    The last gate_probe row runs the default tiles through the constexpr-bounds entry the
+    interpreter uses (``_gate_probe_kernel_static``), to see what specialising S, D, P costs or
+    gains. On the CPU dry run the rows are only checked, not timed.
+    """
     import importlib
 
     gp = importlib.import_module("vdm_engine.kernels.gate_probe")
@@ -293,33 +305,42 @@ def sweep_tiles(chk: Check, device, dtype, B: int, dims):
     g = torch.rand(B, K, N, device=device)
     ph, cls, pos = torch.randn(D, device=device), torch.randn(D, device=device).to(dtype), torch.randn(N + 1, D, device=device).to(dtype)
     with torch.no_grad():
-        ref_gp, ref_pm = gate_probe_reference(hs, probes), patch_mask_reference(x, g, ph, cls, pos)
-    default_gp, default_pm = gp._block_sizes, pm._block_sizes
+        # References in fp32 on the same half inputs (a half-precision reference has its own
+        # rounding error, as large as the tolerance): the probes are fp32, so gate_probe_reference
+        # already computes in fp32; patch_mask's inputs are upcast.
+        ref_gp = gate_probe_reference(hs, probes)
+        ref_pm = patch_mask_reference(x.float(), g, ph, cls.float(), pos.float())
+    timed = device.type == "cuda"
+    default_gp, default_pm, default_kernel = gp._block_sizes, pm._block_sizes, gp._kernel
+
+    def run(row, fn, ref):
+        try:
+            with torch.no_grad():
+                out = fn()
+                row["ok"] = within(out, ref, dtype)
+                row["error"] = f"max err {max_err(out, ref):.3g}" if not row["ok"] else None
+                if timed:
+                    row["ms"] = bench_ms(fn, device)
+        except Exception as e:  # e.g. out of shared memory on this card
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120]
+        chk.sweep.append(row)
+
     try:
-        for cfg in GATE_PROBE_TILES:
+        gp_default = default_gp(B * T, D, probes.w1.shape[1], False, torch.empty((), dtype=dtype).element_size())
+        for cfg, static in [(c, False) for c in GATE_PROBE_TILES] + [(GATE_PROBE_TILES[0], True)]:
             gp._block_sizes = lambda *_, cfg=cfg: cfg
-            row = dict(op="gate_probe", B=B, K=None, tiles=str(cfg),
-                       default="default" if cfg == default_gp(B * T, D, probes.w1.shape[1], False, 2) else "")
-            try:
-                with torch.no_grad():
-                    row["ok"] = within(gate_probe(hs, probes), ref_gp, dtype)
-                    row["ms"] = bench_ms(lambda: gate_probe(hs, probes), device)
-            except Exception as e:  # e.g. out of shared memory on this card
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120]
-            chk.sweep.append(row)
+            gp._kernel = (lambda interp: gp._gate_probe_kernel_static) if static else default_kernel
+            row = dict(op="gate_probe", B=B, K=None, tiles=str(cfg) + (" static S,D,P" if static else ""),
+                       default="default" if cfg == gp_default and not static else "")
+            run(row, lambda: gate_probe(hs, probes), ref_gp)
+        gp._kernel = default_kernel
         for cfg in PATCH_MASK_TILES:
             pm._block_sizes = lambda *_, cfg=cfg: cfg
             row = dict(op="patch_mask fwd", B=B, K=K, tiles=str(cfg),
                        default="default" if cfg == default_pm(T, D, False) else "")
-            try:
-                with torch.no_grad():
-                    row["ok"] = within(patch_mask(x, g, ph, cls, pos), ref_pm, torch.float16 if dtype == torch.float16 else torch.bfloat16)
-                    row["ms"] = bench_ms(lambda: patch_mask(x, g, ph, cls, pos), device)
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120]
-            chk.sweep.append(row)
+            run(row, lambda: patch_mask(x, g, ph, cls, pos), ref_pm)
     finally:
-        gp._block_sizes, pm._block_sizes = default_gp, default_pm
+        gp._block_sizes, pm._block_sizes, gp._kernel = default_gp, default_pm, default_kernel
 
 
 # ----- 3. end to end ------------------------------------------------------------------------------------
@@ -396,7 +417,9 @@ def report(chk: Check, meta: dict) -> str:
     lines.append(_table(chk.kernels, [("op", "op"), ("provider", "provider"), ("B", "B"), ("K", "K"), ("dtype", "dtype"),
                                       ("ms", "ms"), ("GB/s", "GBps"), ("% of copy", "pct_copy"), ("TFLOP/s", "tflops")]))
     if chk.sweep:
-        lines += ["", "## Tile sweep (bf16; the launcher's default marked)", ""]
+        lines += ["", "## Tile sweep (bf16 vs the fp32 reference; the launcher's default marked)", "",
+                  "gate_probe tiles: (BLOCK_T, BLOCK_D, BLOCK_P, P_TILES, warps, stages); patch_mask: "
+                  "(BLOCK_R, BLOCK_D, warps).", ""]
         lines.append(_table(chk.sweep, [("op", "op"), ("B", "B"), ("K", "K"), ("tiles", "tiles"), ("", "default"),
                                         ("ms", "ms"), ("ok", "ok"), ("error", "error")]))
     lines += ["", "## End to end", ""]
@@ -455,7 +478,7 @@ def main() -> int:
         ("copy bandwidth", lambda: measure_copy(chk, device, copy_bytes)),
         ("kernel timings", lambda: time_kernels(chk, device, dtype, batches, kdims, compile_)),
     ]
-    if not args.tiny or args.sweep:
+    if (not args.tiny or args.sweep) and not args.no_sweep:
         sections.append(("tile sweep", lambda: sweep_tiles(chk, device, dtype, max(batches), kdims)))
     if not args.no_end_to_end:
         sections.append(("end to end", lambda: time_end_to_end(chk, device, shape, explain_batch, dtype, compile_)))
