@@ -218,10 +218,13 @@ def _block_sizes(R: int, D: int, P: int, interpret: bool, elem_bytes: int = 2) -
     GPU: 64-token tiles, 64-wide P tiles (one for P <= 64; ViT-B's P=192 splits into three without
     padding), one P tile per pass over D, 64-wide D steps for half inputs and 32-wide for fp32.
     Half inputs use 4 warps and 3 stages: on an H100 (bf16, B=256, T=197, D=768, S=14, P=192;
-    triton 3.6) this took 2.12 ms against 3.84 ms on 8 warps, although ahead-of-time compilation
-    for sm_80/sm_90 shows the 4-warp build at the 255-register cap with spills and the 8-warp one
-    at ~240 registers without (tests/kernels/test_gpu_compile.py prints both). fp32 keeps 8 warps
-    and 2 stages (not measured against alternatives yet).
+    triton 3.6) this took 2.12 ms against 3.84 ms on 8 warps. An earlier ahead-of-time analysis
+    showed the 4-warp build spilling, but it compiled without the launch's alignment hints (16-byte
+    pointers, D, P, R divisible by 16), so the D loop was not pipelined; with them (as
+    tests/kernels/test_gpu_compile.py now compiles) it uses ~142 registers and no stack on sm_90
+    and ~168 registers with 32 stack bytes on sm_80, on 96 / 64 KiB of shared memory. fp32 keeps
+    8 warps and 2 stages (not measured against alternatives yet). ``P_TILES`` > 1 (one pass over
+    D for several P tiles) is a sweep option, not a default, until it is measured.
     Interpreter: one D and P tile and up to 256 tokens per program (Python overhead per program).
     """
     if interpret:
