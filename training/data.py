@@ -2,8 +2,9 @@
 
 A source spec is one string:
 
-- ``toy`` -- generated grids of coloured patches; the label counts the target-colour patches and
-  the ground-truth relevant patches come with every image (``toy_batch``);
+- ``toy`` -- generated grids of coloured patches; the label counts red patches in the top half and
+  blue ones in the bottom half (the other way round they are decoys), and the ground-truth
+  relevant patches come with every image (``toy_batch``);
 - ``digits`` -- scikit-learn's handwritten digits (1797 real 8x8 scans shipped with the package),
   upscaled to 32x32 RGB;
 - ``imagefolder:PATH`` -- every image file under a folder tree (labels ignored);
@@ -39,28 +40,29 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------------------------------------
-# toy: count the target-colour patches
+# toy: count red patches in the top half and blue patches in the bottom half
 # ----------------------------------------------------------------------------------------------
 TOY_GRID = (4, 4)  # patch grid (rows, cols)
 TOY_PATCH = 8  # pixels per patch side: images are 32x32
 TOY_MAX_COUNT = 5  # labels 0..5 target patches
 _TOY_BACKGROUND = np.array([128, 128, 128], dtype=np.int16)
-_TOY_TARGET = np.array([230, 30, 30], dtype=np.int16)
-# Distractors deliberately include colours that share a channel with the target (orange, magenta)
-# and colours that do not; their number varies independently of the label, so a model that counts
-# correctly cannot depend on them.
-_TOY_DISTRACTORS = np.array(
-    [[30, 60, 230], [30, 190, 50], [240, 210, 40], [200, 40, 220], [240, 140, 20], [40, 200, 210]], dtype=np.int16
-)
-_TOY_MAX_DISTRACTORS = 6
+_TOY_RED, _TOY_BLUE = np.array([230, 30, 30], dtype=np.int16), np.array([30, 60, 230], dtype=np.int16)
+# Other colours, none of them red or blue, in numbers drawn independently of the label.
+_TOY_DISTRACTORS = np.array([[30, 190, 50], [240, 210, 40], [40, 200, 210], [240, 140, 20]], dtype=np.int16)
+_TOY_MAX_DECOYS = 5
+_TOY_MAX_DISTRACTORS = 3
 
 
 def toy_batch(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Generate ``n`` toy counting images.
 
-    Each image is a 4x4 grid of 8x8-pixel patches on a neutral grey background. 0..5 patches carry
-    the target colour (red); 0..6 other patches carry distractor colours, drawn independently of
-    the label. Every patch gets small pixel noise.
+    Each image is a 4x4 grid of 8x8-pixel patches on a neutral grey background. The label counts
+    the *targets* (0..5): red patches in the top half and blue patches in the bottom half. 0..5
+    *decoys* are the other way round (blue on top, red below): each one looks exactly like a target
+    in the other half, so which patches count is an exclusive-or of colour and position, and
+    replacing a decoy changes nothing. 0..3 more patches carry other colours. Decoys and
+    distractors are drawn independently of the label. Every patch gets a brightness jitter and
+    every pixel small noise.
 
     Args:
         n: number of images (>= 1).
@@ -68,7 +70,7 @@ def toy_batch(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     Returns:
         images uint8 (n, 32, 32, 3); labels int64 (n,) = number of target patches;
-        relevant bool (n, 16) = which patches (row-major) carry the target colour.
+        relevant bool (n, 16) = which patches (row-major) are targets.
     """
     if int(n) < 1:
         raise ValueError(f"toy_batch needs n >= 1 images, got {n}")
@@ -76,14 +78,18 @@ def toy_batch(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(int(seed))
     gh, gw = TOY_GRID
     N, P = gh * gw, TOY_PATCH
+    top = np.arange(N) < (gh // 2) * gw  # (N,) patch in the top half
     labels = rng.integers(0, TOY_MAX_COUNT + 1, size=n)
+    n_dec = rng.integers(0, _TOY_MAX_DECOYS + 1, size=n)
     n_dis = rng.integers(0, _TOY_MAX_DISTRACTORS + 1, size=n)
     colours = np.broadcast_to(_TOY_BACKGROUND, (n, N, 3)).copy()
     relevant = np.zeros((n, N), dtype=bool)
     order = np.argsort(rng.random((n, N)), axis=1)  # a random permutation of patches per image
     for i in range(n):
-        tgt, dis = order[i, : labels[i]], order[i, labels[i] : labels[i] + n_dis[i]]
-        colours[i, tgt] = _TOY_TARGET
+        a, b, c = labels[i], labels[i] + n_dec[i], labels[i] + n_dec[i] + n_dis[i]
+        tgt, dec, dis = order[i, :a], order[i, a:b], order[i, b:c]
+        colours[i, tgt] = np.where(top[tgt, None], _TOY_RED, _TOY_BLUE)
+        colours[i, dec] = np.where(top[dec, None], _TOY_BLUE, _TOY_RED)
         relevant[i, tgt] = True
         colours[i, dis] = _TOY_DISTRACTORS[rng.integers(0, len(_TOY_DISTRACTORS), size=len(dis))]
     # Per-patch brightness jitter and per-pixel noise.

@@ -22,6 +22,20 @@ from vdm_engine.training.data import (
 )
 
 
+def _patch_colours(images):
+    """(n, 16, 3) mean colour of each patch of toy images."""
+    n = len(images)
+    gh, gw = TOY_GRID
+    patches = images.reshape(n, gh, TOY_PATCH, gw, TOY_PATCH, 3).transpose(0, 1, 3, 2, 4, 5)
+    return patches.reshape(n, gh * gw, -1, 3).mean(2)
+
+
+def _red_blue(mean):
+    red = (mean[..., 0] > 180) & (mean[..., 1] < 80) & (mean[..., 2] < 80)
+    blue = (mean[..., 2] > 180) & (mean[..., 0] < 80) & (mean[..., 1] < 110)
+    return red, blue
+
+
 def test_toy_batch_shapes_and_ground_truth():
     images, labels, relevant = toy_batch(37, seed=3)
     gh, gw = TOY_GRID
@@ -29,26 +43,28 @@ def test_toy_batch_shapes_and_ground_truth():
     assert labels.shape == (37,) and relevant.shape == (37, gh * gw) and relevant.dtype == bool
     assert (relevant.sum(1) == labels).all()
     assert labels.min() >= 0 and labels.max() <= TOY_MAX_COUNT
-    # Every relevant patch is red (R high, G and B low); every other patch is not.
-    patches = images.reshape(37, gh, TOY_PATCH, gw, TOY_PATCH, 3).transpose(0, 1, 3, 2, 4, 5)
-    mean = patches.reshape(37, gh * gw, -1, 3).mean(2)
-    red = (mean[..., 0] > 180) & (mean[..., 1] < 80) & (mean[..., 2] < 80)
-    assert (red == relevant).all()
+    # Relevant = red in the top half or blue in the bottom half; nothing else is.
+    red, blue = _red_blue(_patch_colours(images))
+    top = np.arange(gh * gw) < (gh // 2) * gw
+    assert ((red & top) | (blue & ~top) == relevant).all()
 
 
-def test_toy_batch_is_seeded_and_varies_distractors():
+def test_toy_batch_is_seeded_and_varies_decoys_and_distractors():
     a, b = toy_batch(64, 5), toy_batch(64, 5)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
     c = toy_batch(64, 6)[0]
     assert not np.array_equal(a[0], c)
-    # The number of non-grey, non-target patches varies independently of the label.
+    # Decoys (blue on top, red below) and other colours vary independently of the label.
     images, labels, relevant = toy_batch(400, 1)
-    patches = images.reshape(400, 4, 8, 4, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(400, 16, -1, 3).mean(2)
-    grey = (np.abs(patches - 128).max(-1) < 30)
-    distractors = (~grey & ~relevant).sum(1)
-    assert distractors.min() == 0 and distractors.max() >= 5
-    assert abs(np.corrcoef(distractors, labels)[0, 1]) < 0.2
+    mean = _patch_colours(images)
+    red, blue = _red_blue(mean)
+    top = np.arange(16) < 8
+    decoys = ((blue & top) | (red & ~top)).sum(1)
+    grey = np.abs(mean - 128).max(-1) < 30
+    others = (~grey & ~red & ~blue).sum(1)
+    assert decoys.min() == 0 and decoys.max() == 5 and others.min() == 0 and others.max() == 3
+    assert abs(np.corrcoef(decoys, labels)[0, 1]) < 0.2 and abs(np.corrcoef(others, labels)[0, 1]) < 0.2
 
 
 def test_toy_batch_rejects_bad_n():
