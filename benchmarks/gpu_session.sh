@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One lent-GPU session, run from the repository root (about 4-5 minutes): install, the one-shot
 # gpu_check (correctness, kernel timings, tile sweep, end-to-end explain vs plain), the kernel tests
-# on the card, then gpu_check with the torch.compile baselines. Optional, off by default to stay
+# on the card, a profile of explain() vs plain inference, then gpu_check with the torch.compile
+# baselines. Optional, off by default to stay
 # inside ~5 minutes: TRAIN=1 adds a short CUDA training run, BENCH=1 the benchmark suite on CUDA.
 # Every step has its own time limit, so a step that fails or runs out of time leaves the others.
 #
@@ -34,6 +35,7 @@ python -c "import vdm_engine.kernels, vdm_engine.export, vdm_engine.training" >>
 
 step check_eager 150 python benchmarks/gpu_check.py --no-compile --out "$OUT"
 step pytest_gpu 100 python -m pytest -q -rs -p no:cacheprovider tests/kernels tests/test_explainer.py tests/test_runtime.py
+step profile 60 python benchmarks/profile_explain.py --batch 256 --dtype bf16
 step check_compile 100 python benchmarks/gpu_check.py --no-sweep --out "$SCRATCH/compile"
 cp "$SCRATCH/compile/gpu_check.md" "$OUT/gpu_check_compile.md" 2>> "$LOG" || log "no gpu_check_compile.md"
 if [ "${TRAIN:-0}" = 1 ]; then
