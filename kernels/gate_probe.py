@@ -216,22 +216,24 @@ def _block_sizes(R: int, D: int, P: int, interpret: bool, elem_bytes: int = 2) -
     """(BLOCK_T, BLOCK_D, BLOCK_P, P_TILES, num_warps, num_stages); every block is >= 16 for ``tl.dot``.
 
     GPU: 64-token tiles, 64-wide P tiles (one for P <= 64; ViT-B's P=192 splits into three without
-    padding), one P tile per pass over D, 64-wide D steps for half inputs and 32-wide for fp32.
-    Half inputs use 4 warps and 3 stages: on an H100 (bf16, B=256, T=197, D=768, S=14, P=192;
-    triton 3.6) this took 2.12 ms against 3.84 ms on 8 warps. An earlier ahead-of-time analysis
-    showed the 4-warp build spilling, but it compiled without the launch's alignment hints (16-byte
-    pointers, D, P, R divisible by 16), so the D loop was not pipelined; with them (as
-    tests/kernels/test_gpu_compile.py now compiles) it uses ~142 registers and no stack on sm_90
-    and ~168 registers with 32 stack bytes on sm_80, on 96 / 64 KiB of shared memory. fp32 keeps
-    8 warps and 2 stages (not measured against alternatives yet). ``P_TILES`` > 1 (one pass over
-    D for several P tiles) is a sweep option, not a default, until it is measured.
+    padding), 64-wide D steps for half inputs and 32-wide for fp32. Half inputs use 4 warps, 3
+    stages and, for up to three P tiles, one pass over D for all of them (``P_TILES``), so each
+    hidden-state tile is loaded once per depth. Measured on an H100 (bf16, B=256, T=197, D=768,
+    S=14, P=192; triton 3.6; benchmarks/results/gpu-h100-2026-11-26): 1.34 ms, against 2.12 ms
+    with one P tile per pass and 3.84 ms with one P tile on 8 warps (the previous default). An
+    earlier ahead-of-time analysis showed 4-warp builds spilling, but it compiled without the
+    launch's alignment hints (16-byte pointers, D, P, R divisible by 16), so the D loop was not
+    pipelined; tests/kernels/test_gpu_compile.py now compiles with them. More than three P tiles
+    (ViT-L's P=256) keep one P tile per pass (four accumulators were not measured). fp32 keeps 8
+    warps and 2 stages (not measured against alternatives yet).
     Interpreter: one D and P tile and up to 256 tokens per program (Python overhead per program).
     """
     if interpret:
         return max(16, min(next_power_of_2(R), 256)), max(16, next_power_of_2(D)), max(16, next_power_of_2(P)), 1, 1, 1
     block_p = max(16, min(next_power_of_2(P), 64))
     if elem_bytes <= 2:
-        return 64, 64, block_p, 1, 4, 3
+        p_tiles = -(-P // block_p)
+        return 64, 64, block_p, p_tiles if p_tiles <= 3 else 1, 4, 3
     return 64, 32, block_p, 1, 8, 2
 
 

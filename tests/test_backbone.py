@@ -167,3 +167,11 @@ def test_check_pixels_rejects_bad_input(tiny_backbone, bad, match):
 
 def test_check_pixels_accepts_finite_values_whose_sum_overflows(tiny_backbone):
     tiny_backbone.check_pixels(torch.full((2, 3, 32, 32), 3e38))
+
+
+def test_check_pixels_never_reads_values_back_from_a_device(tiny_backbone):
+    """Off the CPU only the shape and dtype are checked: reading a value back would synchronise the
+    device on every explain() call. A meta tensor has no values to read, so any read would raise."""
+    tiny_backbone.check_pixels(torch.empty(2, 3, 32, 32, device="meta"))
+    with pytest.raises(ValueError, match="32x32"):
+        tiny_backbone.check_pixels(torch.empty(2, 3, 16, 32, device="meta"))
