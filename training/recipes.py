@@ -85,10 +85,11 @@ DIGITS = ClassifierRecipe(
 
 # The toy task makes attention and relevance disagree on purpose: a decoy (blue on top, red below)
 # is a target's exact look-alike, so attention over raw patches cannot tell them apart and the
-# model has to compute colour XOR position per token first. Earlier versions (count the red
-# patches among other colours; then with holed red decoys; 2 layers) let every method that reads
-# the last layer's attention rank the targets perfectly (rollout top-k F1 1.000, a tie with
-# DiffMask). With this task and 3 layers rollout's F1 is 0.974, DiffMask's 1.000 (docs/eval/vit-toy).
+# model has to compute colour XOR position per token first. Earlier versions let the last layer's
+# attention rank the targets perfectly (rollout top-k F1 1.000): counting red patches among other
+# colours (2 layers; a tie with DiffMask), red decoys with a grey hole (2 layers), a key patch
+# naming the colour to count (2 layers; DiffMask only 0.67 after 600 gate steps), and this task on
+# 2 layers. With this task and 3 layers rollout's F1 is 0.974, DiffMask's 1.000 (docs/eval/vit-toy).
 TOY = ClassifierRecipe(
     name="vit-toy",
     vit=dict(
