@@ -7,6 +7,7 @@ checks here never import triton; ``triton``/``tl`` are imported when a kernel mo
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from types import SimpleNamespace
@@ -16,6 +17,8 @@ import torch
 __all__ = [
     "SUPPORTED_DTYPES",
     "TRITON_IMPORT_ERROR",
+    "device_guard",
+    "launch_device",
     "interpreting",
     "next_power_of_2",
     "not_supported_reasons",
@@ -116,3 +119,26 @@ def not_supported_reasons(device: torch.device | str | torch.Tensor, dtype: torc
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         reasons.append(f"dtype {dtype} is not supported (expected float32, float16 or bfloat16)")
     return reasons
+
+
+def launch_device(op: str, reference: str, *tensors: torch.Tensor) -> torch.device:
+    """The one device of ``tensors``, if ``op``'s Triton kernel can run there.
+
+    Raises ``ValueError`` for tensors on several devices, or on a device the kernel cannot use
+    (CPU without ``TRITON_INTERPRET=1``), naming ``reference`` as the function to call instead.
+    """
+    device = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != device:
+            raise ValueError(f"{op}: all tensors must be on one device, got {device} and {t.device}")
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        raise ValueError(
+            f"{op}: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}; "
+            f"use {reference} on this device"
+        )
+    return device
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current for a launch (nothing to do off CUDA)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -21,13 +21,12 @@ Triton 3.6's interpreter turns a runtime loop bound into a Python int with ``int
 scalars"). Triton 3.9 handles both.
 """
 
-import contextlib
 
 import torch
 
 from vdm_engine.gates import ProbeParams, gate_probe_reference
 
-from ._triton import SUPPORTED_DTYPES, interpreting, next_power_of_2, tl, triton
+from ._triton import SUPPORTED_DTYPES, device_guard, interpreting, launch_device, next_power_of_2, tl, triton
 
 __all__ = [
     "gate_probe",
@@ -296,15 +295,7 @@ def gate_probe_forward(
     """
     S, B, T, D = hidden_states.shape
     P = w1.shape[1]
-    device = hidden_states.device
-    for t in (w1, b1, w2, b2, add):
-        if t.device != device:
-            raise ValueError(f"gate_probe: hidden states are on {device} but a probe weight is on {t.device}")
-    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
-        raise ValueError(
-            f"gate_probe: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}; "
-            "use gate_probe_reference on this device"
-        )
+    device = launch_device("gate_probe", "gate_probe_reference", hidden_states, w1, b1, w2, b2, add)
     R = B * T
     h = hidden_states.contiguous()
     dot_dtype = _dot_dtype(h.dtype, w1.dtype)
@@ -319,7 +310,7 @@ def gate_probe_forward(
     block_t, block_d, block_p, p_tiles, warps, stages = _block_sizes(R, D, P, interp, w1c.element_size())
     if not 1 <= p_tiles <= 4:
         raise ValueError(f"gate_probe: P_TILES must be 1 to 4, got {p_tiles}")
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with device_guard(device):
         _kernel(interp)[(triton.cdiv(R, block_t),)](
             h, w1c, b1c, w2c, b2c, addc, out, out, S, R, T, D, P, float(mul), float(offset),
             WRITE_LAYERS=not aggregate, WRITE_MASK=aggregate, IEEE=ieee,

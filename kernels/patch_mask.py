@@ -16,14 +16,13 @@ The mask count K bounds a loop, so it is a ``tl.constexpr`` (one compiled varian
 which NumPy >= 2.4 rejects ("only 0-dimensional arrays can be converted to Python scalars").
 """
 
-import contextlib
 from typing import Optional
 
 import torch
 
 from vdm_engine.backbone import patch_mask_reference
 
-from ._triton import SUPPORTED_DTYPES, interpreting, next_power_of_2, tl, triton
+from ._triton import SUPPORTED_DTYPES, device_guard, interpreting, launch_device, next_power_of_2, tl, triton
 
 __all__ = [
     "PatchMaskFunction",
@@ -157,22 +156,6 @@ def _empty(shape, *, device, dtype) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def _check_device(what: str, *tensors: torch.Tensor) -> None:
-    device = tensors[0].device
-    for t in tensors:
-        if t.device != device:
-            raise ValueError(f"{what}: all tensors must be on one device, got {t.device} and {device}")
-    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
-        raise ValueError(
-            f"{what}: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}; "
-            "use patch_mask_reference on this device"
-        )
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def patch_mask_forward(
     x: torch.Tensor,
     gates: torch.Tensor,
@@ -184,7 +167,7 @@ def patch_mask_forward(
     B, N, D = x.shape
     K = gates.shape[1]
     ph = placeholder if placeholder is not None else cls_token  # dummy pointer when HAS_PH is False
-    _check_device("patch_mask", x, gates, ph, cls_token, pos_embed)
+    device = launch_device("patch_mask", "patch_mask_reference", x, gates, ph, cls_token, pos_embed)
     x, gates, ph = x.contiguous(), gates.contiguous(), ph.contiguous()
     cls_token, pos_embed = cls_token.contiguous(), pos_embed.contiguous()
     out = _empty((B * K, N + 1, D), device=x.device, dtype=x.dtype)
@@ -192,7 +175,7 @@ def patch_mask_forward(
         return out
     block_r, block_d, warps = _block_sizes(N + 1, D, interpreting())
     grid = (triton.cdiv(N + 1, block_r), triton.cdiv(D, block_d), B)
-    with _device_guard(x):
+    with device_guard(device):
         _patch_mask_fwd_kernel[grid](
             x, gates, ph, cls_token, pos_embed, out, N, D, K,
             HAS_PH=placeholder is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
@@ -225,7 +208,7 @@ def patch_mask_backward(
     has_ph = placeholder is not None
     need_placeholder = need_placeholder and has_ph
     ph = placeholder if has_ph else x
-    _check_device("patch_mask backward", grad_out, x, gates, ph)
+    device = launch_device("patch_mask backward", "patch_mask_reference", grad_out, x, gates, ph)
     grad_out, x, gates, ph = grad_out.contiguous(), x.contiguous(), gates.contiguous(), ph.contiguous()
     block_n, block_d, warps = _block_sizes(N, D, interpreting())
     n_tiles, d_tiles = triton.cdiv(N, block_n), triton.cdiv(D, block_d)
@@ -234,7 +217,7 @@ def patch_mask_backward(
     gg = _empty((d_tiles, B * K, N), device=x.device, dtype=torch.float32) if need_gates else empty
     gph = _empty((B * n_tiles, D), device=x.device, dtype=torch.float32) if need_placeholder else empty
     if (need_x or need_gates or need_placeholder) and B * N * D * K > 0:
-        with _device_guard(x):
+        with device_guard(device):
             _patch_mask_bwd_kernel[(n_tiles, d_tiles, B)](
                 grad_out, x, gates, ph, gx, gg, gph, N, D, K,
                 HAS_PH=has_ph, NEED_GX=need_x, NEED_GG=need_gates, NEED_GPH=need_placeholder,

@@ -6,6 +6,8 @@ explainer back with ``.cpu()``.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -25,3 +27,14 @@ def tiny_gates(tiny_gates):
 @pytest.fixture
 def pixels(pixels):
     return pixels.to(DEV)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every buffer the kernel launchers allocate starts as NaN, so an element a kernel skips fails."""
+
+    def nan_empty(shape, *, device, dtype):
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+    for module in ("patch_mask", "gate_probe"):
+        monkeypatch.setattr(importlib.import_module(f"vdm_engine.kernels.{module}"), "_empty", nan_empty)
