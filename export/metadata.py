@@ -22,7 +22,7 @@ METADATA_PREFIX = "vdm."
 _JSON_FIELDS = ("image_size", "image_mean", "image_std", "patch_grid", "id2label", "outputs", "image_processor")
 _INT_FIELDS = ("opset", "num_layers", "num_hidden_states", "num_labels")
 _FLOAT_FIELDS = ("threshold",)
-_BOOL_FIELDS = ("uint8_input", "untrained_gates", "random_weights")
+_BOOL_FIELDS = ("uint8_input", "untrained_gates", "random_weights", "backbone_mismatch")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,12 @@ class ExportMetadata:
         threshold: hard-mask threshold of ``masked_logits`` / ``kl``.
         untrained_gates: the gates were random (benchmarks only; the masks mean nothing).
         random_weights: the backbone had random weights (timing only).
+        gates_source: where the gates were loaded from (``shipped``, ``registry``, ``path``, ``memory``).
+        backbone_fingerprint: fingerprint of the exported backbone (``Backbone.fingerprint``).
+        gates_backbone_fingerprint: the fingerprint the gates recorded for their training backbone
+            ("" when they recorded none).
+        backbone_mismatch: the two fingerprints differ and the exporter allowed it
+            (``--allow-backbone-mismatch``).
     """
 
     engine_version: str
@@ -67,6 +73,10 @@ class ExportMetadata:
     threshold: float = 0.5
     untrained_gates: bool = False
     random_weights: bool = False
+    gates_source: str = ""
+    backbone_fingerprint: str = ""
+    gates_backbone_fingerprint: str = ""
+    backbone_mismatch: bool = False
     extra: dict = field(default_factory=dict)
 
     @property

@@ -139,6 +139,10 @@ def _build_metadata(explainer, graph: ExplainerGraph, *, opset, dtype, batch, un
         threshold=graph.threshold,
         untrained_gates=bool(untrained_gates),
         random_weights=bool(random_weights),
+        gates_source=explainer.gates.provenance.source,
+        backbone_fingerprint=bb.fingerprint,
+        gates_backbone_fingerprint=explainer.gates.backbone_fingerprint or "",
+        backbone_mismatch=explainer.gates.provenance.backbone_mismatch,
         extra=extra,
     )
 

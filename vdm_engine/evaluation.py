@@ -506,6 +506,7 @@ def evaluate_model(
     ig_baseline: str = "black",
     threshold: float = 0.5,
     device: str | None = None,
+    allow_backbone_mismatch: bool = False,
     num_examples: int = 6,
     progress: bool = True,
 ) -> tuple[dict, dict]:
@@ -533,7 +534,9 @@ def evaluate_model(
     if unknown:
         raise ValueError(f"unknown attribution method {unknown[0]!r}; expected one of {', '.join(METHODS)}")
     check_data_spec(data)
-    explainer = Explainer.from_pretrained(model, gates=gates, device=device).eval()
+    explainer = Explainer.from_pretrained(
+        model, gates=gates, device=device, allow_backbone_mismatch=allow_backbone_mismatch
+    ).eval()
     bb = explainer.backbone
     options = {"ig": {"n_steps": ig_steps, "baseline": ig_baseline}, "random": {"seed": config.seed}}
     fns = {m: get_method(m, explainer, **options.get(m, {})) for m in names}
@@ -549,6 +552,7 @@ def evaluate_model(
         "ig_steps": ig_steps if "ig" in names else None,
         "ig_baseline": ig_baseline if "ig" in names else None,
         "gates_sha256": explainer.gates.sha256,
+        "gates_provenance": explainer.provenance.to_dict(),
         "environment": {
             "vdm_engine": __version__, "torch": torch.__version__, "device": str(bb.device),
             "cpu": platform.processor() or platform.machine(),

@@ -12,7 +12,8 @@ from torch import nn
 
 from .backbone import Backbone, load_backbone
 from .gates import Gates, gate_probe_reference
-from .registry import registered_gates
+from .provenance import GatesProvenance, classify_source
+from .registry import registered_gates, registry_home
 
 __all__ = ["Explainer", "Explanation", "Verification", "GatesNotFoundError", "install_kernels", "kl_divergence"]
 
@@ -53,6 +54,8 @@ class Explanation:
             from an ``OnnxExplainer`` whose graph was exported without the ``layer_masks`` output.
         grid: (h, w) patch grid, N = h*w, row-major.
         image_size: (H, W) of the model input.
+        gates_source: where the gates came from (``shipped``, ``registry``, ``path``, ...).
+        gates_sha256: sha256 of the gates' weights file (None for gates never saved).
     """
 
     logits: torch.Tensor
@@ -60,6 +63,8 @@ class Explanation:
     layer_masks: torch.Tensor
     grid: tuple[int, int]
     image_size: tuple[int, int]
+    gates_source: str | None = None
+    gates_sha256: str | None = None
 
     def __len__(self) -> int:
         return self.logits.shape[0]
@@ -102,6 +107,8 @@ class Explanation:
             None if self.layer_masks is None else self.layer_masks.to(device),  # None: a mask-only ONNX graph
             self.grid,
             self.image_size,
+            self.gates_source,
+            self.gates_sha256,
         )
 
     def cpu(self) -> "Explanation":
@@ -136,11 +143,14 @@ class Explainer(nn.Module):
 
     ``explain`` costs one backbone forward plus the gate probes. The probe and masking functions
     are plain-PyTorch references unless a fast path is installed (``vdm_engine.kernels``).
+
+    Saved gates must carry the fingerprint of ``backbone`` (``Gates.check_backbone``);
+    ``allow_backbone_mismatch=True`` accepts gates recorded for another backbone, with a warning.
     """
 
-    def __init__(self, backbone: Backbone, gates: Gates):
+    def __init__(self, backbone: Backbone, gates: Gates, *, allow_backbone_mismatch: bool = False):
         super().__init__()
-        gates.check_backbone(backbone)
+        gates.check_backbone(backbone, allow_mismatch=allow_backbone_mismatch)
         self.backbone = backbone
         self.gates = gates
         self.gate_probe_fn: Callable = gate_probe_reference
@@ -160,6 +170,7 @@ class Explainer(nn.Module):
         local_files_only: bool | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        allow_backbone_mismatch: bool = False,
     ) -> "Explainer":
         """Load a backbone and its gates.
 
@@ -167,16 +178,23 @@ class Explainer(nn.Module):
             model: embedded name, preset, hub id or local directory (see ``load_backbone``).
             gates: a gates directory; default: the local gates registry (filled by ``vdm-train``),
                 then the gates shipped with an embedded model.
+            allow_backbone_mismatch: accept gates whose recorded backbone fingerprint differs from
+                this backbone's (a fine-tuned copy), with a ``ProvenanceWarning``.
+
+        Raises:
+            BackboneMismatchError: the gates were trained on another backbone.
+            GatesNotFoundError: no gates for ``model``.
         """
         backbone = load_backbone(model, revision=revision, local_files_only=local_files_only)
         gates_dir = gates if gates is not None else registered_gates(model)
         if gates_dir is None:
             raise GatesNotFoundError(
                 f"no trained gates found for '{model}'. Train them with "
-                f"`vdm-train --model {model} --data SRC --out DIR` (this also registers them), "
-                "or pass gates=DIR"
+                f"`vdm-train --model {model} --data SRC --out DIR`, or pass gates=DIR"
             )
-        explainer = cls(backbone, Gates.from_pretrained(gates_dir, backbone=backbone))
+        source = "path" if gates is not None else classify_source(gates_dir, registry_home())
+        loaded = Gates.from_pretrained(gates_dir, source=source)
+        explainer = cls(backbone, loaded, allow_backbone_mismatch=allow_backbone_mismatch)
         if device is not None or dtype is not None:
             explainer.backbone.to(device=device, dtype=dtype)
             explainer.gates.to(device=device)
@@ -191,6 +209,11 @@ class Explainer(nn.Module):
     @property
     def grid(self) -> tuple[int, int]:
         return self.backbone.grid
+
+    @property
+    def provenance(self) -> GatesProvenance:
+        """Where the gates came from (``GatesProvenance``; ``describe()`` gives one line)."""
+        return self.gates.provenance
 
     def preprocess(self, images) -> torch.Tensor:
         """Images -> (N, 3, H, W) float32 pixel values (see ``Backbone.preprocess``)."""
@@ -221,6 +244,8 @@ class Explainer(nn.Module):
             layer_masks=layer_masks,
             grid=self.backbone.grid,
             image_size=self.backbone.image_size,
+            gates_source=self.gates.provenance.source,
+            gates_sha256=self.gates.sha256,
         )
 
     @torch.no_grad()

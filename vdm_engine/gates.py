@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._io import atomic_path, atomic_write_json, dataclass_from_dict, sha256_file
+from .provenance import BackboneMismatchError, GatesProvenance, check_fingerprint, validation_figures
 
 __all__ = ["GateConfig", "Gates", "ProbeParams", "gate_probe_reference", "hard_concrete_sample", "GATES_WEIGHTS", "GATES_CONFIG"]
 
@@ -158,10 +159,13 @@ class Gates(nn.Module):
             self.placeholder = nn.Parameter(torch.zeros(D))
         else:
             self.register_buffer("placeholder", torch.zeros(D))
-        # Where these gates came from; written to gates_config.json.
+        # The backbone these gates were trained on; written to gates_config.json.
         self.backbone_id: str | None = None
         self.backbone_revision: str | None = None
+        self.backbone_fingerprint: str | None = None
         self.metrics: dict = {}
+        self.provenance = GatesProvenance("memory")
+        self._verified_for: str | None = None  # fingerprint of the backbone last checked and accepted
 
     # ----- maths ------------------------------------------------------------------------------
     def probe_params(self) -> ProbeParams:
@@ -221,24 +225,52 @@ class Gates(nn.Module):
         return k
 
     # ----- checkpoints ------------------------------------------------------------------------
-    def check_backbone(self, backbone) -> None:
-        """Raise ``ValueError`` if these gates do not fit ``backbone`` (hidden size, layer count)."""
+    def check_backbone(self, backbone, *, allow_mismatch: bool = False) -> None:
+        """Check that these gates fit ``backbone``: shapes always, the recorded fingerprint for saved gates.
+
+        Gates built in this process (``provenance.source == "memory"``) are only shape-checked. Saved
+        gates without a fingerprint (reference checkpoints, older files) load with a
+        ``ProvenanceWarning``; a fingerprint that differs from ``backbone.fingerprint`` raises unless
+        ``allow_mismatch`` (then it warns and ``provenance.backbone_mismatch`` is set).
+
+        Raises:
+            BackboneMismatchError (a ``ValueError``): wrong shapes, or another backbone's fingerprint.
+        """
         c = self.config
+        trained_on = self.backbone_id or "?"
         if c.hidden_size != backbone.hidden_size or c.num_hidden_states != backbone.num_hidden_states:
-            raise ValueError(
-                f"gates do not match the backbone: gates were built for hidden size {c.hidden_size} and "
-                f"{c.num_hidden_states - 2} layers, the backbone '{backbone.name_or_path}' has hidden size "
-                f"{backbone.hidden_size} and {backbone.num_layers} layers"
+            raise BackboneMismatchError(
+                f"gates do not match the backbone: the gates (trained on '{trained_on}') were built for hidden size "
+                f"{c.hidden_size} and {c.num_hidden_states - 2} layers, the backbone '{backbone.name_or_path}' has "
+                f"hidden size {backbone.hidden_size} and {backbone.num_layers} layers"
             )
+        if self.provenance.source == "memory":
+            return
+        actual = backbone.fingerprint
+        if self._verified_for == actual:
+            return
+        where = f"the gates in {self.provenance.path}" if self.provenance.path else "the gates"
+        mismatch = check_fingerprint(
+            self.backbone_fingerprint, self.backbone_id, actual, str(backbone.name_or_path),
+            where=where, allow_mismatch=allow_mismatch,
+        )
+        self._verified_for = actual
+        if mismatch:
+            self.provenance = self.provenance.replace(backbone_mismatch=True)
 
     def save_pretrained(self, directory: str | os.PathLike, *, backbone=None, metrics: dict | None = None) -> Path:
-        """Write ``gates.safetensors`` and ``gates_config.json`` atomically; returns the directory."""
+        """Write ``gates.safetensors`` and ``gates_config.json`` atomically; returns the directory.
+
+        With ``backbone`` (the model the gates were trained on) its name, revision and fingerprint are
+        recorded, so loading the gates onto another backbone fails (see ``check_backbone``).
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if backbone is not None:
             self.backbone_id, self.backbone_revision = backbone.name_or_path, backbone.revision
+            self.backbone_fingerprint = backbone.fingerprint
         if metrics is not None:
             self.metrics = dict(metrics)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
@@ -250,7 +282,11 @@ class Gates(nn.Module):
             {
                 "format_version": _FORMAT_VERSION,
                 "config": self.config.to_dict(),
-                "backbone": {"name_or_path": self.backbone_id, "revision": self.backbone_revision},
+                "backbone": {
+                    "name_or_path": self.backbone_id,
+                    "revision": self.backbone_revision,
+                    "fingerprint": self.backbone_fingerprint,
+                },
                 "sha256": digest,
                 "metrics": self.metrics,
             },
@@ -262,8 +298,17 @@ class Gates(nn.Module):
         return getattr(self, "_sha256", None)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, backbone=None) -> "Gates":
-        """Load gates written by ``save_pretrained``; validate the checksum and, if given, the backbone."""
+    def from_pretrained(
+        cls, directory: str | os.PathLike, backbone=None, *, allow_backbone_mismatch: bool = False, source: str = "path"
+    ) -> "Gates":
+        """Load gates written by ``save_pretrained``; validate the checksum and, if given, the backbone.
+
+        Args:
+            directory: a ``save_pretrained`` folder.
+            backbone: check the gates against it (``check_backbone``).
+            allow_backbone_mismatch: accept gates recorded for another backbone, with a warning.
+            source: recorded in ``provenance.source`` (``path``, ``registry`` or ``shipped``).
+        """
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -283,12 +328,19 @@ class Gates(nn.Module):
             gates.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise ValueError(f"{w_path} does not fit its config: {e}") from e
-        gates.backbone_id = meta.get("backbone", {}).get("name_or_path")
-        gates.backbone_revision = meta.get("backbone", {}).get("revision")
+        recorded = meta.get("backbone") or {}
+        gates.backbone_id = recorded.get("name_or_path")
+        gates.backbone_revision = recorded.get("revision")
+        gates.backbone_fingerprint = recorded.get("fingerprint")
         gates.metrics = meta.get("metrics", {}) or {}
         gates._sha256 = digest
+        kept, agreement = validation_figures(gates.metrics)
+        gates.provenance = GatesProvenance(
+            source=source, path=str(directory), sha256=digest, trained_on=gates.backbone_id,
+            fingerprint=gates.backbone_fingerprint, kept=kept, agreement=agreement,
+        )
         if backbone is not None:
-            gates.check_backbone(backbone)
+            gates.check_backbone(backbone, allow_mismatch=allow_backbone_mismatch)
         return gates
 
     @classmethod
@@ -341,5 +393,6 @@ class Gates(nn.Module):
             if ph is not None:
                 gates.placeholder.copy_(ph.float().reshape(-1))
         gates.metrics = {"imported_from": os.path.basename(str(path))}
+        gates.provenance = GatesProvenance(source="reference", path=str(path))
         return gates
 
