@@ -46,6 +46,7 @@ def test_explain_writes_overlay_and_json(tmp_path, model_and_gates, capsys):
     assert [t["index"] for t in rec["top_k"]] == exp.probs[0].topk(3).indices.tolist()
     assert rec["kept_fraction"] == pytest.approx(float(exp.kept_fraction()[0]))
     assert rec["gates_sha256"] == ex.gates.sha256 and len(rec["model_sha256"]) == 64
+    assert rec["image_size"] == [40, 48] and rec["warnings"] == []  # nothing adapted beyond the resize
     # The PNG: upscaled image + caption (header + 3 classes); pixels change where the mask is high.
     png = Image.open(out / "a.overlay.png")
     s = overlay_scale(40, 48)

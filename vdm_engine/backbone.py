@@ -1,4 +1,4 @@
-"""Frozen ViT backbone: checkpoint loading, preprocessing and one explicit forward.
+"""Frozen ViT backbone: checkpoint loading and one explicit forward (preprocessing: ``preprocessing.py``).
 
 The forward is a plain loop over the Hugging Face submodules (no hooks), so the same code runs
 eagerly, under ``torch.compile`` and through ONNX export. Geometry (patch grid, hidden size, layer
@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from ._io import atomic_write_json
+from .preprocessing import ImageSpec, _to_uint8_list, check_pixel_values, preprocess_images  # noqa: F401 (re-exported)
 from .registry import EMBEDDED_MODELS, embedded_model_dir
 
 __all__ = [
@@ -42,73 +41,6 @@ _PROCESSOR_FILE = "preprocessor_config.json"
 
 class WeightsUnavailableError(OSError):
     """The checkpoint's weights could not be found locally nor downloaded."""
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """Preprocessing read from a checkpoint's image processor config.
-
-    Attributes:
-        size: (height, width) the model expects.
-        mean, std: per-channel normalisation applied after rescaling.
-        rescale_factor: multiplier from uint8 to float (usually 1/255).
-        resample: PIL resampling filter used for resizing.
-    """
-
-    size: tuple[int, int]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    rescale_factor: float = 1 / 255
-    do_resize: bool = True
-    do_rescale: bool = True
-    do_normalize: bool = True
-    resample: int = 2
-
-    def __post_init__(self):
-        if len(self.size) != 2 or min(self.size) <= 0:
-            raise ValueError(f"ImageSpec.size must be (height, width) > 0, got {self.size}")
-        for field in ("mean", "std"):
-            if len(getattr(self, field)) != 3:
-                raise ValueError(f"ImageSpec.{field} must have 3 values, got {getattr(self, field)}")
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"ImageSpec.std must be positive, got {self.std}")
-
-    @classmethod
-    def from_processor_dict(cls, d: dict, default_size: tuple[int, int]) -> "ImageSpec":
-        size = d.get("size", default_size)
-        if isinstance(size, int):
-            size = (size, size)
-        elif isinstance(size, dict):
-            size = (size["height"], size["width"]) if "height" in size else default_size
-        mean = d.get("image_mean", (0.5, 0.5, 0.5))
-        std = d.get("image_std", (0.5, 0.5, 0.5))
-        if isinstance(mean, (int, float)):
-            mean = (mean,) * 3
-        if isinstance(std, (int, float)):
-            std = (std,) * 3
-        return cls(
-            size=tuple(int(s) for s in size),
-            mean=tuple(float(m) for m in mean),
-            std=tuple(float(s) for s in std),
-            rescale_factor=float(d.get("rescale_factor", 1 / 255)),
-            do_resize=bool(d.get("do_resize", True)),
-            do_rescale=bool(d.get("do_rescale", True)),
-            do_normalize=bool(d.get("do_normalize", True)),
-            resample=int(d.get("resample", 2)),
-        )
-
-    def to_processor_dict(self) -> dict:
-        return {
-            "image_processor_type": "ViTImageProcessor",
-            "do_resize": self.do_resize,
-            "size": {"height": self.size[0], "width": self.size[1]},
-            "resample": self.resample,
-            "do_rescale": self.do_rescale,
-            "rescale_factor": self.rescale_factor,
-            "do_normalize": self.do_normalize,
-            "image_mean": list(self.mean),
-            "image_std": list(self.std),
-        }
 
 
 def patch_mask_reference(
@@ -251,7 +183,9 @@ class Backbone(nn.Module):
         """Turn images into ``pixel_values (N, 3, H, W)`` float32 with the checkpoint's settings.
 
         Accepts a PIL image, a list of PIL images or uint8 arrays, or a uint8 numpy array / tensor of
-        shape (H, W), (H, W, C), (N, H, W) or (N, H, W, C) with C in {1, 3, 4}.
+        shape (H, W), (H, W, C), (N, H, W) or (N, H, W, C) with C in {1, 3, 4}; 16-bit PIL images
+        are scaled to 8 bits; anything else raises ``ValueError`` (see
+        ``vdm_engine.preprocessing.resize_images``).
         """
         return preprocess_images(images, self.image_spec)
 
@@ -355,104 +289,6 @@ class Backbone(nn.Module):
 
 def _pair(v) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
-
-
-def check_pixel_values(pixel_values, num_channels: int, size: tuple[int, int]) -> None:
-    """Validate a pixel batch; ``ValueError`` names what was wrong and what was expected.
-
-    Type, rank, shape and dtype are always checked. Finiteness is checked for CPU tensors only:
-    on an accelerator reading the answer back would synchronise the device on every call, and on
-    an H100 that one sync cost explain() about a fifth of its throughput at ViT-B/16 batch 256
-    (the host stops queueing work ahead of the GPU). Images from ``preprocess`` are checked on the
-    CPU before they move; NaN pixels given directly on a GPU give NaN logits and masks.
-    """
-    exp = f"(B, {num_channels}, {size[0]}, {size[1]})"
-    if not isinstance(pixel_values, torch.Tensor):
-        raise ValueError(
-            f"pixel_values must be a torch.Tensor of shape {exp}, got {type(pixel_values).__name__}; "
-            "use preprocess(images) for PIL images or uint8 arrays"
-        )
-    if not pixel_values.is_floating_point():
-        raise ValueError(
-            f"pixel_values must be a float tensor {exp}, got dtype {pixel_values.dtype}; "
-            "use preprocess(images) to turn uint8 images into normalised pixel values"
-        )
-    if pixel_values.dim() != 4:
-        raise ValueError(f"pixel_values must have rank 4 {exp}, got shape {tuple(pixel_values.shape)}")
-    if pixel_values.shape[0] == 0:
-        raise ValueError(f"pixel_values is an empty batch; expected at least one image {exp}")
-    if pixel_values.shape[1] != num_channels:
-        raise ValueError(f"pixel_values must have {num_channels} channels {exp}, got shape {tuple(pixel_values.shape)}")
-    if tuple(pixel_values.shape[2:]) != tuple(size):
-        raise ValueError(f"pixel_values must be {size[0]}x{size[1]} {exp}, got shape {tuple(pixel_values.shape)}")
-    if pixel_values.device.type != "cpu":
-        return
-    # One reduction first: a finite sum proves every pixel finite; only otherwise count the bad ones.
-    if not bool(torch.isfinite(pixel_values.sum())) and not bool(torch.isfinite(pixel_values).all()):
-        bad = int((~torch.isfinite(pixel_values)).sum())
-        raise ValueError(f"pixel_values contains {bad} NaN or Inf values; expected finite pixels")
-
-
-def _to_uint8_list(images) -> list[np.ndarray]:
-    """Normalise supported image inputs to a list of (H, W, 3) uint8 arrays."""
-    from PIL import Image
-
-    def one(a) -> np.ndarray:
-        if isinstance(a, Image.Image):
-            return np.asarray(a.convert("RGB"))
-        if isinstance(a, torch.Tensor):
-            a = a.detach().cpu().numpy()
-        if not isinstance(a, np.ndarray):
-            raise ValueError(f"unsupported image type {type(a).__name__}; expected PIL.Image or uint8 array/tensor")
-        if a.dtype != np.uint8:
-            raise ValueError(f"image arrays must be uint8 in [0, 255], got dtype {a.dtype}")
-        if a.ndim == 2:
-            a = a[..., None]
-        if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got {a.shape}")
-        if a.shape[0] == 0 or a.shape[1] == 0:
-            raise ValueError(f"image has no pixels: shape {a.shape}")
-        if a.shape[-1] == 1:
-            a = np.repeat(a, 3, axis=-1)
-        elif a.shape[-1] == 4:
-            a = a[..., :3]
-        return a
-
-    if isinstance(images, (list, tuple)):
-        if len(images) == 0:
-            raise ValueError("no images given; expected at least one image")
-        return [one(a) for a in images]
-    if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().numpy()
-    if isinstance(images, np.ndarray):
-        if images.size == 0:
-            raise ValueError(f"empty image array of shape {images.shape}; expected at least one image")
-        if images.ndim == 4 or (images.ndim == 3 and images.shape[-1] not in (1, 3, 4)):
-            return [one(a) for a in images]
-    return [one(images)]
-
-
-def preprocess_images(images, spec: ImageSpec) -> torch.Tensor:
-    """Resize, rescale and normalise images into (N, 3, H, W) float32 pixel values."""
-    from PIL import Image
-
-    arrays = _to_uint8_list(images)
-    H, W = spec.size
-    out = np.empty((len(arrays), H, W, 3), dtype=np.float32)
-    for i, a in enumerate(arrays):
-        if a.shape[:2] != (H, W):
-            if not spec.do_resize:
-                raise ValueError(f"image {i} is {a.shape[0]}x{a.shape[1]}, expected {H}x{W} (resizing is off)")
-            a = np.asarray(Image.fromarray(a).resize((W, H), resample=spec.resample))
-        out[i] = a
-    x = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
-    if spec.do_rescale:
-        x = x * spec.rescale_factor
-    if spec.do_normalize:
-        mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
-        x = (x - mean) / std
-    return x
 
 
 def _local_files_only_default() -> bool:

@@ -8,14 +8,13 @@ execution provider is used, and CUDA tensors are bound in place (IO binding: no 
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .backbone import check_pixel_values, preprocess_images
+from .preprocessing import check_pixel_values, preprocess_images, resize_images
 from .explainer import Explanation
 
 __all__ = ["OnnxExplainer", "create_session", "resolve_providers"]
@@ -130,15 +129,15 @@ class OnnxExplainer:
     def preprocess(self, images) -> torch.Tensor:
         """Images -> this graph's input, using the preprocessing stored in the metadata.
 
-        Accepts what ``Backbone.preprocess`` accepts (PIL images, uint8 arrays or tensors). Returns
+        Accepts what ``Explainer.preprocess`` accepts (PIL images, uint8 arrays or tensors, lists of
+        them) through the same ``preprocess_images``, so both give identical pixel values. Returns
         float32 ``pixel_values (B, 3, H, W)``, or for a uint8-input graph the images resized to the
-        model size as uint8 ``(B, H, W, 3)`` (rescale and normalisation happen inside the graph).
+        model size as uint8 ``(B, H, W, 3)`` (``resize_images``: rescale and normalisation happen
+        inside the graph).
         """
-        if not self.uint8_input:
-            return preprocess_images(images, self.image_spec)
-        raw = replace(self.image_spec, do_rescale=False, do_normalize=False)
-        x = preprocess_images(images, raw)  # float (B, 3, H, W) holding integer values 0..255
-        return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        if self.uint8_input:
+            return resize_images(images, self.image_spec)
+        return preprocess_images(images, self.image_spec)
 
     def check_inputs(self, x) -> torch.Tensor:
         """Validate a graph input as the core does; return it as a torch tensor of the graph's dtype."""

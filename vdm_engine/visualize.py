@@ -11,9 +11,10 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["overlay", "overlay_scale", "caption_height", "heat_colors", "plot_curves", "plot_overlay_grid"]
+__all__ = ["MAX_SIDE", "overlay", "overlay_scale", "caption_height", "heat_colors", "plot_curves", "plot_overlay_grid"]
 
 _MIN_SIDE = 256  # small images are upscaled (nearest, integer factor) to at least this size
+MAX_SIDE = 1024  # ... and no overlay is larger than this on its longest side (large images are reduced)
 _LINE_HEIGHT = 14
 _PAD = 6
 _OUTLINE = (0, 255, 255)  # cyan: the kept-patch outline
@@ -29,9 +30,20 @@ def heat_colors(values: np.ndarray) -> np.ndarray:
     return _RAMP[lo] * (1 - t) + _RAMP[lo + 1] * t
 
 
-def overlay_scale(height: int, width: int) -> int:
-    """Integer upscale factor used by ``overlay`` for an image of this size."""
-    return max(1, math.ceil(_MIN_SIDE / max(1, min(height, width))))
+def overlay_scale(height: int, width: int, *, max_side: int = MAX_SIDE) -> float:
+    """Scale factor ``overlay`` draws an image of this size at.
+
+    An integer >= 1 (nearest upscaling) that brings the short side to at least 256 px without
+    the long side passing ``max_side``; below 1 (``max_side / longest side``) for images longer
+    than ``max_side``, which are reduced.
+    """
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    longest = max(1, height, width)
+    if longest > max_side:
+        return max_side / longest
+    up = max(1, math.ceil(_MIN_SIDE / max(1, min(height, width))))
+    return min(up, max(1, max_side // longest))
 
 
 def caption_height(num_lines: int) -> int:
@@ -40,13 +52,14 @@ def caption_height(num_lines: int) -> int:
 
 
 def overlay(image: np.ndarray, grid_mask: np.ndarray, *, threshold: float = 0.5, caption: Sequence[str] = (),
-            alpha: float = 0.45, dim: float = 0.4):
-    """Draw a patch mask on an image.
+            alpha: float = 0.45, dim: float = 0.4, max_side: int = MAX_SIDE):
+    """Draw a patch mask on an image, at a bounded size.
 
-    The image is upscaled by ``overlay_scale`` (nearest); each pixel is darkened by its patch's mask
-    value m (brightness ``dim + (1 - dim) * m``) and blended with the heat colour of m with weight
-    ``alpha * m``; patches with m > ``threshold`` get a cyan outline; ``caption`` lines go in a
-    white strip below.
+    The image is scaled by s = ``overlay_scale(H, W, max_side=max_side)``: upscaled by an integer
+    (nearest) when small, reduced (box filter) when longer than ``max_side``; each pixel is darkened
+    by its patch's mask value m (brightness ``dim + (1 - dim) * m``) and blended with the heat colour
+    of m with weight ``alpha * m``; patches with m > ``threshold`` get a cyan outline; ``caption``
+    lines go in a white strip below.
 
     Args:
         image: (H, W, 3) uint8 RGB.
@@ -55,9 +68,11 @@ def overlay(image: np.ndarray, grid_mask: np.ndarray, *, threshold: float = 0.5,
         caption: text lines.
         alpha: heat-map opacity at mask 1.
         dim: brightness left to patches with mask 0.
+        max_side: longest side of the drawn image (default 1024).
 
     Returns:
-        PIL.Image (RGB) of size (W*s, H*s + caption_height(len(caption))), s = ``overlay_scale(H, W)``.
+        PIL.Image (RGB) of size (w, h + caption_height(len(caption))) with (w, h) = (W*s, H*s)
+        rounded (at least 1); with a caption, at least 256 px wide so the text shows.
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -68,23 +83,30 @@ def overlay(image: np.ndarray, grid_mask: np.ndarray, *, threshold: float = 0.5,
     if m.ndim != 2:
         raise ValueError(f"grid_mask must be (h, w), got shape {m.shape}")
     H, W = img.shape[:2]
-    s = overlay_scale(H, W)
+    s = overlay_scale(H, W, max_side=max_side)
     h, w = m.shape
+    if s >= 1:
+        s = int(s)
+        big = img.repeat(s, 0).repeat(s, 1).astype(np.float64)
+    else:
+        size = (max(1, round(W * s)), max(1, round(H * s)))
+        big = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(size, resample=Image.Resampling.BOX,
+                                                                           reducing_gap=2.0), dtype=np.float64)
+    OH, OW = big.shape[:2]
     # Patch index of every output pixel row/column (patches tile the image evenly).
-    rows = np.minimum((np.arange(H * s) * h) // (H * s), h - 1)
-    cols = np.minimum((np.arange(W * s) * w) // (W * s), w - 1)
-    big = img.repeat(s, 0).repeat(s, 1).astype(np.float64)
-    mv = m[rows][:, cols]  # (H*s, W*s)
+    rows = np.minimum((np.arange(OH) * h) // OH, h - 1)
+    cols = np.minimum((np.arange(OW) * w) // OW, w - 1)
+    mv = m[rows][:, cols]  # (OH, OW)
     mc = np.clip(mv, 0, 1)[..., None]
     base = big * (dim + (1 - dim) * mc)  # dim what the mask drops
     a = alpha * mc
     out = base * (1 - a) + heat_colors(mv) * a
     panel = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(panel)
-    ys = [int(round(i * H * s / h)) for i in range(h + 1)]
-    xs = [int(round(j * W * s / w)) for j in range(w + 1)]
+    ys = [int(round(i * OH / h)) for i in range(h + 1)]
+    xs = [int(round(j * OW / w)) for j in range(w + 1)]
     kept = m > threshold
-    lw = max(2, s // 3)
+    lw = max(2, int(s) // 3)
     for i in range(h):
         for j in range(w):
             if not kept[i, j]:
@@ -100,12 +122,12 @@ def overlay(image: np.ndarray, grid_mask: np.ndarray, *, threshold: float = 0.5,
                 draw.line([(xs[j + 1] - 1, ys[i]), (xs[j + 1] - 1, ys[i + 1] - 1)], fill=_OUTLINE, width=lw)
     if not caption:
         return panel
-    canvas = Image.new("RGB", (W * s, H * s + caption_height(len(caption))), (255, 255, 255))
+    canvas = Image.new("RGB", (max(OW, _MIN_SIDE), OH + caption_height(len(caption))), (255, 255, 255))
     canvas.paste(panel, (0, 0))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     for k, line in enumerate(caption):
-        draw.text((_PAD, H * s + _PAD + k * _LINE_HEIGHT), str(line), fill=(0, 0, 0), font=font)
+        draw.text((_PAD, OH + _PAD + k * _LINE_HEIGHT), str(line), fill=(0, 0, 0), font=font)
     return canvas
 
 

@@ -1,8 +1,10 @@
-"""``vdm-explain IMAGE... [--model MODEL | --onnx PATH] [--out DIR] [--top-k 5]``.
+"""``vdm-explain IMAGE... [--model MODEL | --onnx PATH] [--out DIR] [--top-k 5] [--max-pixels N]``.
 
 For each image: an overlay PNG (heat map of the patch mask, kept-patch outline, top classes in the
-caption) and a JSON record. Unreadable or unsupported files are reported one line each on stderr
-and the exit code is 2, while the other images are still explained.
+caption, at most 1024 px on its longest side) and a JSON record whose ``warnings`` say how the image
+was adapted (e.g. upscaled more than 8x). Images above the pixel limit are refused before decoding,
+large ones are reduced while decoding (``vdm_engine.images``). Unreadable or unsupported files are
+reported one line each on stderr and the exit code is 2, while the other images are still explained.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from vdm_engine.images import SUPPORTED_FORMATS, load_image, read_image, resolve_max_pixels
+
 from ._common import EXIT_USAGE, UsageError, quiet_transformers, run_cli
 
 __all__ = ["main", "explain_files", "load_image", "SUPPORTED_FORMATS"]
 
 PROG = "vdm-explain"
-SUPPORTED_FORMATS = ("PNG", "JPEG")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,30 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--threshold", type=float, default=0.5, help="keep probability above which a patch is kept")
     opt.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     opt.add_argument("--device", default=None, help="cpu or cuda (PyTorch path; default cpu)")
+    opt.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                     help="refuse images with more pixels than this, before decoding "
+                          "(default $VDM_MAX_IMAGE_PIXELS or 100000000)")
     return p
-
-
-def load_image(path: str | os.PathLike):
-    """Read a PNG or JPEG file as (H, W, 3) uint8; ``ValueError`` with the reason otherwise."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: no such file")
-    if not path.is_file():
-        raise ValueError(f"{path}: not a file")
-    try:
-        with Image.open(path) as im:
-            fmt = im.format
-            if fmt not in SUPPORTED_FORMATS:
-                raise ValueError(f"{path}: unsupported image format {fmt}; expected PNG or JPEG")
-            im.load()
-            return np.asarray(im.convert("RGB"))
-    except UnidentifiedImageError:
-        raise ValueError(f"{path}: not a readable image (expected PNG or JPEG)") from None
-    except (OSError, SyntaxError) as e:  # truncated or corrupt data
-        raise ValueError(f"{path}: cannot decode image: {e}") from None
 
 
 def _model_sha256(backbone) -> str | None:
@@ -123,6 +106,11 @@ class _Model:
     def preprocess(self, images):
         return self.impl.preprocess(images)
 
+    @property
+    def image_spec(self):
+        impl = self.impl
+        return getattr(impl, "image_spec", None) or getattr(getattr(impl, "backbone", None), "image_spec", None)
+
     def explain(self, pixel_values):
         return self.impl.explain(pixel_values)
 
@@ -151,14 +139,21 @@ def _unique_stems(paths: Sequence[Path]) -> list[str]:
 
 
 def explain_files(model, paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, top_k: int = 5,
-                  threshold: float = 0.5, batch_size: int = 16, progress: bool = True) -> tuple[list[dict], list[str]]:
+                  threshold: float = 0.5, batch_size: int = 16, progress: bool = True,
+                  max_pixels: int | None = None) -> tuple[list[dict], list[str]]:
     """Explain image files and write ``<stem>.overlay.png`` and ``<stem>.json`` for each into ``out_dir``.
+
+    Files are decoded with ``vdm_engine.images.read_image``: refused above ``max_pixels``, reduced
+    while decoding to about twice the model's input size when ``model.image_spec`` is known, and
+    each record's ``warnings`` lists how the image was adapted (e.g. upscaled more than 8x).
 
     Args:
         model: anything with ``preprocess(images)``, ``explain(pixel_values) -> Explanation``,
-            ``id2label``, ``name``, ``model_sha256`` and ``gates_sha256`` (see ``_Model``).
+            ``id2label``, ``name``, ``model_sha256`` and ``gates_sha256``, optionally ``image_spec``
+            (see ``_Model``).
         paths: image files (PNG or JPEG).
         out_dir: output folder (created).
+        max_pixels: pixel limit per image (default ``resolve_max_pixels()``).
 
     Returns:
         (records of the explained images, one error line per file that could not be read).
@@ -175,13 +170,21 @@ def explain_files(model, paths: Sequence[str | os.PathLike], out_dir: str | os.P
         raise UsageError(f"--threshold must be in [0, 1), got {threshold}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if max_pixels is not None and max_pixels < 1:
+        raise UsageError(f"--max-pixels must be >= 1, got {max_pixels}")
+    try:
+        max_pixels = resolve_max_pixels(max_pixels)
+    except ValueError as e:  # a bad $VDM_MAX_IMAGE_PIXELS
+        raise UsageError(str(e)) from None
+    spec = getattr(model, "image_spec", None)
+    model_size = tuple(spec.size) if spec is not None and spec.do_resize else None
     out_dir = Path(out_dir)
     paths = [Path(p) for p in paths]
     stems = _unique_stems(paths)
     loaded, errors = [], []
     for path, stem in zip(paths, stems):
         try:
-            loaded.append((path, stem, load_image(path)))
+            loaded.append((path, stem, read_image(path, max_pixels=max_pixels, model_size=model_size)))
         except ValueError as e:
             errors.append(str(e))
     records = []
@@ -190,7 +193,7 @@ def explain_files(model, paths: Sequence[str | os.PathLike], out_dir: str | os.P
     for start in range(0, len(loaded), batch_size):
         chunk = loaded[start : start + batch_size]
         with torch.no_grad():
-            exp = model.explain(model.preprocess([img for _, _, img in chunk])).cpu()
+            exp = model.explain(model.preprocess([img.pixels for _, _, img in chunk])).cpu()
         probs = exp.probs
         k = min(top_k, probs.shape[-1])
         top = probs.topk(k, dim=-1)
@@ -205,10 +208,11 @@ def explain_files(model, paths: Sequence[str | os.PathLike], out_dir: str | os.P
             caption += [f"{r + 1}. {t['label']}  p={t['score']:.3f}" for r, t in enumerate(top_list)]
             png = out_dir / f"{stem}.overlay.png"
             buf = io.BytesIO()
-            overlay(img, grid, threshold=threshold, caption=caption).save(buf, format="PNG")
+            overlay(img.pixels, grid, threshold=threshold, caption=caption).save(buf, format="PNG")
             atomic_write_bytes(png, buf.getvalue())
             record = {
                 "image": str(path),
+                "image_size": list(img.original_size),
                 "overlay": str(png),
                 "label": top_list[0]["label"],
                 "label_index": top_list[0]["index"],
@@ -218,6 +222,7 @@ def explain_files(model, paths: Sequence[str | os.PathLike], out_dir: str | os.P
                 "patch_mask": [[float(v) for v in row] for row in grid],
                 "threshold": threshold,
                 "kept_fraction": kept,
+                "warnings": list(img.warnings),
                 "model": model.name,
                 "model_sha256": model.model_sha256,
                 "gates_sha256": model.gates_sha256,
@@ -236,9 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         model = _Model(args)
         records, errors = explain_files(model, args.images, args.out, top_k=args.top_k, threshold=args.threshold,
-                                        batch_size=args.batch_size)
+                                        batch_size=args.batch_size, max_pixels=args.max_pixels)
         for r in records:
             print(f"{r['image']}: {r['label']} ({r['score']:.3f}), kept {r['kept_fraction']:.0%} -> {r['overlay']}")
+            for w in r["warnings"]:
+                print(f"{PROG}: warning: {r['image']}: {w}", file=sys.stderr)
         for e in errors:
             print(f"{PROG}: error: {e}", file=sys.stderr)
         if errors:
