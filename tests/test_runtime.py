@@ -109,7 +109,7 @@ def test_embedded_vit_digits_export_matches_pytorch_on_held_out_digits(tmp_path,
     from vdm_engine.cli.export import main
 
     assert main(["--out", str(tmp_path / "d.onnx")]) == 0
-    from vdm_engine.training.data import digits_split
+    from vdm_engine.data import digits_split
 
     images = digits_split("test")[0][:64]
     explainer = Explainer.from_pretrained("vit-digits").eval()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vdm_engine.training.data import (
+from vdm_engine.data import (
     TOY_GRID,
     TOY_MAX_COUNT,
     TOY_PATCH,
@@ -20,6 +20,8 @@ from vdm_engine.training.data import (
     pixel_batches,
     toy_batch,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is fastest
 
 
 def _patch_colours(images):

@@ -1,0 +1,225 @@
+"""Faithfulness metrics as pure functions: removal orders, perturbed images and logits, curve areas,
+localisation scores.
+
+Patches are removed in order of relevance in equal steps: most relevant first ("positive"
+perturbation: the prediction should collapse fast, lower area is better) or least relevant first
+("negative": the prediction should survive, higher area is better). Removed patches are replaced by
+per-pixel uniform noise (the Vision DiffMask paper's setting) or by the image's per-channel mean.
+
+All perturbed copies of a batch run through the backbone's batched patch-masking path: the patch
+projection is linear per patch, so replacing a patch's pixels by r is replacing its embedding x by
+e(r); with gates g in {0, 1}, g*x + (1-g)*e(r) = e(r) + g*(x - e(r)) (the conv bias cancels in the
+difference). ``perturbed_logits`` does this; ``perturbed_logits_pixels`` is the pixel-space
+reference it is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+import torch
+
+__all__ = [
+    "REPLACEMENTS",
+    "ORDERS",
+    "auc",
+    "removal_counts",
+    "removal_gates",
+    "replacement_pixels",
+    "perturb_pixels",
+    "perturbed_logits",
+    "perturbed_logits_pixels",
+    "localisation_counts",
+    "prf",
+]
+
+REPLACEMENTS = ("noise", "mean")
+ORDERS = ("positive", "negative")
+
+
+# ----- arithmetic --------------------------------------------------------------------------------
+def auc(curve, x=None) -> np.ndarray:
+    """Trapezoid area under ``curve`` along its last axis.
+
+    Args:
+        curve: (..., K) values.
+        x: (K,) abscissae, increasing; default K points evenly spaced on [0, 1].
+
+    Returns:
+        (...) areas (float64).
+    """
+    y = np.asarray(curve, dtype=np.float64)
+    K = y.shape[-1]
+    if K < 2:
+        raise ValueError(f"a curve needs at least 2 points, got {K}")
+    x = np.linspace(0.0, 1.0, K) if x is None else np.asarray(x, dtype=np.float64)
+    if x.shape != (K,):
+        raise ValueError(f"x must have shape ({K},), got {x.shape}")
+    if np.any(np.diff(x) < 0):
+        raise ValueError("x must be increasing")
+    dx = np.diff(x)
+    return ((y[..., 1:] + y[..., :-1]) * 0.5 * dx).sum(-1)
+
+
+def removal_counts(num_patches: int, steps: int) -> list[int]:
+    """Patches removed at each of the steps+1 points: round(k * N / steps), k = 0..steps."""
+    return [int(math.floor(k * num_patches / steps + 0.5)) for k in range(steps + 1)]
+
+
+def removal_gates(scores: torch.Tensor, steps: int, order: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Keep gates for removing patches in order of relevance.
+
+    Args:
+        scores: (B, N) relevance (higher = more relevant).
+        steps: number of equal steps.
+        order: ``"positive"`` (most relevant removed first) or ``"negative"`` (least relevant first).
+        generator: breaks ties between equal scores at random (CPU generator); without it, ties
+            fall in patch order.
+
+    Returns:
+        (B, steps+1, N) float gates: 1 = kept, 0 = replaced; step k removes ``removal_counts[k]``.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (B, N), got shape {tuple(scores.shape)}")
+    B, N = scores.shape
+    s = scores.detach().float().cpu()
+    if not torch.isfinite(s).all():
+        raise ValueError("scores contain NaN or Inf")
+    key = -s if order == "positive" else s  # ascending sort of key = removal order
+    if generator is not None:
+        perm = torch.stack([torch.randperm(N, generator=generator) for _ in range(B)])
+    else:
+        perm = torch.arange(N).expand(B, N)
+    ranked = torch.sort(key.gather(1, perm), dim=1, stable=True).indices
+    removal = perm.gather(1, ranked)  # (B, N): patch removed at position j
+    rank = torch.empty_like(removal).scatter_(1, removal, torch.arange(N).expand(B, N).contiguous())
+    counts = torch.tensor(removal_counts(N, steps))
+    gates = (rank.unsqueeze(1) >= counts.view(1, -1, 1)).float()  # (B, K, N)
+    return gates.to(scores.device)
+
+
+def replacement_pixels(pixel_values: torch.Tensor, mode: str, image_spec, seeds: Iterable[int]) -> torch.Tensor:
+    """What removed patches are replaced by.
+
+    Args:
+        pixel_values: (B, 3, H, W) normalised pixels.
+        mode: ``"noise"``: uniform noise over the valid raw pixel range, per pixel and channel,
+            normalised like the images; ``"mean"``: each image's per-channel mean.
+        image_spec: the backbone's ``ImageSpec`` (for the noise normalisation).
+        seeds: one seed per image (noise), so every method sees the same noise for an image.
+
+    Returns:
+        (B, 3, H, W) replacement pixels.
+    """
+    if mode == "mean":
+        return pixel_values.mean((2, 3), keepdim=True).expand_as(pixel_values).contiguous()
+    if mode != "noise":
+        raise ValueError(f"replacement must be one of {REPLACEMENTS}, got {mode!r}")
+    B, C, H, W = pixel_values.shape
+    seeds = list(seeds)
+    if len(seeds) != B:
+        raise ValueError(f"need one noise seed per image ({B}), got {len(seeds)}")
+    raw = torch.stack([torch.rand(C, H, W, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    # u in [0, 1) is a raw pixel in [0, 255] after rescaling by 1/255; normalise like the processor.
+    x = raw if image_spec.do_rescale else raw * 255.0
+    if image_spec.do_normalize:
+        x = (x - torch.tensor(image_spec.mean).view(1, 3, 1, 1)) / torch.tensor(image_spec.std).view(1, 3, 1, 1)
+    return x.to(pixel_values.device, pixel_values.dtype)
+
+
+def perturb_pixels(pixel_values: torch.Tensor, replacement: torch.Tensor, gates: torch.Tensor, patch_size) -> torch.Tensor:
+    """Pixel-space perturbation: (B, 3, H, W), (B, 3, H, W), (B, K, N) -> (B*K, 3, H, W).
+
+    Patch n (row-major over the grid) keeps its pixels where gates[b, k, n] = 1 and takes the
+    replacement's pixels where it is 0 (values in between blend).
+    """
+    B, C, H, W = pixel_values.shape
+    ph, pw = patch_size
+    gh, gw = H // ph, W // pw
+    K = gates.shape[1]
+    g = gates.view(B, K, 1, gh, 1, gw, 1).expand(B, K, 1, gh, ph, gw, pw).reshape(B, K, 1, gh * ph, gw * pw)
+    g = torch.nn.functional.pad(g, (0, W - gw * pw, 0, H - gh * ph), value=1.0).to(pixel_values.dtype)
+    x, r = pixel_values.unsqueeze(1), replacement.unsqueeze(1)
+    return (g * x + (1 - g) * r).reshape(B * K, C, H, W)
+
+
+def perturbed_logits(backbone, pixel_values: torch.Tensor, replacement: torch.Tensor, gates: torch.Tensor,
+                     *, patches: torch.Tensor | None = None, replacement_patches: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of many perturbed copies of each image through the batched patch-masking path.
+
+    Args:
+        backbone: ``vdm_engine.Backbone``.
+        pixel_values: (B, 3, H, W).
+        replacement: (B, 3, H, W) replacement pixels.
+        gates: (B, K, N) keep gates (1 keep, 0 replace).
+        patches, replacement_patches: optional precomputed ``embed_patches`` of the two (B, N, D).
+
+    Returns:
+        (B, K, C) logits, equal to ``backbone(perturb_pixels(...))`` up to float rounding.
+    """
+    x = backbone.embed_patches(pixel_values) if patches is None else patches
+    r = backbone.embed_patches(replacement) if replacement_patches is None else replacement_patches
+    B, N, D = x.shape
+    if gates.dim() != 3 or gates.shape[0] != B or gates.shape[2] != N:
+        raise ValueError(f"gates must be (B={B}, K, N={N}), got {tuple(gates.shape)}")
+    K = gates.shape[1]
+    # g*x + (1-g)*r = r + g*(x - r): mask the difference with a zero placeholder, then add r back.
+    tokens = backbone.patch_mask_fn(x - r, gates.to(x.dtype), None, backbone.cls_token, backbone.pos_embed)
+    tokens = tokens.view(B, K, N + 1, D)
+    tokens = torch.cat([tokens[:, :, :1], tokens[:, :, 1:] + r.unsqueeze(1)], dim=2).view(B * K, N + 1, D)
+    return backbone.head(backbone.encode(tokens)).view(B, K, -1)
+
+
+def perturbed_logits_pixels(backbone, pixel_values, replacement, gates) -> torch.Tensor:
+    """Reference for ``perturbed_logits``: build every perturbed image in pixel space. (B, K, C)."""
+    B, K = gates.shape[:2]
+    images = perturb_pixels(pixel_values, replacement, gates, backbone.patch_size)
+    return backbone(images).view(B, K, -1)
+
+
+# ----- localisation ------------------------------------------------------------------------------
+def localisation_counts(kept: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """Per-image (tp, fp, fn) of kept patches against the ground truth: (B, N) bools -> (B, 3)."""
+    if kept.shape != relevant.shape:
+        raise ValueError(f"kept {tuple(kept.shape)} and relevant {tuple(relevant.shape)} must have the same shape")
+    kept, relevant = kept.bool(), relevant.bool().to(kept.device)
+    tp = (kept & relevant).sum(-1)
+    fp = (kept & ~relevant).sum(-1)
+    fn = (~kept & relevant).sum(-1)
+    return torch.stack([tp, fp, fn], -1).cpu()
+
+
+def prf(counts) -> dict:
+    """Precision, recall and F1 from (..., 3) (tp, fp, fn) counts.
+
+    Returns micro scores (pooled counts over all images) and macro scores (mean over images with at
+    least one relevant or kept patch; an image with neither is skipped). An empty denominator gives 0.
+    """
+    c = np.asarray(counts, dtype=np.float64).reshape(-1, 3)
+
+    def scores(tp, fp, fn):
+        p = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
+        r = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0)
+        f = np.divide(2 * p * r, p + r, out=np.zeros_like(tp), where=(p + r) > 0)
+        return p, r, f
+
+    p, r, f = scores(*(c.sum(0)[i : i + 1] for i in range(3)))
+    valid = c.sum(1) > 0
+    mp, mr, mf = scores(c[valid, 0], c[valid, 1], c[valid, 2])
+    mean = (lambda a: float(a.mean()) if a.size else 0.0)
+    return {
+        "precision": float(p[0]), "recall": float(r[0]), "f1": float(f[0]),
+        "macro_precision": mean(mp), "macro_recall": mean(mr), "macro_f1": mean(mf),
+        "tp": int(c[:, 0].sum()), "fp": int(c[:, 1].sum()), "fn": int(c[:, 2].sum()),
+    }
+
+
+def _topk_mask(scores: torch.Tensor, k: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, N) bool: the k[b] highest-scoring patches of each image (ties broken like removal)."""
+    order_gates = removal_gates(scores, scores.shape[1], "positive", generator)  # step j removes j patches
+    B = scores.shape[0]
+    return order_gates[torch.arange(B), k.cpu().long()].to(scores.device) < 0.5
