@@ -3,7 +3,9 @@
 Exporter: ``torch.onnx.export(..., dynamo=True)`` (``torch.export`` + onnxscript), the default and
 maintained exporter in torch >= 2.9; it handles SDPA attention and a symbolic batch axis. The
 graph is saved into a staging folder beside the target, checked, compared with PyTorch in
-onnxruntime, and only then renamed onto the target path: a failed export leaves nothing behind.
+onnxruntime, and only then renamed onto the target path: a failed or interrupted export leaves
+nothing behind. The staging folder's name holds the exporting process's id, so staging left by a
+killed export (SIGKILL, power loss) is removed by the next export into that folder.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import copy
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -22,14 +25,15 @@ from typing import Sequence
 
 import torch
 
-from vdm_engine._io import atomic_path
 from vdm_engine.explainer import Explainer
 
 from .graph import DEFAULT_OUTPUTS, ExplainerGraph, normalize_outputs, reference_paths
 from .metadata import ExportMetadata, gates_sha256
 from .validate import TOLERANCES, ExportValidationError, check_onnx, validate_onnx
 
-__all__ = ["export_onnx", "ExportResult", "ExportError", "ExportValidationError", "DTYPES", "MIN_OPSET"]
+__all__ = [
+    "export_onnx", "ExportResult", "ExportError", "ExportValidationError", "DTYPES", "MIN_OPSET", "remove_stale_staging",
+]
 
 logger = logging.getLogger("vdm_engine.export")
 
@@ -39,6 +43,9 @@ MIN_OPSET = 18
 #: Above this many bytes of weights the graph is saved with external data (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2
 _TRACED_BATCH = 2  # never 1: torch.export specialises size-1 dimensions
+#: ``.<target name>.vdm-staging-<pid>-<random>.staging``: a folder beside the target while exporting.
+_STAGING_TAG = "vdm-staging-"
+_STAGING_RE = re.compile(r"^\..+\." + _STAGING_TAG + r"(\d+)-[^.]*\.staging$")
 
 
 class ExportError(RuntimeError):
@@ -86,6 +93,57 @@ def _check_args(explainer, opset, dtype, batch, atol) -> None:
         raise ValueError(f"batch must be 'dynamic' or a positive integer, got {batch!r}")
     if atol is not None and not (isinstance(atol, (int, float)) and atol > 0):
         raise ValueError(f"atol must be a positive number, got {atol!r}")
+
+
+def _process_start_time(pid: int) -> float | None:
+    """Wall-clock start of process ``pid`` (Linux ``/proc``; to 1 s, as boot time is), else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _staging_owner_gone(entry: Path, pid: int) -> bool:
+    """True when the export that made ``entry`` cannot be running any more."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    except OSError:
+        return False
+    started = _process_start_time(pid)  # alive: made by this process only if it started first
+    try:
+        return started is not None and entry.stat().st_mtime < started - 2.0
+    except OSError:
+        return False
+
+
+def remove_stale_staging(folder: str | os.PathLike) -> list[Path]:
+    """Remove staging folders in ``folder`` left by exports that were killed: their process is gone,
+    or its id now belongs to a process started after the folder was written. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _STAGING_RE.match(entry.name)
+        if m is None or int(m.group(1)) == os.getpid() or not _staging_owner_gone(entry, int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        if not entry.exists():
+            removed.append(entry)
+            logger.info("removed %s, left by an export that was killed", entry)
+    return removed
 
 
 def _is_fp32(explainer: Explainer) -> bool:
@@ -214,6 +272,7 @@ def export_onnx(
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"--out {path} is a directory; expected a file path such as {path / 'model.onnx'}")
+    remove_stale_staging(path.parent)
     try:
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
     except ImportError as e:
@@ -263,30 +322,32 @@ def export_onnx(
             reference.backbone.to(torch.float32)
             reference.gates.to(torch.float32)
 
-        with atomic_path(path) as tmp:
-            staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".staging", dir=path.parent))
-            try:
-                staged = staging / path.name  # the final name, so external data locations stay valid
-                with _quiet_exporter():
-                    program.save(staged, external_data=external_data)
-                del program
-                t1 = time.perf_counter()
-                check_onnx(staged)
-                diffs = {}
-                if validate:
-                    diffs = validate_onnx(
-                        staged, reference, outputs=outputs, uint8_input=uint8_input, batch=batch,
-                        traced_batch=traced, atol=tol, threshold=threshold, images=images, providers=providers,
-                    )
-                validate_s = time.perf_counter() - t1
-                data_files = []
-                for f in sorted(staging.iterdir()):
-                    if f != staged:
-                        os.replace(f, path.parent / f.name)
-                        data_files.append(path.parent / f.name)
-                os.replace(staged, tmp)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(
+            prefix=f".{path.name}.{_STAGING_TAG}{os.getpid()}-", suffix=".staging", dir=path.parent
+        ))
+        try:
+            staged = staging / path.name  # the final name, so external data locations stay valid
+            with _quiet_exporter():
+                program.save(staged, external_data=external_data)
+            del program
+            t1 = time.perf_counter()
+            check_onnx(staged)
+            diffs = {}
+            if validate:
+                diffs = validate_onnx(
+                    staged, reference, outputs=outputs, uint8_input=uint8_input, batch=batch,
+                    traced_batch=traced, atol=tol, threshold=threshold, images=images, providers=providers,
+                )
+            validate_s = time.perf_counter() - t1
+            data_files = []
+            for f in sorted(staging.iterdir()):
+                if f != staged:
+                    os.replace(f, path.parent / f.name)
+                    data_files.append(path.parent / f.name)
+            os.replace(staged, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     inp, outs = _io_shapes(path)
     size = path.stat().st_size + sum(f.stat().st_size for f in data_files)

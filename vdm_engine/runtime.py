@@ -70,7 +70,50 @@ def create_session(path: str | os.PathLike, providers: str | Sequence = "auto", 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no ONNX model at {path}")
-    return ort.InferenceSession(str(path), sess_options=session_options, providers=resolve_providers(providers))
+    providers = resolve_providers(providers)
+    try:
+        return ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
+    except Exception as e:  # onnxruntime's own error types derive from Exception only
+        if not type(e).__module__.startswith("onnxruntime"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: onnxruntime cannot load this graph: {first}") from None
+
+
+def _load_graph(path: Path):
+    """The graph's ``ModelProto`` without its weights; one-line errors for a file that is not an ONNX
+    graph, and for external-data files that are missing or shorter than the graph says."""
+    import onnx
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX model at {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf decode errors have no common type
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not an ONNX model, or it is truncated ({first})") from None
+    if not model.HasField("graph") or not model.ir_version:
+        raise ValueError(f"{path} is not an ONNX model (no graph in it); pass a .onnx file written by vdm-export")
+    needed: dict[str, int] = {}
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            loc = info.get("location", "")
+            end = int(info.get("offset") or 0) + int(info.get("length") or 0)
+            needed[loc] = max(needed.get(loc, 0), end)
+    for loc, end in needed.items():
+        data = path.parent / loc
+        if not data.is_file():
+            raise FileNotFoundError(
+                f"{path}: its weights file {loc} is missing (expected at {data}); keep the graph and its "
+                ".data file together when moving or copying them, or export again"
+            )
+        if data.stat().st_size < end:
+            raise ValueError(
+                f"{path}: its weights file {data} is truncated ({data.stat().st_size} bytes, the graph needs {end}); "
+                "copy it again or export again"
+            )
+    return model
 
 
 class OnnxExplainer:
@@ -91,7 +134,7 @@ class OnnxExplainer:
         from vdm_engine.export.metadata import read_metadata
 
         self.path = Path(path)
-        self.metadata = read_metadata(self.path)
+        self.metadata = read_metadata(_load_graph(self.path))
         self.session = create_session(self.path, providers, session_options)
         (inp,) = self.session.get_inputs()
         self.input_name = inp.name

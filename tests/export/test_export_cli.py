@@ -1,6 +1,13 @@
-"""vdm-export: a full run on a local tiny model (uint8 input, fixed batch, Triton), and exit codes."""
+"""vdm-export: a full run on a local tiny model (uint8 input, fixed batch, Triton), exit codes, --overwrite,
+--outputs, and staging that neither SIGTERM nor SIGKILL leaves behind."""
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -101,7 +108,9 @@ def test_bad_cli_input_exits_2_with_one_line(capsys, tmp_path, tiny_dirs):
     _bad_usage(capsys, o + ["--model", "resnet50", "--random-weights"], "--random-weights needs an architecture name")
     _bad_usage(capsys, o + ["--model", "vit-tiny", "--random-weights", "--gates", str(gates)], "--gates cannot")
     _bad_usage(capsys, o + ["--model", str(model), "--gates", str(tmp_path)], "is not a gates directory")
-    _bad_usage(capsys, ["--out", str(tmp_path), "--model", str(model), "--gates", str(gates)], "is a directory")
+    _bad_usage(capsys, ["--out", str(tmp_path), "--model", str(model), "--gates", str(gates)], "is a folder")
+    _bad_usage(capsys, o + ["--model", "nonexistent"], "no such model 'nonexistent'")
+    _bad_usage(capsys, o + ["--outputs", "logits,heatmap"], "invalid choice: 'heatmap'")
     if embedded_model_dir("vit-digits") is None:
         _bad_usage(capsys, o, "embedded model 'vit-digits' is missing")
     assert not out.exists()
@@ -126,3 +135,143 @@ def test_console_script_is_this_main():
 
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "vdm-export"]
     assert ep.value == "vdm_engine.cli.export:main" and ep.load() is main
+
+
+def _staging(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".staging") or p.name.endswith(".tmp"))
+
+
+@pytest.mark.parametrize("outputs", [["logits,patch_mask"], ["logits", "patch_mask"], ["logits,", "patch_mask,logits"]])
+def test_outputs_take_commas_or_spaces(tmp_path, tiny_dirs, monkeypatch, outputs):
+    import vdm_engine.export as export
+    from vdm_engine.export import ExportValidationError
+
+    seen = []
+
+    def record(explainer, path, **kwargs):
+        seen.append(kwargs["outputs"])
+        raise ExportValidationError("stop here")
+
+    monkeypatch.setattr(export, "export_onnx", record)
+    model, gates = tiny_dirs
+    assert main(["--model", str(model), "--gates", str(gates), "--out", str(tmp_path / "m.onnx"), "--outputs", *outputs]) == 1
+    assert seen == [["logits", "patch_mask"]]
+
+
+def test_overwrite_replaces_and_stale_staging_is_removed(tmp_path, tiny_dirs, capsys):
+    """An existing --out needs --overwrite; staging left by a killed export (dead pid) is removed first."""
+    model, gates = tiny_dirs
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"an older export")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".other.onnx.vdm-staging-{dead.pid}-abc123.staging"
+    stale.mkdir()
+    (stale / "other.onnx").write_bytes(b"half written")
+    argv = ["--model", str(model), "--gates", str(gates), "--out", str(out)]
+    assert main(argv) == 2 and "already exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"an older export" and stale.exists()
+    assert main(argv + ["--overwrite"]) == 0, capsys.readouterr().err
+    assert OnnxExplainer(out, providers="cpu").num_patches == 16
+    assert _staging(tmp_path) == []
+
+
+def test_remove_stale_staging_keeps_live_exports(tmp_path):
+    from vdm_engine.export.onnx import remove_stale_staging
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = os.getppid()  # alive, and started before anything made here
+
+    def staging(pid, tag, age_s=0.0):
+        d = tmp_path / f".m.onnx.vdm-staging-{pid}-{tag}.staging"
+        d.mkdir()
+        (d / "m.onnx").write_bytes(b"x")
+        if age_s:
+            t = time.time() - age_s
+            os.utime(d, (t, t))
+        return d
+
+    gone = staging(dead.pid, "dead")
+    reused = staging(live, "reused", age_s=10 * 365 * 86400)  # older than the live process with that pid
+    running = staging(live, "running")
+    mine = staging(os.getpid(), "mine")
+    other = tmp_path / ".m.onnx.abc.staging"  # not ours to judge: no pid in the name
+    other.mkdir()
+    removed = remove_stale_staging(tmp_path)
+    assert sorted(removed) == sorted([gone, reused])
+    assert not gone.exists() and not reused.exists() and running.exists() and mine.exists() and other.exists()
+    assert remove_stale_staging(tmp_path / "missing") == []
+
+
+_SLOW_VALIDATION = """
+import sys, time
+import vdm_engine.export.onnx as eo
+
+real = eo.validate_onnx
+
+def slow(*args, **kwargs):  # hold the export while its staging folder exists
+    time.sleep(120)
+    return real(*args, **kwargs)
+
+eo.validate_onnx = slow
+from vdm_engine.cli.export import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _start_export(tmp_path, out):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VDM_GATES_HOME=str(tmp_path / "gates_home"), OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, "-c", _SLOW_VALIDATION, "--model", "vit-digits", "--out", str(out)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _wait_for_staging(proc, folder, timeout=240.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if folder.is_dir() and _staging(folder):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"export ended (rc {proc.returncode}) before staging appeared: {proc.communicate()[1]}")
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail("no staging files appeared")
+
+
+@pytest.mark.slow
+def test_sigterm_cleans_staging_and_exits_in_one_line(tmp_path):
+    folder = tmp_path / "exports"
+    proc = _start_export(tmp_path, folder / "m.onnx")
+    try:
+        _wait_for_staging(proc, folder)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert time.monotonic() - t0 < 15
+    assert proc.returncode == 143, err
+    assert "Traceback" not in out + err
+    assert err.strip().splitlines()[-1] == "vdm-export: terminated (SIGTERM)", err
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_staging_left_by_sigkill_is_removed_by_the_next_export(tmp_path, export_explainer):
+    from vdm_engine.export import export_onnx
+
+    folder = tmp_path / "exports"
+    proc = _start_export(tmp_path, folder / "m.onnx")
+    try:
+        _wait_for_staging(proc, folder)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    left = _staging(folder)
+    assert left and all(f".vdm-staging-{proc.pid}-" in n for n in left), left  # SIGKILL: nothing could clean up
+    export_onnx(export_explainer, folder / "next.onnx")
+    assert _staging(folder) == [] and sorted(p.name for p in folder.iterdir()) == ["next.onnx"]

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from ._common import UsageError, quiet_transformers, run_cli
+from ._common import CliParser, UsageError, check_device, check_model, check_out_dir, quiet_transformers, run_cli
 
 __all__ = ["main"]
 
@@ -19,7 +19,7 @@ DEFAULT_METHODS = "diffmask,rollout,gradcam,chefer,ig,random"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Faithfulness evaluation of DiffMask and baseline attributions.")
+    p = CliParser(prog=PROG, description="Faithfulness evaluation of DiffMask and baseline attributions.")
     req = p.add_argument_group("required")
     req.add_argument("--data", required=True, help="toy, digits, imagefolder:PATH or hf:NAME[:SPLIT]")
     opt = p.add_argument_group("optional")
@@ -42,10 +42,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     quiet_transformers()
 
     def body() -> int:
+        args = _parser().parse_args(argv)
+        # before anything slow: the device, the model and the output folder
+        check_device(args.device)
+        check_model(args.model)
+        check_out_dir(args.out)
         from vdm_engine.evaluation import PerturbationConfig, evaluate_model, write_report
 
         if args.n < 1:

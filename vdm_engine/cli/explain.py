@@ -18,7 +18,9 @@ from typing import Sequence
 
 from vdm_engine.images import SUPPORTED_FORMATS, load_image, read_image, resolve_max_pixels
 
-from ._common import EXIT_USAGE, UsageError, quiet_transformers, run_cli
+from ._common import (
+    EXIT_USAGE, CliParser, UsageError, check_device, check_model, check_out_dir, quiet_transformers, run_cli,
+)
 
 __all__ = ["main", "explain_files", "load_image", "SUPPORTED_FORMATS"]
 
@@ -26,7 +28,7 @@ PROG = "vdm-explain"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Explain ViT predictions on image files with DiffMask gates.")
+    p = CliParser(prog=PROG, description="Explain ViT predictions on image files with DiffMask gates.")
     req = p.add_argument_group("required")
     req.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
     opt = p.add_argument_group("optional")
@@ -234,11 +236,29 @@ def explain_files(model, paths: Sequence[str | os.PathLike], out_dir: str | os.P
     return records, errors
 
 
+def _check_args(args) -> None:
+    """What can be refused before any model is loaded: device, model, --onnx file, --out, no readable image."""
+    check_device(args.device)
+    if args.onnx:
+        if not Path(args.onnx).is_file():
+            raise UsageError(f"--onnx {args.onnx}: no such file")
+    else:
+        check_model(args.model or "vit-digits")
+    check_out_dir(args.out)
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if len(missing) == len(args.images):  # some readable: explain those, report the others, exit 2
+        p = Path(missing[0])
+        what = "no such file" if not p.exists() else "not a file"
+        more = f" (and {len(missing) - 1} more images that are not files)" if len(missing) > 1 else ""
+        raise UsageError(f"{p}: {what}{more}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     quiet_transformers()
 
     def body() -> int:
+        args = _parser().parse_args(argv)
+        _check_args(args)
         model = _Model(args)
         records, errors = explain_files(model, args.images, args.out, top_k=args.top_k, threshold=args.threshold,
                                         batch_size=args.batch_size, max_pixels=args.max_pixels)

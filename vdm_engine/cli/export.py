@@ -1,8 +1,9 @@
 """``vdm-export [--model MODEL] [--gates DIR] --out PATH [...]``: one validated ONNX graph (ViT + gates).
 
 The default model is the embedded ``vit-digits``, so ``vdm-export --out m.onnx`` works offline.
-Exit codes: 0 written; 2 bad usage, missing weights or gates; 1 export or validation failure
-(nothing is left at ``--out`` then).
+An existing ``--out`` file is replaced only with ``--overwrite``. Exit codes: 0 written; 2 bad
+usage, unknown model, missing weights or gates, unwritable ``--out``; 1 export or validation
+failure; 130 Ctrl-C, 143 SIGTERM (nothing is left at ``--out``, nor staging files, in all of these).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import sys
 from typing import Sequence
 
-from ._common import UsageError, quiet_transformers, run_cli
+from ._common import CliParser, UsageError, check_model, check_out_dir, check_out_file, quiet_transformers, run_cli
 
 __all__ = ["main", "load_explainer", "PROG"]
 
@@ -20,18 +21,14 @@ PROG = "vdm-export"
 _CLI_OUTPUTS = ("logits", "patch_mask", "layer_masks")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line through run_cli instead of argparse's usage dump
-        raise UsageError(f"{message} (see {PROG} --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
     from vdm_engine.export.graph import OUTPUTS
 
-    p = _Parser(prog=PROG, description="Export a ViT and its DiffMask gates as one validated ONNX graph.")
+    p = CliParser(prog=PROG, description="Export a ViT and its DiffMask gates as one validated ONNX graph.")
     req = p.add_argument_group("required")
     req.add_argument("--out", required=True, metavar="PATH", help="the .onnx file to write")
     opt = p.add_argument_group("optional")
+    opt.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     opt.add_argument("--model", default="vit-digits",
                      help="embedded name, preset (vit-b16, ...), hub id or local directory (default vit-digits)")
     opt.add_argument("--revision", default=None, help="hub revision of --model")
@@ -46,8 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--batch-size", type=int, default=None, metavar="N", help="fixed batch size (default: dynamic)")
     opt.add_argument("--uint8-input", action="store_true",
                      help="take raw uint8 (B, H, W, 3) images; rescale and normalisation happen in the graph")
-    opt.add_argument("--outputs", nargs="+", choices=OUTPUTS, default=list(_CLI_OUTPUTS), metavar="NAME",
-                     help=f"graph outputs, from {', '.join(OUTPUTS)} (default: {' '.join(_CLI_OUTPUTS)})")
+    opt.add_argument("--outputs", nargs="+", type=_output_names, default=[list(_CLI_OUTPUTS)], metavar="NAME",
+                     help=f"graph outputs, space- or comma-separated, from {', '.join(OUTPUTS)} "
+                          f"(default: {' '.join(_CLI_OUTPUTS)})")
     opt.add_argument("--threshold", type=float, default=0.5, help="hard-mask threshold for masked_logits/kl (default 0.5)")
     opt.add_argument("--atol", type=float, default=None, metavar="X",
                      help="max abs difference onnxruntime vs PyTorch (default 1e-4 fp32, 1e-2 fp16)")
@@ -59,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--tensorrt", action="store_true", help="add a TensorRT FP16 accelerator block to the Triton config")
     opt.add_argument("-v", "--verbose", action="store_true", help="log per-output differences of every validation input")
     return p
+
+
+def _output_names(value: str) -> list[str]:
+    """``--outputs`` takes ``logits patch_mask`` as well as ``logits,patch_mask``."""
+    from vdm_engine.export.graph import OUTPUTS
+
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    bad = [n for n in names if n not in OUTPUTS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"invalid choice: {(bad or [value])[0]!r} (choose from {', '.join(OUTPUTS)})")
+    return names
 
 
 def _status(msg: str) -> None:
@@ -91,6 +100,7 @@ def load_explainer(model: str, *, gates: str | None = None, revision: str | None
             raise UsageError("--gates cannot be combined with --random-weights (random weights get random gates)")
         backbone = random_backbone(model)
         return Explainer(backbone, random_gates(backbone)).eval(), True
+    check_model(model, revision=revision)  # an unknown name is "no such model", not missing gates
     resolve_model_source(model)  # a missing embedded model is reported before missing gates
     gates_dir = gates if gates is not None else registered_gates(model)
     if gates_dir is None and not untrained_gates:
@@ -141,6 +151,13 @@ def _run(argv: Sequence[str] | None) -> int:
         raise UsageError(f"--opset must be >= {MIN_OPSET} (the dynamo exporter's oldest), got {args.opset}")
     if args.triton_max_batch < 1:
         raise UsageError(f"--triton-max-batch must be >= 1, got {args.triton_max_batch}")
+    args.outputs = list(dict.fromkeys(n for names in args.outputs for n in names))
+    # before anything slow: the model exists, and --out can be written
+    if not args.random_weights:
+        check_model(args.model, revision=args.revision)
+    check_out_file(args.out, args.overwrite)
+    if args.triton_repo:
+        check_out_dir(args.triton_repo, flag="--triton-repo")
     if args.verbose:
         logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
         logging.getLogger("vdm_engine.export").setLevel(logging.INFO)

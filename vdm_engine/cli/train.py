@@ -9,7 +9,9 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from vdm_engine.cli._common import CliParser
+
+    p = CliParser(
         prog="vdm-train",
         description="Train DiffMask gates (Lagrangian objective) for a frozen ViT classifier. "
         "Run it under `torchrun --nproc_per_node N` for data-parallel training.",
@@ -64,12 +66,15 @@ def _run(args) -> int:
     import torch
 
     from vdm_engine import Explainer, load_backbone
-    from vdm_engine.cli._common import quiet_transformers
+    from vdm_engine.cli._common import check_device, check_model, check_out_dir, quiet_transformers
     from vdm_engine.training import TrainConfig, new_gates, train_gates
     from vdm_engine.training.data import open_source
     from vdm_engine.training.distributed import init_distributed, shutdown
     from vdm_engine.training.loop import CHECKPOINT, _load_checkpoint
 
+    check_device(args.device)
+    check_model(args.model, revision=args.revision)
+    check_out_dir(args.out, keep=True)  # kept: torchrun ranks check it at the same time
     given = {f: getattr(args, a) for a, f in _FIELDS.items() if getattr(args, a) is not None}
     ckpt = Path(args.out) / CHECKPOINT
     if args.resume and ckpt.exists():
@@ -81,8 +86,6 @@ def _run(args) -> int:
         config = TrainConfig(**given)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     info = init_distributed(device)
     threads = torch.get_num_threads()
     try:
@@ -123,8 +126,7 @@ def _run(args) -> int:
 def main(argv=None) -> int:
     from vdm_engine.cli._common import run_cli
 
-    args = build_parser().parse_args(argv)
-    return run_cli("vdm-train", lambda: _run(args))
+    return run_cli("vdm-train", lambda: _run(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":
