@@ -17,6 +17,7 @@ from torch import nn
 
 from ._io import atomic_write_json
 from .preprocessing import ImageSpec, _to_uint8_list, check_pixel_values, preprocess_images  # noqa: F401 (re-exported)
+from .provenance import backbone_fingerprint
 from .registry import EMBEDDED_MODELS, embedded_model_dir
 
 __all__ = [
@@ -97,6 +98,7 @@ class Backbone(nn.Module):
         self.image_spec = image_spec
         self.name_or_path = name_or_path
         self.revision = revision
+        self._fingerprint: str | None = None
         # Fast paths swap this for a kernel with the same signature (see vdm_engine.kernels).
         self.patch_mask_fn: Callable = patch_mask_reference
         emb = self.model.vit.embeddings
@@ -169,6 +171,17 @@ class Backbone(nn.Module):
     def pos_embed(self) -> torch.Tensor:
         """(N+1, D) position embeddings."""
         return self.model.vit.embeddings.position_embeddings[0]
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the weights and the architecture (``provenance.backbone_fingerprint``).
+
+        Computed once, on first use; ``load_backbone`` computes it before any device or dtype move,
+        so it describes the weights as stored.
+        """
+        if self._fingerprint is None:
+            self._fingerprint = backbone_fingerprint(self.model)
+        return self._fingerprint
 
     @property
     def device(self) -> torch.device:
@@ -375,6 +388,7 @@ def load_backbone(
         ) from e
     spec = ImageSpec.from_processor_dict(processor, _pair(config.image_size))
     backbone = Backbone(model, spec, name_or_path=str(name_or_path), revision=revision)
+    backbone.fingerprint  # noqa: B018 (of the weights as stored, before any move)
     if device is not None or dtype is not None:
         backbone.to(device=device, dtype=dtype)
     return backbone

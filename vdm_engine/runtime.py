@@ -269,6 +269,8 @@ class OnnxExplainer:
             layer_masks=out.get("layer_masks"),
             grid=self.grid,
             image_size=self.image_size,
+            gates_source=self.metadata.gates_source or None,
+            gates_sha256=self.metadata.gates_sha256 or None,
         )
 
     def __call__(self, x) -> Explanation:

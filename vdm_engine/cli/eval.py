@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     opt = p.add_argument_group("optional")
     opt.add_argument("--model", default="vit-digits", help="embedded name, preset, hub id or local dir (default vit-digits)")
     opt.add_argument("--gates", default=None, metavar="DIR", help="gates directory (default: registry, then embedded)")
+    opt.add_argument("--allow-backbone-mismatch", action="store_true",
+                     help="accept gates recorded for another backbone (a fine-tuned copy); warns and records it")
     opt.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
     opt.add_argument("--n", type=int, default=500, help="images to evaluate (default 500; digits has 300 held out)")
     opt.add_argument("--out", default="eval-results", metavar="DIR", help="output folder (default ./eval-results)")
@@ -51,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_model(args.model)
         check_out_dir(args.out)
         from vdm_engine.evaluation import PerturbationConfig, evaluate_model, write_report
+        from vdm_engine.provenance import GatesProvenance
 
         if args.n < 1:
             raise UsageError(f"--n must be >= 1, got {args.n}")
@@ -72,9 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         results, examples = evaluate_model(
             args.model, args.data, methods, n=args.n, gates=args.gates, config=config, ig_steps=args.ig_steps,
             ig_baseline=args.ig_baseline, threshold=args.threshold, device=args.device,
+            allow_backbone_mismatch=args.allow_backbone_mismatch,
         )
         written = write_report(results, args.out, examples, plots=not args.no_plots)
         rp = config.replacements[0]
+        print(f"{PROG}: {GatesProvenance(**results['gates_provenance']).describe()}", file=sys.stderr)
         print(f"{results['data_description']}: AUC of P(original class), {rp} replacement")
         for m, e in results["methods"].items():
             line = f"  {m:9s} positive {e[rp]['positive']['auc_prob']:.4f}  negative {e[rp]['negative']['auc_prob']:.4f}"

@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--model", default=None, help="embedded name, preset, hub id or local directory (default vit-digits)")
     src.add_argument("--onnx", default=None, metavar="PATH", help="an exported graph (vdm-export) run with onnxruntime")
     opt.add_argument("--gates", default=None, metavar="DIR", help="gates directory (default: registry, then embedded)")
+    opt.add_argument("--allow-backbone-mismatch", action="store_true",
+                     help="accept gates recorded for another backbone (a fine-tuned copy); warns and records it")
     opt.add_argument("--out", default="explanations", metavar="DIR", help="output folder (default ./explanations)")
     opt.add_argument("--top-k", type=int, default=5, help="classes listed in the caption and JSON (default 5)")
     opt.add_argument("--threshold", type=float, default=0.5, help="keep probability above which a patch is kept")
@@ -86,11 +88,13 @@ class _Model:
             self.impl = OnnxExplainer(args.onnx)
             meta = getattr(self.impl, "metadata", None)
             if meta is not None and not isinstance(meta, dict):  # ExportMetadata dataclass
-                meta = {k: getattr(meta, k) for k in ("gates_sha256", "id2label", "untrained_gates") if hasattr(meta, k)}
+                meta = {k: getattr(meta, k) for k in ("gates_sha256", "gates_source", "id2label", "untrained_gates")
+                        if hasattr(meta, k)}
             meta = meta or {}
             self.name = str(args.onnx)
             self.model_sha256 = sha256_file(args.onnx)
             self.gates_sha256 = meta.get("gates_sha256")
+            self.gates_source = meta.get("gates_source") or None
             self.id2label = _labels(getattr(self.impl, "id2label", None) or meta.get("id2label"))
             if meta.get("untrained_gates"):
                 print(f"{PROG}: warning: {args.onnx} was exported with untrained gates; its masks mean nothing",
@@ -99,10 +103,14 @@ class _Model:
             from vdm_engine import Explainer
 
             model = args.model or "vit-digits"
-            self.impl = Explainer.from_pretrained(model, gates=args.gates, device=args.device).eval()
+            self.impl = Explainer.from_pretrained(
+                model, gates=args.gates, device=args.device, allow_backbone_mismatch=args.allow_backbone_mismatch
+            ).eval()
+            print(f"{PROG}: {self.impl.provenance.describe()}", file=sys.stderr)
             self.name = model
             self.model_sha256 = _model_sha256(self.impl.backbone)
             self.gates_sha256 = self.impl.gates.sha256
+            self.gates_source = self.impl.provenance.source
             self.id2label = self.impl.backbone.id2label
 
     def preprocess(self, images):
@@ -228,6 +236,7 @@ def explain_files(model, paths: Sequence[str | os.PathLike], out_dir: str | os.P
                 "model": model.name,
                 "model_sha256": model.model_sha256,
                 "gates_sha256": model.gates_sha256,
+                "gates_source": getattr(model, "gates_source", None),
             }
             atomic_write_json(out_dir / f"{stem}.json", record)
             records.append(record)

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="embedded name, preset (vit-b16, ...), hub id or local directory (default vit-digits)")
     opt.add_argument("--revision", default=None, help="hub revision of --model")
     opt.add_argument("--gates", default=None, metavar="DIR", help="gates directory (default: the registry, then embedded)")
+    opt.add_argument("--allow-backbone-mismatch", action="store_true",
+                     help="accept gates recorded for another backbone (a fine-tuned copy); warns and records it")
     opt.add_argument("--untrained-gates", action="store_true",
                      help="if no trained gates are found, export random ones (benchmarks only; recorded in the metadata)")
     opt.add_argument("--random-weights", action="store_true",
@@ -75,7 +77,8 @@ def _status(msg: str) -> None:
 
 
 def load_explainer(model: str, *, gates: str | None = None, revision: str | None = None,
-                   untrained_gates: bool = False, random_weights: bool = False):
+                   untrained_gates: bool = False, random_weights: bool = False,
+                   allow_backbone_mismatch: bool = False):
     """The explainer to export and what to record about it.
 
     Returns:
@@ -86,7 +89,8 @@ def load_explainer(model: str, *, gates: str | None = None, revision: str | None
     from vdm_engine import Explainer, GateConfig, Gates
     from vdm_engine.backbone import SHAPES, load_backbone, random_backbone, resolve_model_source
     from vdm_engine.explainer import GatesNotFoundError
-    from vdm_engine.registry import registered_gates
+    from vdm_engine.provenance import classify_source
+    from vdm_engine.registry import registered_gates, registry_home
 
     def random_gates(backbone):
         with torch.random.fork_rng(devices=[]):
@@ -112,7 +116,9 @@ def load_explainer(model: str, *, gates: str | None = None, revision: str | None
     if gates_dir is None:
         _status(f"warning: exporting RANDOM gates for '{model}' (--untrained-gates); the masks mean nothing")
         return Explainer(backbone, random_gates(backbone)).eval(), True
-    return Explainer(backbone, Gates.from_pretrained(gates_dir, backbone=backbone)).eval(), False
+    source = "path" if gates is not None else classify_source(gates_dir, registry_home())
+    loaded = Gates.from_pretrained(gates_dir, source=source)
+    return Explainer(backbone, loaded, allow_backbone_mismatch=allow_backbone_mismatch).eval(), False
 
 
 def _validation_images(model: str, random_weights: bool):
@@ -173,7 +179,9 @@ def _run(argv: Sequence[str] | None) -> int:
     explainer, untrained = load_explainer(
         args.model, gates=args.gates, revision=args.revision,
         untrained_gates=args.untrained_gates, random_weights=args.random_weights,
+        allow_backbone_mismatch=args.allow_backbone_mismatch,
     )
+    _status(explainer.provenance.describe())
     batch = "dynamic" if args.batch_size is None else args.batch_size
     dtype = "fp16" if args.fp16 else "fp32"
     _status(f"exporting {args.model} ({dtype}, opset {args.opset}, batch {batch}) ...")
