@@ -29,7 +29,6 @@ def test_explain_torch_reference(measure, kernels, bench_config, bench_explainer
 def test_explain_torch_triton(measure, kernels, bench_config, bench_explainer, bench_pixels):
     if not bench_config.cuda:
         pytest.skip("the Triton kernels run on CUDA only; rerun with --vdm-device cuda on a GPU")
-    pytest.importorskip("vdm_engine.kernels.dispatch", reason="vdm_engine.kernels.dispatch is not available")
     kernels("reference")
     expected = bench_explainer.explain(bench_pixels)
     kernels("triton")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vdm_engine import attribution
+
 IG_STEPS = 50
 IG_MEMORY_BYTES = 1.5 * 2**30  # activations kept for one of captum's internal forward/backward batches
 
@@ -19,7 +21,6 @@ def ig_internal_batch(backbone, batch: int, n_steps: int = IG_STEPS) -> int:
 
 
 def _method(name: str, explainer, batch: int):
-    attribution = pytest.importorskip("vdm_engine.attribution", reason="vdm_engine.attribution is not available")
     options = {}
     if name == "ig":
         pytest.importorskip("captum", reason="Integrated Gradients needs captum (pip install captum)")

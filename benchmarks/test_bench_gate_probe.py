@@ -11,6 +11,7 @@ import torch
 
 from vdm_engine import GateConfig, Gates
 from vdm_engine.gates import gate_probe_reference
+from vdm_engine.kernels import probe_gates
 
 
 @pytest.fixture(scope="module")
@@ -27,27 +28,16 @@ def probe_inputs(bench_config, bench_backbone, bench_pixels):
     return hidden, gates.probe_params()
 
 
-def _reference_mask(hidden, probes):
-    return gate_probe_reference(hidden, probes).float().sum(1)[:, 1:].exp()
-
-
 @pytest.mark.benchmark(group="kernel-gate-probe")
-@pytest.mark.parametrize("output", ["log_keep", "patch_mask"])
 @pytest.mark.parametrize("provider", ["reference", "triton"])
-def test_gate_probe(provider, output, measure, benchmark, bench_config, probe_inputs):
+def test_gate_probe(provider, measure, benchmark, bench_config, probe_inputs):
     hidden, probes = probe_inputs
-    reference = gate_probe_reference if output == "log_keep" else _reference_mask
-    if provider == "reference":
-        fn = reference
-    else:
-        if not bench_config.cuda:
-            pytest.skip("the Triton kernel is timed on CUDA only (the CPU interpreter is not a performance model)")
-        from vdm_engine.kernels import gate_probe, gate_probe_patch_mask
-
-        fn = gate_probe if output == "log_keep" else gate_probe_patch_mask
+    if provider == "triton" and not bench_config.cuda:
+        pytest.skip("the Triton kernel is timed on CUDA only (the CPU interpreter is not a performance model)")
+    fn = probe_gates if provider == "triton" else gate_probe_reference
     with torch.no_grad():
-        got = measure(f"kernel/gate_probe-{output}-{provider}", fn, hidden, probes)
-        expected = reference(hidden, probes)
+        got = measure(f"kernel/gate_probe-log_keep-{provider}", fn, hidden, probes)
+        expected = gate_probe_reference(hidden, probes)
     atol, rtol = bench_config.tolerance
     torch.testing.assert_close(got.float(), expected.float(), atol=atol, rtol=rtol)
     if benchmark.enabled:

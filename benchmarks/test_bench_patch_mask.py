@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vdm_engine.backbone import patch_mask_reference
+from vdm_engine.kernels import mask_patches
 
 
 def _inputs(backbone, cfg, K: int):
@@ -30,9 +31,7 @@ def _provider(name: str, cfg):
         return patch_mask_reference
     if not cfg.cuda:
         pytest.skip("the Triton kernel is timed on CUDA only (the CPU interpreter is not a performance model)")
-    from vdm_engine.kernels import patch_mask
-
-    return patch_mask
+    return mask_patches
 
 
 @pytest.mark.benchmark(group="kernel-patch-mask")

@@ -8,16 +8,14 @@ import pytest
 import torch
 
 from benchmarks.conftest import random_gates
+from vdm_engine.training import TrainConfig, objective
 
 
 def _step_fn(backbone, gates, pixel_values):
     """A closure running one training step with ``vdm_engine.training``'s objective at the last depth."""
-    objective_mod = pytest.importorskip("vdm_engine.training.objective", reason="vdm_engine.training is not available")
-    from vdm_engine.training import TrainConfig
-
     cfg = TrainConfig()
     gates.train()
-    obj = objective_mod.GateObjective(backbone, gates, alpha_init=cfg.alpha_init, eps=cfg.eps, l0=cfg.l0)
+    obj = objective.GateObjective(backbone, gates, alpha_init=cfg.alpha_init, eps=cfg.eps, l0=cfg.l0)
     obj.alpha.data = obj.alpha.data.to(backbone.device)
     params = [p for p in gates.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr_probe)
@@ -26,7 +24,7 @@ def _step_fn(backbone, gates, pixel_values):
     depth = backbone.num_hidden_states - 1  # the full mask: every probe in the graph
 
     def step(pv):
-        logits, hidden = objective_mod.clean_pass(backbone, pv)
+        logits, hidden = objective.clean_pass(backbone, pv)
         loss, stats = obj(logits, hidden, depth, generator)
         opt.zero_grad(set_to_none=True)
         opt_alpha.zero_grad(set_to_none=True)

@@ -83,13 +83,13 @@ def install_backbone(backbone, mode: str | None = None) -> bool:
     """Set ``backbone.patch_mask_fn`` for the backbone's device and dtype (the training loop's hook).
 
     Returns:
-        True when the Triton ``patch_mask`` was installed.
+        True when the Triton ``mask_patches`` was installed.
     """
     use, reasons = choose(backbone.device, backbone.dtype, mode)
     if use:
-        from .patch_mask import patch_mask
+        from .patch_mask import mask_patches
 
-        backbone.patch_mask_fn = patch_mask
+        backbone.patch_mask_fn = mask_patches
     else:
         backbone.patch_mask_fn = patch_mask_reference
         _log_once(f"vdm_engine.kernels: patch_mask uses the PyTorch reference ({'; '.join(reasons)})")
@@ -110,11 +110,11 @@ def install(explainer, mode: str | None = None) -> bool:
     device, dtype = backbone.device, backbone.dtype
     use, reasons = choose(device, dtype, mode)
     if use:
-        from .gate_probe import gate_probe
-        from .patch_mask import patch_mask
+        from .gate_probe import probe_gates
+        from .patch_mask import mask_patches
 
-        explainer.gate_probe_fn = gate_probe
-        backbone.patch_mask_fn = patch_mask
+        explainer.gate_probe_fn = probe_gates
+        backbone.patch_mask_fn = mask_patches
         attn = getattr(backbone.config, "_attn_implementation", None)
         if device.type == "cuda" and dtype != torch.float32 and attn not in (None, "sdpa", "flash_attention_2"):
             _log_once(

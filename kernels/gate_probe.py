@@ -7,11 +7,11 @@ DiffMask, Nalmpantis et al. 2023) compute per token
     log_keep_s = -softplus(offset - z_s)
 
 Each program owns a tile of tokens and walks all depths: the two matmuls per depth (h_0 half and
-h_s half of W1) run on ``tl.dot`` with fp32 accumulation, and tanh, the w2 projection, the
-hard-concrete log keep probability and the running sum over depth stay in registers. A pass over
-D accumulates ``P_TILES`` P tiles (1 to 4) from each loaded (h_0, h_s) tile, so h_s (s >= 1) is
-read ceil(P / (P_TILES * BLOCK_P)) times per depth (once when the tiles cover P); h_0 is re-read
-at each depth and is served from cache. Inference only: there is no backward.
+h_s half of W1) run on ``tl.dot`` with fp32 accumulation, and tanh, the w2 projection and the
+hard-concrete log keep probability stay in registers. A pass over D accumulates ``P_TILES`` P
+tiles (1 to 3) from each loaded (h_0, h_s) tile, so h_s (s >= 1) is read
+ceil(P / (P_TILES * BLOCK_P)) times per depth (once when the tiles cover P); h_0 is re-read at
+each depth and is served from cache. Inference only: there is no backward.
 
 Two entry points share the body ``_gate_probe_tile``: ``_gate_probe_kernel`` (GPU) takes the loop
 bounds S, D and P as runtime arguments (one compiled variant for every model);
@@ -28,13 +28,7 @@ from vdm_engine.gates import ProbeParams, gate_probe_reference
 
 from ._triton import SUPPORTED_DTYPES, device_guard, interpreting, launch_device, next_power_of_2, tl, triton
 
-__all__ = [
-    "gate_probe",
-    "gate_probe_forward",
-    "gate_probe_patch_mask",
-    "gate_probe_patch_mask_reference",
-    "gate_probe_reference",
-]
+__all__ = ["gate_probe_forward", "gate_probe_reference", "probe_gates"]
 
 
 # ----- kernel ---------------------------------------------------------------------------------
@@ -78,9 +72,7 @@ def _probe_proj(acc, b1_ptr, w2_ptr, p, p_ok):
 
 @triton.jit
 def _gate_probe_tile(
-    h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, add_ptr, out_ptr, mask_ptr, S, R, T, D, P, mul, offset,
-    WRITE_LAYERS: tl.constexpr,
-    WRITE_MASK: tl.constexpr,
+    h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, add_ptr, out_ptr, S, R, T, D, P, mul, offset,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -103,7 +95,6 @@ def _gate_probe_tile(
     w_tile = offs_p[None, :] * (2 * D) + offs_d[:, None]  # (BLOCK_D, BLOCK_P) view of W1_s^T
     h0_base = h_ptr + row0 * D
     dot_ty = w1_ptr.dtype.element_ty
-    total = tl.zeros((BLOCK_T,), dtype=tl.float32)  # running sum of log keep over depth
     for s in range(S):
         hs_base = h0_base + tl.cast(s, tl.int64) * R * D
         w_s = w1_ptr + tl.cast(s, tl.int64) * P * 2 * D
@@ -113,12 +104,10 @@ def _gate_probe_tile(
             p_a = p0 + offs_p
             p_b = p_a + BLOCK_P
             p_c = p_b + BLOCK_P
-            p_d = p_c + BLOCK_P
             acc_a = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)  # pre-activation tiles
             acc_b = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
             acc_c = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
-            acc_d = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
-            pa_ok, pb_ok, pc_ok, pd_ok = p_a < P, p_b < P, p_c < P, p_d < P
+            pa_ok, pb_ok, pc_ok = p_a < P, p_b < P, p_c < P
             for d0 in range(0, D, BLOCK_D):
                 d_ok = (d0 + offs_d) < D
                 h_ok = row_ok[:, None] & d_ok[None, :]
@@ -132,23 +121,14 @@ def _gate_probe_tile(
                 if P_TILES > 2:
                     w_off += BLOCK_P * 2 * D
                     acc_c = _probe_dot(acc_c, h0, hs, w_s, w_off, d_ok[:, None] & pc_ok[None, :], D, IEEE, UPCAST)
-                if P_TILES > 3:
-                    w_off += BLOCK_P * 2 * D
-                    acc_d = _probe_dot(acc_d, h0, hs, w_s, w_off, d_ok[:, None] & pd_ok[None, :], D, IEEE, UPCAST)
             proj += _probe_proj(acc_a, b1_ptr + s * P, w2_ptr + s * P, p_a, pa_ok)
             if P_TILES > 1:
                 proj += _probe_proj(acc_b, b1_ptr + s * P, w2_ptr + s * P, p_b, pb_ok)
             if P_TILES > 2:
                 proj += _probe_proj(acc_c, b1_ptr + s * P, w2_ptr + s * P, p_c, pc_ok)
-            if P_TILES > 3:
-                proj += _probe_proj(acc_d, b1_ptr + s * P, w2_ptr + s * P, p_d, pd_ok)
         z = mul * _tanh(proj + tl.load(b2_ptr + s)) + tl.load(add_ptr + s)
         log_keep = -_softplus(offset - z)
-        total += log_keep
-        if WRITE_LAYERS:
-            tl.store(out_ptr + (b * S + s) * T + t, log_keep, mask=row_ok)
-    if WRITE_MASK:
-        tl.store(mask_ptr + b * (T - 1) + t - 1, tl.exp(total), mask=row_ok & (t >= 1))
+        tl.store(out_ptr + (b * S + s) * T + t, log_keep, mask=row_ok)
 
 
 @triton.jit
@@ -159,8 +139,7 @@ def _gate_probe_kernel(
     w2_ptr,  # (S, P) fp32 second probe layer
     b2_ptr,  # (S,) fp32
     add_ptr,  # (S,) fp32 learned offsets
-    out_ptr,  # (B, S, T) fp32 log keep per depth (written when WRITE_LAYERS)
-    mask_ptr,  # (B, T-1) fp32 exp(sum over depth), CLS dropped (written when WRITE_MASK)
+    out_ptr,  # (B, S, T) fp32 log keep per depth
     S,
     R,
     T,
@@ -168,25 +147,23 @@ def _gate_probe_kernel(
     P,
     mul,
     offset,
-    WRITE_LAYERS: tl.constexpr,
-    WRITE_MASK: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
-    P_TILES: tl.constexpr,  # 1..4 P tiles accumulated per pass over D
+    P_TILES: tl.constexpr,  # 1..3 P tiles accumulated per pass over D
 ):
     # GPU entry: runtime loop bounds S, D, P (one compiled variant for every model).
     _gate_probe_tile(
-        h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, add_ptr, out_ptr, mask_ptr, S, R, T, D, P, mul, offset,
-        WRITE_LAYERS, WRITE_MASK, IEEE, UPCAST, BLOCK_T, BLOCK_D, BLOCK_P, P_TILES,
+        h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, add_ptr, out_ptr, S, R, T, D, P, mul, offset,
+        IEEE, UPCAST, BLOCK_T, BLOCK_D, BLOCK_P, P_TILES,
     )  # fmt: skip
 
 
 @triton.jit
 def _gate_probe_kernel_static(
-    h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, add_ptr, out_ptr, mask_ptr,
+    h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, add_ptr, out_ptr,
     S: tl.constexpr,
     R,
     T,
@@ -194,8 +171,6 @@ def _gate_probe_kernel_static(
     P: tl.constexpr,
     mul,
     offset,
-    WRITE_LAYERS: tl.constexpr,
-    WRITE_MASK: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -205,8 +180,8 @@ def _gate_probe_kernel_static(
 ):  # fmt: skip
     # Interpreter entry (same arguments, loop bounds constexpr): see the module docstring.
     _gate_probe_tile(
-        h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, add_ptr, out_ptr, mask_ptr, S, R, T, D, P, mul, offset,
-        WRITE_LAYERS, WRITE_MASK, IEEE, UPCAST, BLOCK_T, BLOCK_D, BLOCK_P, P_TILES,
+        h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, add_ptr, out_ptr, S, R, T, D, P, mul, offset,
+        IEEE, UPCAST, BLOCK_T, BLOCK_D, BLOCK_P, P_TILES,
     )  # fmt: skip
 
 
@@ -214,17 +189,11 @@ def _gate_probe_kernel_static(
 def _block_sizes(R: int, D: int, P: int, interpret: bool, elem_bytes: int = 2) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_T, BLOCK_D, BLOCK_P, P_TILES, num_warps, num_stages); every block is >= 16 for ``tl.dot``.
 
-    GPU: 64-token tiles, 64-wide P tiles (one for P <= 64; ViT-B's P=192 splits into three without
-    padding), 64-wide D steps for half inputs and 32-wide for fp32. Half inputs use 4 warps, 3
-    stages and, for up to three P tiles, one pass over D for all of them (``P_TILES``), so each
-    hidden-state tile is loaded once per depth. Measured on an H100 (bf16, B=256, T=197, D=768,
-    S=14, P=192; triton 3.6; benchmarks/results/gpu-h100-2026-11-26): 1.34 ms, against 2.12 ms
-    with one P tile per pass and 3.84 ms with one P tile on 8 warps (the previous default). An
-    earlier ahead-of-time analysis showed 4-warp builds spilling, but it compiled without the
-    launch's alignment hints (16-byte pointers, D, P, R divisible by 16), so the D loop was not
-    pipelined; tests/kernels/test_gpu_compile.py now compiles with them. More than three P tiles
-    (ViT-L's P=256) keep one P tile per pass (four accumulators were not measured). fp32 keeps 8
-    warps and 2 stages (not measured against alternatives yet).
+    GPU: 64-token tiles, 64-wide P tiles, 64-wide D steps for half inputs and 32-wide for fp32.
+    Half inputs use 4 warps and 3 stages and, when P fits in at most three P tiles, accumulate all
+    of them in one pass over D (``P_TILES``) so each hidden-state tile is loaded once per depth;
+    more P tiles take one per pass. fp32 uses 8 warps and 2 stages. (Timings behind these choices:
+    benchmarks/results/gpu-h100-2026-11-26/README.md.)
     Interpreter: one D and P tile and up to 256 tokens per program (Python overhead per program).
     """
     if interpret:
@@ -252,27 +221,25 @@ def _dot_dtype(hidden_dtype: torch.dtype, w1_dtype: torch.dtype) -> torch.dtype:
     return w1_dtype if w1_dtype != torch.float32 else hidden_dtype
 
 
-def _check_args(hidden_states: torch.Tensor, probes: ProbeParams, aggregate: bool) -> None:
+def _check_args(hidden_states: torch.Tensor, probes: ProbeParams) -> None:
     if hidden_states.dim() != 4:
-        raise ValueError(f"gate_probe: hidden_states must be (S, B, T, D), got shape {tuple(hidden_states.shape)}")
+        raise ValueError(f"probe_gates: hidden_states must be (S, B, T, D), got shape {tuple(hidden_states.shape)}")
     S, B, T, D = hidden_states.shape
     w1, b1, w2, b2, add = probes.w1, probes.b1, probes.w2, probes.b2, probes.add
     if w1.dim() != 3 or w1.shape[0] != S or w1.shape[2] != 2 * D:
         raise ValueError(
-            f"gate_probe: probes.w1 must be (S={S}, P, 2D={2 * D}) for hidden states {tuple(hidden_states.shape)}, "
+            f"probe_gates: probes.w1 must be (S={S}, P, 2D={2 * D}) for hidden states {tuple(hidden_states.shape)}, "
             f"got {tuple(w1.shape)}"
         )
     P = w1.shape[1]
     for name, t, shape in (("b1", b1, (S, P)), ("w2", w2, (S, P)), ("b2", b2, (S,)), ("add", add, (S,))):
         if tuple(t.shape) != shape:
-            raise ValueError(f"gate_probe: probes.{name} must be {shape}, got {tuple(t.shape)}")
+            raise ValueError(f"probe_gates: probes.{name} must be {shape}, got {tuple(t.shape)}")
     if hidden_states.dtype not in SUPPORTED_DTYPES or w1.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
-            f"gate_probe: hidden states and probes must be float32, float16 or bfloat16, got "
+            f"probe_gates: hidden states and probes must be float32, float16 or bfloat16, got "
             f"{hidden_states.dtype} and {w1.dtype}"
         )
-    if aggregate and T < 2:
-        raise ValueError(f"gate_probe_patch_mask: need a CLS token and at least one patch (T >= 2), got T={T}")
 
 
 def gate_probe_forward(
@@ -284,37 +251,33 @@ def gate_probe_forward(
     add: torch.Tensor,
     mul: float,
     offset: float,
-    aggregate: bool = False,
 ) -> torch.Tensor:
-    """Launch the probe kernel (no checks on shapes; see ``gate_probe``).
+    """Launch the probe kernel (no checks on shapes; see ``probe_gates``).
 
     Returns:
-        log_keep (B, S, T) float32, or with ``aggregate`` the keep probability aggregated over
-        depth, CLS dropped: (B, T-1) float32 = exp(sum_s log_keep[:, s, 1:]). fp32 hidden states
-        use IEEE fp32 dots unless ``torch.set_float32_matmul_precision`` allows TF32.
+        log_keep (B, S, T) float32. fp32 hidden states use IEEE fp32 dots unless
+        ``torch.set_float32_matmul_precision`` allows TF32.
     """
     S, B, T, D = hidden_states.shape
     P = w1.shape[1]
-    device = launch_device("gate_probe", "gate_probe_reference", hidden_states, w1, b1, w2, b2, add)
+    device = launch_device("probe_gates", "gate_probe_reference", hidden_states, w1, b1, w2, b2, add)
     R = B * T
     h = hidden_states.contiguous()
     dot_dtype = _dot_dtype(h.dtype, w1.dtype)
     w1c = w1.detach().to(dot_dtype).contiguous()
     b1c, w2c, b2c, addc = (t.detach().to(torch.float32).contiguous() for t in (b1, w2, b2, add))
-    shape = (B, T - 1) if aggregate else (B, S, T)
-    out = _empty(shape, device=device, dtype=torch.float32)  # the kernel writes one of its two outputs
+    out = _empty((B, S, T), device=device, dtype=torch.float32)
     if out.numel() == 0:
         return out
     ieee = dot_dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
     interp = interpreting()
     block_t, block_d, block_p, p_tiles, warps, stages = _block_sizes(R, D, P, interp, w1c.element_size())
-    if not 1 <= p_tiles <= 4:
-        raise ValueError(f"gate_probe: P_TILES must be 1 to 4, got {p_tiles}")
+    if not 1 <= p_tiles <= 3:
+        raise ValueError(f"probe_gates: P_TILES must be 1 to 3, got {p_tiles}")
     with device_guard(device):
         _kernel(interp)[(triton.cdiv(R, block_t),)](
-            h, w1c, b1c, w2c, b2c, addc, out, out, S, R, T, D, P, float(mul), float(offset),
-            WRITE_LAYERS=not aggregate, WRITE_MASK=aggregate, IEEE=ieee,
-            UPCAST=dot_dtype == torch.bfloat16 and interpreting(),
+            h, w1c, b1c, w2c, b2c, addc, out, S, R, T, D, P, float(mul), float(offset),
+            IEEE=ieee, UPCAST=dot_dtype == torch.bfloat16 and interp,
             BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_P=block_p, P_TILES=p_tiles, num_warps=warps, num_stages=stages,
         )  # fmt: skip
     return out
@@ -331,28 +294,18 @@ def _gate_probe_op(
     add: torch.Tensor,
     mul: float,
     offset: float,
-    aggregate: bool,
 ) -> torch.Tensor:
-    return gate_probe_forward(hidden_states, w1, b1, w2, b2, add, mul, offset, aggregate)
+    return gate_probe_forward(hidden_states, w1, b1, w2, b2, add, mul, offset)
 
 
 @_gate_probe_op.register_fake
-def _(hidden_states, w1, b1, w2, b2, add, mul, offset, aggregate):
+def _(hidden_states, w1, b1, w2, b2, add, mul, offset):
     S, B, T, _ = hidden_states.shape
-    shape = (B, T - 1) if aggregate else (B, S, T)
-    return hidden_states.new_empty(shape, dtype=torch.float32)
+    return hidden_states.new_empty((B, S, T), dtype=torch.float32)
 
 
-# ----- public ops -----------------------------------------------------------------------------
-def _run(hidden_states: torch.Tensor, probes: ProbeParams, aggregate: bool) -> torch.Tensor:
-    _check_args(hidden_states, probes, aggregate)
-    p = probes
-    return torch.ops.vdm_engine.gate_probe(
-        hidden_states, p.w1, p.b1, p.w2, p.b2, p.add, float(p.mul), float(p.offset), aggregate
-    )
-
-
-def gate_probe(hidden_states: torch.Tensor, probes: ProbeParams) -> torch.Tensor:
+# ----- public op ------------------------------------------------------------------------------
+def probe_gates(hidden_states: torch.Tensor, probes: ProbeParams) -> torch.Tensor:
     """Triton twin of ``gate_probe_reference``: log keep probability of every token at every depth.
 
     Args:
@@ -362,17 +315,6 @@ def gate_probe(hidden_states: torch.Tensor, probes: ProbeParams) -> torch.Tensor
     Returns:
         log_keep (B, S, T) float32. Inference only (no gradient).
     """
-    return _run(hidden_states, probes, aggregate=False)
-
-
-def gate_probe_patch_mask(hidden_states: torch.Tensor, probes: ProbeParams) -> torch.Tensor:
-    """Aggregated patch mask in the same launch: (S, B, T, D) -> (B, N) = exp(sum_s log_keep[:, s, 1:]).
-
-    Equals ``Gates.patch_mask(hidden_states)`` and ``Explanation.patch_mask``; N = T - 1 (CLS dropped).
-    """
-    return _run(hidden_states, probes, aggregate=True)
-
-
-def gate_probe_patch_mask_reference(hidden_states: torch.Tensor, probes: ProbeParams) -> torch.Tensor:
-    """Plain-PyTorch twin of ``gate_probe_patch_mask``: (S, B, T, D) -> (B, N) float32."""
-    return gate_probe_reference(hidden_states, probes).float().sum(1)[:, 1:].exp()
+    _check_args(hidden_states, probes)
+    p = probes
+    return torch.ops.vdm_engine.gate_probe(hidden_states, p.w1, p.b1, p.w2, p.b2, p.add, float(p.mul), float(p.offset))

@@ -26,7 +26,7 @@ from ._triton import SUPPORTED_DTYPES, device_guard, interpreting, launch_device
 
 __all__ = [
     "PatchMaskFunction",
-    "patch_mask",
+    "mask_patches",
     "patch_mask_backward",
     "patch_mask_forward",
     "patch_mask_reference",
@@ -140,9 +140,8 @@ def _patch_mask_bwd_kernel(
 def _block_sizes(rows: int, D: int, interpret: bool) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_D, num_warps) for a (rows, D) tile walk.
 
-    On a GPU: 256-wide D tiles and ~4096-element programs (memory bound) on 8 warps (sm_80/sm_90
-    builds with the launch's alignment hints: ~61 registers forward, 80-100 backward, no spills). Under the interpreter every program
-    costs Python overhead, so one program covers a whole image.
+    On a GPU: 256-wide D tiles and ~4096-element programs (memory bound) on 8 warps. Under the
+    interpreter every program costs Python overhead, so one program covers a whole image.
     """
     if interpret:
         return next_power_of_2(rows), next_power_of_2(D), 1
@@ -163,11 +162,11 @@ def patch_mask_forward(
     cls_token: torch.Tensor,
     pos_embed: torch.Tensor,
 ) -> torch.Tensor:
-    """Launch the forward kernel (no autograd). Shapes as in ``patch_mask``; gates must be (B, K, N)."""
+    """Launch the forward kernel (no autograd). Shapes as in ``mask_patches``; gates must be (B, K, N)."""
     B, N, D = x.shape
     K = gates.shape[1]
     ph = placeholder if placeholder is not None else cls_token  # dummy pointer when HAS_PH is False
-    device = launch_device("patch_mask", "patch_mask_reference", x, gates, ph, cls_token, pos_embed)
+    device = launch_device("mask_patches", "patch_mask_reference", x, gates, ph, cls_token, pos_embed)
     x, gates, ph = x.contiguous(), gates.contiguous(), ph.contiguous()
     cls_token, pos_embed = cls_token.contiguous(), pos_embed.contiguous()
     out = _empty((B * K, N + 1, D), device=x.device, dtype=x.dtype)
@@ -208,7 +207,7 @@ def patch_mask_backward(
     has_ph = placeholder is not None
     need_placeholder = need_placeholder and has_ph
     ph = placeholder if has_ph else x
-    device = launch_device("patch_mask backward", "patch_mask_reference", grad_out, x, gates, ph)
+    device = launch_device("mask_patches backward", "patch_mask_reference", grad_out, x, gates, ph)
     grad_out, x, gates, ph = grad_out.contiguous(), x.contiguous(), gates.contiguous(), ph.contiguous()
     block_n, block_d, warps = _block_sizes(N, D, interpreting())
     n_tiles, d_tiles = triton.cdiv(N, block_n), triton.cdiv(D, block_d)
@@ -301,23 +300,23 @@ class PatchMaskFunction(torch.autograd.Function):
 # ----- public op ------------------------------------------------------------------------------
 def _check_args(x, gates, placeholder, cls_token, pos_embed) -> None:
     if x.dim() != 3:
-        raise ValueError(f"patch_mask: x must be (B, N, D) patch embeddings, got shape {tuple(x.shape)}")
+        raise ValueError(f"mask_patches: x must be (B, N, D) patch embeddings, got shape {tuple(x.shape)}")
     B, N, D = x.shape
     if gates.dim() not in (2, 3) or gates.shape[0] != B or gates.shape[-1] != N:
-        raise ValueError(f"patch_mask: gates must be (B, N) or (B, K, N) with B={B}, N={N}; got {tuple(gates.shape)}")
+        raise ValueError(f"mask_patches: gates must be (B, N) or (B, K, N) with B={B}, N={N}; got {tuple(gates.shape)}")
     if placeholder is not None and tuple(placeholder.shape) != (D,):
-        raise ValueError(f"patch_mask: placeholder must be ({D},) or None, got {tuple(placeholder.shape)}")
+        raise ValueError(f"mask_patches: placeholder must be ({D},) or None, got {tuple(placeholder.shape)}")
     if tuple(cls_token.shape) != (D,):
-        raise ValueError(f"patch_mask: cls_token must be ({D},), got {tuple(cls_token.shape)}")
+        raise ValueError(f"mask_patches: cls_token must be ({D},), got {tuple(cls_token.shape)}")
     if tuple(pos_embed.shape) != (N + 1, D):
-        raise ValueError(f"patch_mask: pos_embed must be ({N + 1}, {D}), got {tuple(pos_embed.shape)}")
+        raise ValueError(f"mask_patches: pos_embed must be ({N + 1}, {D}), got {tuple(pos_embed.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"patch_mask: x must be float32, float16 or bfloat16, got {x.dtype}")
+        raise ValueError(f"mask_patches: x must be float32, float16 or bfloat16, got {x.dtype}")
     if not gates.is_floating_point():
-        raise ValueError(f"patch_mask: gates must be a float tensor, got {gates.dtype}")
+        raise ValueError(f"mask_patches: gates must be a float tensor, got {gates.dtype}")
 
 
-def patch_mask(
+def mask_patches(
     x: torch.Tensor,
     gates: torch.Tensor,
     placeholder: Optional[torch.Tensor],

@@ -14,12 +14,7 @@ import pytest
 import torch
 
 from vdm_engine.gates import GateConfig, Gates
-from vdm_engine.kernels import (
-    gate_probe,
-    gate_probe_patch_mask,
-    gate_probe_patch_mask_reference,
-    gate_probe_reference,
-)
+from vdm_engine.kernels import gate_probe_reference, probe_gates
 
 gp = importlib.import_module("vdm_engine.kernels.gate_probe")
 
@@ -44,15 +39,11 @@ def _check(S, B, T, D, dtype, close):
     hs = torch.randn(S, B, T, D, device=DEV).to(dtype)
     with torch.no_grad():
         expected = gate_probe_reference(hs, probes)
-        expected_mask = gate_probe_patch_mask_reference(hs, probes)
-        got = gate_probe(hs, probes)
-        got_mask = gate_probe_patch_mask(hs, probes)
+        got = probe_gates(hs, probes)
     assert expected.min() < -1.0 and expected.max() > -0.1, "probes too saturated for a meaningful check"
     atol, rtol = TOL[dtype]
     assert got.shape == (B, S, T) and got.dtype == torch.float32
     close(got, expected, atol, rtol, f"log_keep {dtype}")
-    assert got_mask.shape == (B, T - 1) and got_mask.dtype == torch.float32
-    close(got_mask, expected_mask, atol, rtol, f"patch_mask {dtype}")
 
 
 # (S, B, T, D): T in {17, 50, 197}, D in {100, 192, 768}; P = D // 4 = 25, 48, 192.
@@ -76,18 +67,18 @@ def test_gpu_tiling(monkeypatch, close, poison):
     _check(3, 3, 17, 36, torch.float16, close)  # P=9 padded to 16
 
 
-@pytest.mark.parametrize("block_p, p_tiles", [(16, 2), (16, 3), (32, 4)])
+@pytest.mark.parametrize("block_p, p_tiles", [(16, 2), (16, 3), (32, 3)])
 def test_p_tiles_share_hidden_state_loads(block_p, p_tiles, monkeypatch, close, poison):
     """P_TILES P tiles per pass over D (h_s loaded once per pass): ragged P, several passes, padding."""
     monkeypatch.setattr(gp, "_block_sizes", lambda R, D, P, interpret, elem: (32, 16, block_p, p_tiles, 4, 2))
-    _check(3, 2, 25, 100, torch.float32, close)  # P=25: 2 tiles of 16 (16, 2 and 3 tiles) or 1 of 32 (P_TILES=4)
+    _check(3, 2, 25, 100, torch.float32, close)  # P=25: 2 tiles of 16 or 1 of 32, the rest of the pass padding
     _check(2, 3, 17, 300, torch.bfloat16, close)  # P=75: 5 tiles of 16 in 3 or 2 passes, or 3 tiles of 32
 
 
 def test_p_tiles_out_of_range(monkeypatch):
-    monkeypatch.setattr(gp, "_block_sizes", lambda R, D, P, interpret, elem: (32, 16, 16, 5, 4, 2))
-    with pytest.raises(ValueError, match=r"P_TILES must be 1 to 4, got 5"):
-        gate_probe(torch.zeros(3, 2, 5, 8, device=DEV), _probes(3, 8))
+    monkeypatch.setattr(gp, "_block_sizes", lambda R, D, P, interpret, elem: (32, 16, 16, 4, 4, 2))
+    with pytest.raises(ValueError, match=r"P_TILES must be 1 to 3, got 4"):
+        probe_gates(torch.zeros(3, 2, 5, 8, device=DEV), _probes(3, 8))
 
 
 def test_one_patch_prime_batch(close, poison):
@@ -100,14 +91,13 @@ def test_matches_gates_module(tiny_backbone, tiny_gates, pixels, close):
         _, hs = tiny_backbone.hidden_states(pixels)
         gates = copy.deepcopy(tiny_gates).to(DEV)
         hs = hs.to(DEV)
-        close(gate_probe(hs, gates.probe_params()), gates.log_keep_prob(hs), 1e-5, 1e-5, "log_keep")
-        close(gate_probe_patch_mask(hs, gates.probe_params()), gates.patch_mask(hs), 1e-5, 1e-5, "mask")
+        close(probe_gates(hs, gates.probe_params()), gates.log_keep_prob(hs), 1e-5, 1e-5, "log_keep")
 
 
 def test_compiles_without_graph_breaks(close):
     probes = _probes(3, 36)
     hs = torch.randn(3, 2, 17, 36, device=DEV)
-    compiled = torch.compile(gate_probe, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(probe_gates, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         close(compiled(hs, probes), gate_probe_reference(hs, probes), 1e-5, 1e-5, "compiled log_keep")
 
@@ -128,13 +118,7 @@ def test_bad_arguments(hs_shape, field, value, match):
         probes = probes._replace(**{field: value.to(DEV)})
     hs = torch.zeros(hs_shape, device=DEV)
     if match is None:  # the valid baseline of this table
-        assert gate_probe(hs, probes).shape == (2, 3, 5)
+        assert probe_gates(hs, probes).shape == (2, 3, 5)
         return
     with pytest.raises(ValueError, match=match):
-        gate_probe(hs, probes)
-
-
-def test_patch_mask_needs_a_patch():
-    probes = Gates(GateConfig(8, 3)).to(DEV).probe_params()
-    with pytest.raises(ValueError, match=r"T >= 2"):
-        gate_probe_patch_mask(torch.zeros(3, 2, 1, 8, device=DEV), probes)
+        probe_gates(hs, probes)

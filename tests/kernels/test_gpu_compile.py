@@ -4,11 +4,8 @@ The interpreter runs the kernels' Python semantics but not Triton's compiler (ty
 loops, layouts, tl.dot operand rules, register allocation). Here each kernel is compiled to a cubin
 with the launchers' GPU block sizes in a subprocess where ``TRITON_INTERPRET`` is unset, and
 must fit the target's shared memory; the script also prints registers and spill bytes (STACK)
-when ``cuobjdump`` is available. These are reported, not asserted (measured timings decide the
-tiles): with the launch-time alignment hints the default bf16 gate_probe build (three P tiles per
-pass, 4 warps, 3 stages; the fastest on an H100) uses 255 registers with 24 stack bytes and 192 KiB
-of shared memory on sm_90 (224 stack bytes on sm_80); one P tile per pass uses ~142 registers and
-no stack. Four stages with three P tiles would need 256 KiB of shared memory: too much for sm_90.
+when ``cuobjdump`` is available. These are reported, not asserted: measured timings decide the
+tiles (figures in benchmarks/results/gpu-h100-2026-11-26/README.md).
 """
 
 from __future__ import annotations
@@ -70,14 +67,13 @@ def _compile_all() -> list[dict]:
     # gate_probe: the GPU entry (runtime S, D, P) with the launcher's defaults for ViT-B/16 probes,
     # plus variants the GPU sweep tries.
     gp_sig = dict(b1_ptr="*fp32", w2_ptr="*fp32", b2_ptr="*fp32", add_ptr="*fp32", out_ptr="*fp32",
-                  mask_ptr="*fp32", S="i32", R="i32", T="i32", D="i32", P="i32", mul="fp32", offset="fp32")
+                  S="i32", R="i32", T="i32", D="i32", P="i32", mul="fp32", offset="fp32")
     cases = [(dt, gp._block_sizes(256 * 197, 768, 192, False, elem), ccs, "default")
              for dt, elem, ccs in (("bf16", 2, (80, 90)), ("fp32", 4, (90,)))]
     cases += [("bf16", (64, 64, 64, 1, 4, 3), (90,), "sweep"), ("bf16", (64, 64, 64, 3, 4, 2), (90,), "sweep")]
     for dt, (bt, bd, bp, pt, warps, stages), ccs, kind in cases:
         sig = dict(gp_sig, h_ptr=f"*{dt}", w1_ptr=f"*{dt}")
-        consts = dict(WRITE_LAYERS=True, WRITE_MASK=False, IEEE=dt == "fp32", UPCAST=False,
-                      BLOCK_T=bt, BLOCK_D=bd, BLOCK_P=bp, P_TILES=pt)
+        consts = dict(IEEE=dt == "fp32", UPCAST=False, BLOCK_T=bt, BLOCK_D=bd, BLOCK_P=bp, P_TILES=pt)
         for cc in ccs:
             row = build(f"gate_probe_{dt}", gp._gate_probe_kernel, sig, consts,
                         dict(num_warps=warps, num_stages=stages), cc, ("R", "D", "P"))

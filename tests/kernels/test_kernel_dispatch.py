@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from vdm_engine import Explainer
 from vdm_engine.backbone import patch_mask_reference
 from vdm_engine.gates import gate_probe_reference
-from vdm_engine.kernels import gate_probe, not_supported_reasons, patch_mask
+from vdm_engine.kernels import mask_patches, not_supported_reasons, probe_gates
 from vdm_engine.kernels.dispatch import KernelsUnavailableError, choose, install, resolve_mode
 from vdm_engine.kernels._triton import interpreting
 
@@ -58,7 +59,7 @@ def test_explain_routes_through_both_kernels(monkeypatch, tiny_backbone, tiny_ga
     monkeypatch.setenv("VDM_KERNELS", "triton")  # on the CPU allowed because TRITON_INTERPRET=1
     fast = Explainer(tiny_backbone, tiny_gates).eval()
     assert fast.kernel_backend == "triton"
-    assert fast.gate_probe_fn is gate_probe and tiny_backbone.patch_mask_fn is patch_mask
+    assert fast.gate_probe_fn is probe_gates and tiny_backbone.patch_mask_fn is mask_patches
     got = fast.explain(pixels)
     assert counters["gate_probe"].launches == 1 and counters["patch_mask_fwd"].launches == 0
     close(got.logits, expected.logits, 1e-5, 1e-5, "logits")
@@ -122,6 +123,17 @@ def test_bad_mode(monkeypatch, tiny_backbone, tiny_gates):
         Explainer(tiny_backbone, tiny_gates)
 
 
+def test_ops_and_modules_have_distinct_names():
+    """``vdm_engine.kernels.patch_mask`` is the module and ``.mask_patches`` its op, whatever was imported first."""
+    import vdm_engine.kernels as kernels
+
+    for module, op in (("patch_mask", "mask_patches"), ("gate_probe", "probe_gates")):
+        mod = importlib.import_module(f"vdm_engine.kernels.{module}")
+        assert getattr(kernels, module) is mod and isinstance(mod, types.ModuleType)
+        assert getattr(kernels, op) is getattr(mod, op) and callable(getattr(kernels, op))
+    assert all(hasattr(kernels, name) for name in kernels.__all__)
+
+
 def test_import_is_cheap_and_triton_optional():
     """Importing the package and dispatch does not import triton; without triton, everything falls back."""
     code = """
@@ -130,14 +142,14 @@ import vdm_engine.kernels, vdm_engine.kernels.dispatch
 assert "triton" not in sys.modules, "importing vdm_engine.kernels imported triton"
 sys.modules["triton"] = None  # as if triton were not installed
 sys.modules["triton.language"] = None
-from vdm_engine.kernels import patch_mask_reference, patch_mask
+from vdm_engine.kernels import patch_mask_reference, mask_patches
 from vdm_engine.kernels._triton import TRITON_IMPORT_ERROR
 assert TRITON_IMPORT_ERROR
 x = torch.randn(1, 4, 8)
 args = (x, torch.rand(1, 4), torch.zeros(8), torch.zeros(8), torch.zeros(5, 8))
 assert patch_mask_reference(*args).shape == (1, 5, 8)
 try:
-    patch_mask(*args)
+    mask_patches(*args)
 except RuntimeError as e:
     assert "triton is not installed" in str(e), e
 else:

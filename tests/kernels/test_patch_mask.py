@@ -13,7 +13,7 @@ import importlib
 import pytest
 import torch
 
-from vdm_engine.kernels import patch_mask, patch_mask_reference
+from vdm_engine.kernels import mask_patches, patch_mask_reference
 from vdm_engine.kernels._triton import interpreting
 
 pm = importlib.import_module("vdm_engine.kernels.patch_mask")
@@ -37,7 +37,7 @@ def _inputs(B, K, N, D, dtype, *, placeholder=True, x_grad=True, gates_2d=False,
 
 
 def _check(x, g, ph, cls, pos, close, dtype):
-    out = patch_mask(x, g, ph, cls, pos)
+    out = mask_patches(x, g, ph, cls, pos)
     B, N, D = x.shape
     K = 1 if g.dim() == 2 else g.shape[1]
     assert out.shape == (B * K, N + 1, D) and out.dtype == x.dtype
@@ -108,7 +108,7 @@ def test_noncontiguous_inputs_and_cls_pos_grads(close, poison):
     ph = torch.randn(D, device=DEV, requires_grad=True)
     cls = torch.randn(D, device=DEV, requires_grad=True)
     pos = torch.randn(N + 1, D, device=DEV, requires_grad=True)
-    out = patch_mask(x, g, ph, cls, pos)
+    out = mask_patches(x, g, ph, cls, pos)
     expected = patch_mask_reference(x, g, ph, cls, pos)
     close(out, expected, 1e-5, 1e-5, "output")
     go = torch.randn_like(out)
@@ -126,13 +126,13 @@ def test_poison_catches_unwritten_elements(monkeypatch, poison):
 
     monkeypatch.setattr(pm, "_patch_mask_fwd_kernel", NoLaunch())
     x, g, ph, cls, pos = _inputs(2, 2, 4, 8, torch.float32)
-    assert torch.isnan(patch_mask(x, g, ph, cls, pos)).all()
+    assert torch.isnan(mask_patches(x, g, ph, cls, pos)).all()
 
 
 def test_compiles_without_graph_breaks(close):
     """torch.compile sees the kernels as opaque ops with shape-only fake kernels (forward and backward)."""
     x, g, ph, cls, pos = _inputs(2, 3, 16, 36, torch.float32)
-    compiled = torch.compile(patch_mask, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(mask_patches, backend="aot_eager", fullgraph=True)
     out = compiled(x, g, ph, cls, pos)
     expected = patch_mask_reference(x, g, ph, cls, pos)
     close(out, expected, 1e-5, 1e-5, "compiled output")
@@ -158,11 +158,11 @@ def test_bad_arguments(change, match):
     args.update(change)
     args = {k: v.to(DEV) for k, v in args.items()}
     with pytest.raises(ValueError, match=match):
-        patch_mask(**args)
+        mask_patches(**args)
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, g, ph, cls, pos = _inputs(1, 1, 4, 8, torch.float32, device="cpu")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
-        patch_mask(x, g, ph, cls, pos)
+        mask_patches(x, g, ph, cls, pos)
