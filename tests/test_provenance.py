@@ -182,6 +182,8 @@ def test_explain_and_eval_clis_proceed_with_the_override_and_record_it(tmp_path,
     assert explain_cli.main([str(img), "--gates", str(TOY_GATES), "--out", str(tmp_path / "x"), flag]) == 0
     err = capsys.readouterr().err
     assert "BACKBONE MISMATCH ALLOWED" in err and "Traceback" not in err
+    warning = [ln for ln in err.splitlines() if "warning" in ln]
+    assert len(warning) == 1 and warning[0].startswith("vdm-explain: warning: ") and "'vit-toy'" in warning[0]
     record = json.loads((tmp_path / "x" / "x.json").read_text())
     assert record["gates_source"] == "path" and record["gates_sha256"] == Gates.from_pretrained(TOY_GATES).sha256
     assert eval_cli.main(["--data", "digits", "--gates", str(TOY_GATES), "--n", "4", "--methods", "diffmask",

@@ -8,6 +8,7 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -51,6 +52,21 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
+def _one_line_warning(prog: str):
+    """A ``warnings.showwarning`` that prints our warnings as ``prog: warning: message``, one line."""
+    from vdm_engine.provenance import ProvenanceWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ProvenanceWarning):
+            print(f"{prog}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def run_cli(prog: str, body: Callable[[], int | None]) -> int:
     """Run ``body``; turn expected errors into one line on stderr and an exit code (never a traceback).
 
@@ -64,7 +80,9 @@ def run_cli(prog: str, body: Callable[[], int | None]) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return int(body() or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(prog)
+            return int(body() or 0)
     except (UsageError, ValueError, WeightsUnavailableError, GatesNotFoundError, FileNotFoundError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
