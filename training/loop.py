@@ -8,6 +8,10 @@ Files in ``out_dir``:
 - ``metrics.jsonl`` -- one JSON object per line: ``{"kind": "train", ...}`` every ``log_interval``
   steps and ``{"kind": "val", ...}`` at each validation;
 - ``gates/`` -- the selected gates (``Gates.save_pretrained``) with their validation numbers.
+
+A folder holding a run is never overwritten by accident: ``check_run_dir`` refuses unless the run
+is resumed (same model, same data, at least as many steps) or ``overwrite`` is given. Whether the
+gates enter the local registry is decided by ``vdm_engine.registry.registration_decision``.
 """
 
 from __future__ import annotations
@@ -25,13 +29,26 @@ import torch
 from vdm_engine._io import atomic_path, atomic_write_bytes
 from vdm_engine.explainer import install_kernels
 from vdm_engine.gates import GateConfig, Gates
+from vdm_engine.registry import RegistrationRefused, mask_failure, register_gates, registration_decision
 
 from .config import TrainConfig
 from .data import DataSource, pixel_batches
 from .distributed import all_reduce_sum, any_across_ranks, barrier, dist_info
 from .objective import GateObjective, clean_pass, depth_weights, hard_mask_validation
 
-__all__ = ["TrainResult", "TrainingDiverged", "new_gates", "train_gates", "CHECKPOINT", "METRICS", "GATES_DIR"]
+__all__ = [
+    "TrainResult",
+    "TrainingDiverged",
+    "RegistrationRefused",
+    "new_gates",
+    "train_gates",
+    "check_run_dir",
+    "check_resume",
+    "run_files",
+    "CHECKPOINT",
+    "METRICS",
+    "GATES_DIR",
+]
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
@@ -58,6 +75,11 @@ class TrainResult:
         registered: the gates registry entry written, if any.
         history: every validation record, in order.
         seconds: wall time of this call.
+        learned_mask: False when the selected gates keep the prediction nowhere (not qualified) or
+            keep >= 95% of the patches (``vdm_engine.registry.mask_failure``); such gates are never
+            registered.
+        did_not_learn: why not, when ``learned_mask`` is False.
+        registration: one line saying whether and where the gates were registered, or why not.
     """
 
     gates: Gates
@@ -69,6 +91,9 @@ class TrainResult:
     registered: Path | None = None
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    learned_mask: bool = True
+    did_not_learn: str | None = None
+    registration: str = ""
 
 
 def new_gates(backbone, config: TrainConfig) -> Gates:
@@ -126,6 +151,126 @@ def _load_checkpoint(path: Path):
     return tensors, meta
 
 
+def _checkpoint_meta(path: Path) -> dict:
+    """The run's JSON state of a checkpoint, without reading its tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})["vdm_train"])
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable vdm-train checkpoint: {str(e).splitlines()[0] if str(e) else e}") from e
+
+
+def _model_id(name: str) -> str:
+    """How a run records its model: local directories as absolute paths, presets as their hub ids."""
+    from vdm_engine.backbone import PRESETS
+
+    name = PRESETS.get(str(name), str(name))
+    return os.path.abspath(name.rstrip("/\\")) if os.path.isdir(name) else name
+
+
+def _data_id(spec: str) -> str:
+    """How a run records its data source: ``imagefolder:`` with an absolute path, other specs as given."""
+    spec = str(spec).strip()
+    if spec.startswith("imagefolder:"):
+        return "imagefolder:" + os.path.abspath(spec[len("imagefolder:") :].rstrip("/\\"))
+    return spec
+
+
+def run_files(out_dir: str | os.PathLike) -> list[str]:
+    """The files of a training run present in ``out_dir`` (checkpoint, metrics log, gates folder)."""
+    out_dir = Path(out_dir)
+    return [name for name in (CHECKPOINT, METRICS, GATES_DIR) if (out_dir / name).exists()]
+
+
+def check_resume(meta: dict, where, *, model: str | None = None, data: str | None = None, steps: int | None = None) -> None:
+    """Raise ``ValueError`` if a checkpoint's run (``meta``) cannot be continued with these settings.
+
+    Args:
+        meta: the checkpoint's JSON state; ``where``: the checkpoint's path, for messages.
+        model, data: the model name/path and the data spec of the run to resume (None: not checked).
+        steps: the total steps asked for; below the checkpoint's step is an error.
+    """
+    saved_model = meta.get("model") or meta.get("backbone")
+    if model is not None and saved_model is not None and _model_id(model) != _model_id(saved_model):
+        raise ValueError(
+            f"{where} was written by a run on model '{saved_model}', not '{model}'; "
+            f"resume with --model {saved_model}, or start a new run in another --out"
+        )
+    saved_data = meta.get("data")
+    if data is not None and saved_data is not None and _data_id(data) != _data_id(saved_data):
+        raise ValueError(
+            f"{where} was written by a run on data '{saved_data}', not '{data}'; "
+            f"resume with --data {saved_data}, or start a new run in another --out"
+        )
+    if steps is not None and steps < meta.get("step", 0):
+        raise ValueError(
+            f"--steps {steps} is below the step the run in {where} already reached ({meta['step']}); "
+            f"pass --steps {meta['step']} or more to continue it, or --overwrite to start afresh"
+        )
+
+
+def check_run_dir(
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    model: str | None = None,
+    data: str | None = None,
+    steps: int | None = None,
+) -> dict | None:
+    """Check that a run may start in ``out_dir``; touches nothing.
+
+    A fresh run needs a folder without a run in it (see ``run_files``) unless ``overwrite``; a
+    resumed run needs the checkpoint, and the same model and data (see ``check_resume``).
+
+    Returns:
+        The checkpoint's JSON state when resuming, else None.
+
+    Raises:
+        ValueError: the folder holds a run and neither ``resume`` nor ``overwrite`` is given;
+            ``resume`` without a checkpoint; a checkpoint of another model or data, or with more
+            steps than asked for; ``resume`` and ``overwrite`` together.
+    """
+    out_dir = Path(out_dir)
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite discards it; pass only one")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file; pass a folder")
+    ckpt = out_dir / CHECKPOINT
+    if resume:
+        if not ckpt.is_file():
+            raise ValueError(f"--resume: there is no checkpoint to continue in {out_dir} ({CHECKPOINT} is missing); "
+                             "start the run without --resume")
+        meta = _checkpoint_meta(ckpt)
+        check_resume(meta, ckpt, model=model, data=data, steps=steps)
+        return meta
+    found = run_files(out_dir)
+    if found and not overwrite:
+        raise ValueError(
+            f"{out_dir} already holds a training run ({', '.join(found)}); pass --resume to continue it, "
+            "--overwrite to discard it and start afresh, or choose another --out"
+        )
+    return None
+
+
+def _clear_run(out_dir: Path) -> None:
+    """Remove the files a previous run wrote in ``out_dir`` (only those this module owns)."""
+    for name in (CHECKPOINT, METRICS):
+        (out_dir / name).unlink(missing_ok=True)
+    gates_dir = out_dir / GATES_DIR
+    if gates_dir.is_dir():
+        from vdm_engine.gates import GATES_CONFIG, GATES_WEIGHTS
+
+        for name in (GATES_CONFIG, GATES_WEIGHTS):
+            (gates_dir / name).unlink(missing_ok=True)
+        try:
+            gates_dir.rmdir()
+        except OSError:
+            pass  # other files in it are not ours
+
+
 def _restore_optimizer(o, name: str, tensors: dict, meta: dict, device) -> None:
     m = meta["optimizers"][name]
     state: dict = {}
@@ -176,7 +321,9 @@ def train_gates(
     *,
     out_dir: str | os.PathLike,
     resume: bool = False,
-    register: bool | str = True,
+    overwrite: bool = False,
+    register: bool | None = None,
+    register_as: str | None = None,
     progress: bool = True,
     log_interval: int = 25,
 ) -> TrainResult:
@@ -195,9 +342,16 @@ def train_gates(
         config: ``TrainConfig``.
         out_dir: folder for the checkpoint, the metrics log and the selected gates.
         resume: continue from ``out_dir/checkpoint.safetensors`` (exactly: gates, alphas, optimiser
-            states, RNG states, step); starts afresh when there is none.
-        register: register the selected gates in the local gates registry under the backbone's
-            name (True), under the given model name (str), or not at all (False).
+            states, RNG states, step); the checkpoint must exist and come from a run on the same
+            model and data with at most ``config.steps`` steps.
+        overwrite: discard a run already in ``out_dir`` (its checkpoint, log and gates) and start
+            afresh; without it (or ``resume``) a folder holding a run is refused.
+        register: whether the selected gates enter the local gates registry (see
+            ``vdm_engine.registry.registration_decision``): None (default) only when the model has
+            no gates yet, registered or shipped; True also replaces existing gates (raises
+            ``RegistrationRefused`` after saving the run when the gates did not learn a mask);
+            False never. Gates that did not learn a mask are never registered.
+        register_as: the model name to register under (default: the backbone's ``name_or_path``).
         progress: show a tqdm bar with live KL / kept fraction / agreement / alpha.
         log_interval: steps between ``train`` lines in the metrics log.
 
@@ -206,7 +360,10 @@ def train_gates(
 
     Raises:
         TrainingDiverged: the loss or a gradient became NaN/Inf (the last checkpoint is kept).
-        ValueError: inconsistent inputs (shapes, a checkpoint from another run).
+        RegistrationRefused: ``register=True`` but the gates did not learn a mask (``.result``
+            holds the ``TrainResult``; the run's files stay in ``out_dir``).
+        ValueError: inconsistent inputs (shapes, a checkpoint from another run, a folder holding a
+            run without ``resume`` or ``overwrite``).
     """
     from tqdm.auto import tqdm
 
@@ -229,6 +386,11 @@ def train_gates(
         raise ValueError(
             f"train_images must be a (M, 3, {H}, {W}) pixel tensor or a DataSource, got {type(train_images).__name__}"
         )
+    if register not in (None, True, False):
+        raise ValueError(f"register must be None, True or False, got {register!r} (the model name goes in register_as)")
+    register_name = register_as or backbone.name_or_path
+    check_run_dir(out_dir, resume=resume, overwrite=overwrite, model=backbone.name_or_path,
+                  data=_data_id(source.spec), steps=cfg.steps)
     if val_images is None:
         if not isinstance(source, DataSource) or isinstance(source, _TensorSource):
             raise ValueError("val_images is None but train_images is a tensor; pass held-out pixel values")
@@ -255,7 +417,7 @@ def train_gates(
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and device.type == "cuda")
 
     step, best, best_state, history, resumed_window = 0, None, None, [], None
-    if resume and ckpt_path.exists():
+    if resume:
         tensors, meta = _load_checkpoint(ckpt_path)
         if meta.get("gate_config") != gates.config.to_dict():
             raise ValueError(f"{ckpt_path} was written for other gates ({meta.get('gate_config')}); use another --out")
@@ -284,8 +446,7 @@ def train_gates(
             _rewrite_metrics(metrics_path, step)
     elif info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if metrics_path.exists():
-            metrics_path.unlink()
+        _clear_run(out_dir)  # check_run_dir let a fresh run in only if the folder is empty or overwrite is on
     barrier()
 
     model = obj
@@ -305,6 +466,8 @@ def train_gates(
             "best": best,
             "history": history,
             "backbone": backbone.name_or_path,
+            "model": _model_id(backbone.name_or_path),
+            "data": _data_id(source.spec),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "log_window": acc,
         }
@@ -431,24 +594,37 @@ def train_gates(
         "steps": step,
         "world_size": info.world_size,
     }
-    gates_dir, registered = None, None
+    failure = mask_failure(chosen, qualified=qualified, eps_valid=cfg.eps_valid, agreement=cfg.agreement)
+    metrics["learned_mask"] = failure is None
+    if failure is not None:
+        metrics["did_not_learn"] = failure
+    decision = registration_decision(register_name, failure=failure, register=register)
+    gates_dir, registered, registration = None, None, decision.reason
     if info.is_main:
         gates_dir = final.save_pretrained(out_dir / GATES_DIR, backbone=backbone, metrics=metrics)
-        if register:
-            from vdm_engine.registry import register_gates
-
-            registered = register_gates(register if isinstance(register, str) else backbone.name_or_path, gates_dir)
+        if decision.register:
+            try:
+                registered = register_gates(register_name, gates_dir, replace=decision.replace)
+                registration = f"{decision.reason}; in {registered}"
+            except FileExistsError as e:
+                registration = f"not registered: {e}; pass --register to replace them"
     barrier()
-    if not qualified and info.is_main:
-        print(
-            f"vdm-train: no validation met KL <= {cfg.eps_valid} and agreement >= {cfg.agreement}; "
-            "the saved gates are the last step's",
-            file=sys.stderr,
-        )
-    return TrainResult(
+    result = TrainResult(
         gates=final, gates_dir=gates_dir, step=step, best=best, last=last_val, qualified=qualified,
         registered=registered, history=history, seconds=time.time() - t0,
+        learned_mask=failure is None, did_not_learn=failure, registration=registration,
     )
+    if decision.refused:
+        raise RegistrationRefused(
+            f"refusing to register the gates: the run did not learn a mask: {failure}; "
+            f"the run's files stay in {out_dir}",
+            result,
+        )
+    if info.is_main and failure is not None:
+        print(f"vdm-train: did not learn a mask: {failure}; the gates in {gates_dir} are not registered", file=sys.stderr)
+    elif info.is_main and register is None and registered is None:
+        print(f"vdm-train: {registration}", file=sys.stderr)
+    return result
 
 
 class _TensorSource(DataSource):

@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from vdm_engine import Explainer, Gates
 from vdm_engine.cli.train import main
+from vdm_engine.registry import shipped_gates
 from vdm_engine.training.loop import CHECKPOINT, GATES_DIR, METRICS, _load_checkpoint
 
 
@@ -32,7 +34,8 @@ def _cmd(model_dir, out, *extra):
 
 
 def test_vdm_train_embedded_digits_offline(tmp_path, capsys, monkeypatch):
-    """The issue's command (sized down to 120 steps): progress, a loadable checkpoint, a metrics log, registration."""
+    """The issue's command (sized down to 120 steps): progress, a loadable checkpoint, a metrics log, and the
+    shipped gates left in place (vit-digits has gates; replacing them needs --register)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "g"
     code = main(["--model", "vit-digits", "--data", "digits", "--steps", "120", "--eval-interval", "60",
@@ -46,9 +49,10 @@ def test_vdm_train_embedded_digits_offline(tmp_path, capsys, monkeypatch):
     assert [r["step"] for r in lines if r["kind"] == "val"] == [60, 120]
     assert all(r["images"] == 100 for r in lines if r["kind"] == "val")
     assert sum(r["kind"] == "train" for r in lines) == 120 // 25 + 1
-    explainer = Explainer.from_pretrained("vit-digits")  # found through the (isolated) registry
-    assert explainer.gates.sha256 == Gates.from_pretrained(out / GATES_DIR).sha256
-    assert explainer.gates.metrics["steps"] == 120
+    assert summary["registered"] is None
+    assert Gates.from_pretrained(out / GATES_DIR).metrics["steps"] == 120
+    explainer = Explainer.from_pretrained("vit-digits")  # the (isolated) registry is still empty
+    assert explainer.gates.sha256 == Gates.from_pretrained(shipped_gates("vit-digits")).sha256
 
 
 def test_vdm_train_errors_are_one_line(tmp_path, capsys):
@@ -56,7 +60,8 @@ def test_vdm_train_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("vdm-train: error: unknown data source") and "\n" not in err
     assert main(["--model", str(tmp_path / "missing"), "--data", "toy", "--out", str(tmp_path)]) == 2
-    assert "could not load ViT weights" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert str(tmp_path / "missing") in err and "\n" not in err
     assert main(["--model", "vit-toy", "--data", "toy", "--out", str(tmp_path), "--steps", "0"]) == 2
     assert "TrainConfig.steps" in capsys.readouterr().err
 
@@ -115,3 +120,111 @@ def test_torchrun_two_processes(tmp_path, tiny_model_dir):
     gates = Gates.from_pretrained(out / GATES_DIR)
     assert gates.metrics["world_size"] == 2 and gates.metrics["steps"] == 60
     assert _load_checkpoint(out / CHECKPOINT)[1]["world_size"] == 2
+
+
+# ----- run folders are safe --------------------------------------------------------------------------
+def _tiny(model_dir, out, *extra):
+    return ["--model", str(model_dir), "--data", "toy", "--out", str(out), "--steps", "10", "--batch-size", "8",
+            "--val-size", "16", "--eval-interval", "10", "--checkpoint-interval", "5", "--device", "cpu",
+            "--no-progress", *extra]
+
+
+def _snapshot(d):
+    return {p.relative_to(d): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def finished_run(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "run"
+    assert main(_tiny(tiny_model_dir, out)) == 0
+    capsys.readouterr()
+    return out
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """The refusals come before the slow work: loading the model fails the test."""
+    import vdm_engine
+
+    def fail(*a, **k):
+        raise AssertionError("the model was loaded before the run folder was checked")
+
+    monkeypatch.setattr(vdm_engine, "load_backbone", fail)
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vdm-train: error:") and "\n" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_existing_run_is_refused_and_left_untouched(finished_run, tiny_model_dir, capsys, no_model_loading):
+    before = _snapshot(finished_run)
+    assert main(_tiny(tiny_model_dir, finished_run)) == 2
+    _one_line_error(capsys, "already holds a training run", "--resume", "--overwrite")
+    assert main(_tiny(tiny_model_dir, finished_run, "--register")) == 2  # --register does not overwrite either
+    _one_line_error(capsys, "already holds a training run")
+    assert _snapshot(finished_run) == before
+    for leftover in (CHECKPOINT, METRICS, GATES_DIR):  # any one of the run's files is enough
+        d = finished_run.parent / f"only-{leftover}"
+        d.mkdir()
+        (d / leftover).mkdir() if leftover == GATES_DIR else (d / leftover).write_text("")
+        assert main(_tiny(tiny_model_dir, d)) == 2
+        _one_line_error(capsys, "already holds a training run", leftover)
+
+
+def test_overwrite_starts_afresh(finished_run, tiny_model_dir, capsys):
+    (finished_run / "notes.txt").write_text("mine")
+    (finished_run / METRICS).write_text('{"kind": "val", "step": 999}\n')
+    assert main(_tiny(tiny_model_dir, finished_run, "--overwrite", "--steps", "5", "--eval-interval", "5")) == 0
+    capsys.readouterr()
+    assert (finished_run / "notes.txt").read_text() == "mine"  # not a file of the run
+    steps = [json.loads(x)["step"] for x in (finished_run / METRICS).read_text().splitlines()]
+    assert max(steps) == 5
+    assert _load_checkpoint(finished_run / CHECKPOINT)[1]["step"] == 5
+    assert Gates.from_pretrained(finished_run / GATES_DIR).metrics["steps"] == 5
+
+
+def test_resume_and_overwrite_exclude_each_other(finished_run, tiny_model_dir, capsys):
+    before = _snapshot(finished_run)
+    assert main(_tiny(tiny_model_dir, finished_run, "--resume", "--overwrite")) == 2
+    _one_line_error(capsys, "--overwrite")
+    assert _snapshot(finished_run) == before
+
+
+@pytest.mark.parametrize("where", ["empty", "missing"])
+def test_resume_without_checkpoint_is_an_error(tmp_path, tiny_model_dir, capsys, no_model_loading, where):
+    out = tmp_path / where
+    if where == "empty":
+        out.mkdir()
+    assert main(_tiny(tiny_model_dir, out, "--resume")) == 2
+    _one_line_error(capsys, "--resume: there is no checkpoint", str(out))
+    assert list(out.iterdir()) == [] if where == "empty" else not out.exists()
+
+
+def test_resume_with_other_model_or_data_names_both(finished_run, tiny_model_dir, tmp_path, capsys,
+                                                    no_model_loading):
+    before = _snapshot(finished_run)
+    assert main(_tiny("vit-toy", finished_run, "--resume")) == 2
+    _one_line_error(capsys, f"model '{tiny_model_dir}'", "not 'vit-toy'")
+    cmd = _tiny(tiny_model_dir, finished_run, "--resume")
+    cmd[cmd.index("toy")] = "digits"
+    assert main(cmd) == 2
+    _one_line_error(capsys, "data 'toy'", "not 'digits'")
+    assert _snapshot(finished_run) == before
+
+
+def test_resume_with_fewer_steps_is_an_error(finished_run, tiny_model_dir, capsys, no_model_loading):
+    before = _snapshot(finished_run)
+    assert main(_tiny(tiny_model_dir, finished_run, "--resume", "--steps", "5")) == 2
+    _one_line_error(capsys, "--steps 5 is below", "(10)")
+    assert _snapshot(finished_run) == before
+
+
+def test_resume_continues_to_more_steps(finished_run, tiny_model_dir, capsys):
+    assert main(_tiny(tiny_model_dir, finished_run, "--resume", "--steps", "15")) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 15
+    meta = _load_checkpoint(finished_run / CHECKPOINT)[1]
+    assert meta["step"] == 15 and meta["data"] == "toy" and meta["model"] == str(tiny_model_dir)

@@ -44,8 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU intra-op threads (default: 1 for small models, where more threads only contend; else torch's)",
     )
     opt.add_argument("--revision", default=None, help="hub revision of --model")
-    opt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    opt.add_argument("--no-register", action="store_true", help="do not register the gates in the local registry")
+    run = opt.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true", help="continue the run in OUT (same --model and --data)")
+    run.add_argument("--overwrite", action="store_true", help="discard the run already in OUT and start afresh")
+    reg = opt.add_mutually_exclusive_group()
+    reg.add_argument(
+        "--register", action="store_true",
+        help="register the gates even if MODEL already has gates (replacing registered or shipped ones); "
+        "refused for gates that did not learn a mask. Default: register only a model's first gates",
+    )
+    reg.add_argument("--no-register", action="store_true", help="never register the gates in the local registry")
     opt.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -58,6 +66,24 @@ _FIELDS = {
 }
 
 
+def _summary(result) -> dict:
+    """The one JSON line ``vdm-train`` prints on stdout."""
+    chosen = result.best or result.last or {}
+    return {
+        "gates": str(result.gates_dir),
+        "step": result.step,
+        "selected": "best" if result.qualified else "last",
+        "kept": chosen.get("kept"),
+        "agreement": chosen.get("agreement"),
+        "kl": chosen.get("kl"),
+        "learned_mask": result.learned_mask,
+        "did_not_learn": result.did_not_learn,
+        "registered": str(result.registered) if result.registered else None,
+        "registration": result.registration,
+        "seconds": round(result.seconds, 1),
+    }
+
+
 def _run(args) -> int:
     import json
     from dataclasses import replace
@@ -67,20 +93,22 @@ def _run(args) -> int:
 
     from vdm_engine import Explainer, load_backbone
     from vdm_engine.cli._common import check_device, check_model, check_out_dir, quiet_transformers
+    from vdm_engine.registry import RegistrationRefused
     from vdm_engine.training import TrainConfig, new_gates, train_gates
     from vdm_engine.training.data import open_source
     from vdm_engine.training.distributed import init_distributed, shutdown
-    from vdm_engine.training.loop import CHECKPOINT, _load_checkpoint
+    from vdm_engine.training.loop import CHECKPOINT, check_resume, check_run_dir
 
     check_device(args.device)
     check_model(args.model, revision=args.revision)
-    check_out_dir(args.out, keep=True)  # kept: torchrun ranks check it at the same time
     given = {f: getattr(args, a) for a, f in _FIELDS.items() if getattr(args, a) is not None}
-    ckpt = Path(args.out) / CHECKPOINT
-    if args.resume and ckpt.exists():
+    # Before anything slow or written: refuse to clobber a run in --out, or to resume a missing or other run.
+    meta = check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, model=args.model,
+                         steps=given.get("steps"))
+    check_out_dir(args.out, keep=True)  # kept: torchrun ranks check it at the same time
+    if meta is not None:
         # The run's own settings, except what is given again (e.g. more --steps or a lower --lr
         # after a divergence); with the same arguments the run continues exactly.
-        _, meta = _load_checkpoint(ckpt)
         config = replace(TrainConfig.from_dict(meta["config"]), **given)
     else:
         config = TrainConfig(**given)
@@ -91,6 +119,8 @@ def _run(args) -> int:
     try:
         dev = torch.device("cuda", info.local_rank) if device == "cuda" else torch.device("cpu")
         source = open_source(args.data, seed=config.seed)  # fail fast on a bad --data
+        if meta is not None:
+            check_resume(meta, Path(args.out) / CHECKPOINT, data=source.spec)
         quiet_transformers()  # its weight-loading bar would interleave with ours
         backbone = load_backbone(args.model, revision=args.revision, device=dev)
         if args.threads is not None:
@@ -100,23 +130,18 @@ def _run(args) -> int:
         elif dev.type == "cpu" and backbone.hidden_size * backbone.num_tokens <= 256 * 65:
             torch.set_num_threads(1)  # tiny matmuls: extra threads only add synchronisation
         explainer = Explainer(backbone, new_gates(backbone, config).to(dev))
-        result = train_gates(
-            explainer, source, None, config, out_dir=args.out, resume=args.resume,
-            register=False if args.no_register else args.model, progress=not args.no_progress,
-        )
+        try:
+            result = train_gates(
+                explainer, source, None, config, out_dir=args.out, resume=args.resume, overwrite=args.overwrite,
+                register=True if args.register else False if args.no_register else None, register_as=args.model,
+                progress=not args.no_progress,
+            )
+        except RegistrationRefused as e:  # the run itself finished: report it, then the refusal
+            if info.is_main and e.result is not None:
+                print(json.dumps(_summary(e.result)))
+            raise
         if info.is_main:
-            chosen = result.best or result.last or {}
-            summary = {
-                "gates": str(result.gates_dir),
-                "step": result.step,
-                "selected": "best" if result.qualified else "last",
-                "kept": chosen.get("kept"),
-                "agreement": chosen.get("agreement"),
-                "kl": chosen.get("kl"),
-                "registered": str(result.registered) if result.registered else None,
-                "seconds": round(result.seconds, 1),
-            }
-            print(json.dumps(summary))
+            print(json.dumps(_summary(result)))
     finally:
         torch.set_num_threads(threads)
         shutdown()
