@@ -196,20 +196,10 @@ def use_kernels(explainer, mode: str) -> None:
     ``reference`` has ``VDM_KERNELS=reference`` semantics, set explicitly so that whatever the
     environment says, the case times what its name claims.
     """
-    from vdm_engine.backbone import patch_mask_reference
-    from vdm_engine.gates import gate_probe_reference
-
-    if mode == "reference":
-        explainer.gate_probe_fn = gate_probe_reference
-        explainer.backbone.patch_mask_fn = patch_mask_reference
-        return
-    if mode != "triton":
+    if mode not in ("reference", "triton"):
         raise ValueError(f"kernel mode must be 'reference' or 'triton', got {mode!r}")
-    from vdm_engine.kernels.dispatch import install
-
-    install(explainer, "triton")
-    if explainer.gate_probe_fn is gate_probe_reference:
-        raise RuntimeError("vdm_engine.kernels.dispatch.install(explainer, 'triton') left the reference gate probe in place")
+    if explainer.set_kernels(mode).backend != mode:
+        raise RuntimeError(f"select_ops(mode={mode!r}) chose {explainer.ops.backend}: {explainer.ops.reason}")
 
 
 @pytest.fixture

@@ -60,7 +60,6 @@ from vdm_engine._io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from vdm_engine.backbone import patch_mask_reference, random_backbone  # noqa: E402
 from vdm_engine.gates import gate_probe_reference  # noqa: E402
 from vdm_engine.kernels import mask_patches, probe_gates  # noqa: E402
-from vdm_engine.kernels.dispatch import install  # noqa: E402
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
 DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -172,10 +171,10 @@ def check_explain(chk: Check, device, shape: str, batch: int, dtype, compile_: b
     backbone = random_backbone(shape, seed=0).to(device=device, dtype=dtype)
     explainer = Explainer(backbone, random_probes(backbone.hidden_size, backbone.num_hidden_states, device)).eval()
     pv = torch.randn(batch, 3, *backbone.image_size, device=device, dtype=dtype)
-    install(explainer, "reference")
+    explainer.set_kernels("reference")
     ref = explainer.explain(pv)
     ref_check = explainer.verify(pv, ref)
-    install(explainer, "triton")
+    explainer.set_kernels("triton")
     got = explainer.explain(pv)
     got_check = explainer.verify(pv, got)
     disagree = got.keep() != ref.keep()
@@ -347,9 +346,9 @@ def time_end_to_end(chk: Check, device, shape: str, batch: int, dtype, compile_:
 
     with torch.no_grad():
         row("plain inference (eager)", bench_ms(lambda: backbone(pv), device))
-        install(explainer, "reference")
+        explainer.set_kernels("reference")
         row("explain(), references (eager)", bench_ms(lambda: explainer.explain(pv), device))
-        install(explainer, "triton")
+        explainer.set_kernels("triton")
         row("explain(), Triton kernels (eager)", bench_ms(lambda: explainer.explain(pv), device))
         if compile_:
             label = "inductor" if device.type == "cuda" else "aot_eager"

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     backbone = random_backbone(args.shape, seed=0).to(device=device, dtype=dtype)
     gates = Gates(GateConfig(backbone.hidden_size, backbone.num_hidden_states)).to(device)
     explainer = Explainer(backbone, gates).eval()
-    print(f"kernels: {explainer.kernel_backend}; {args.shape} B={args.batch} {args.dtype} on {device}")
+    print(f"kernels: {explainer.ops.backend}; {args.shape} B={args.batch} {args.dtype} on {device}")
     pv = torch.randn(args.batch, 3, *backbone.image_size, device=device, dtype=dtype)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

@@ -4,7 +4,7 @@ Importing this package does not import the exporter's heavy dependencies (onnxsc
 until a function needs them.
 """
 
-from .graph import DEFAULT_OUTPUTS, OUTPUTS, ExplainerGraph, reference_paths
+from .graph import DEFAULT_OUTPUTS, OUTPUTS, ExplainerGraph
 from .metadata import ExportMetadata, gates_sha256, read_metadata
 from .onnx import ExportError, ExportResult, export_onnx
 from .triton_repo import write_triton_repo
@@ -23,7 +23,6 @@ __all__ = [
     "export_onnx",
     "gates_sha256",
     "read_metadata",
-    "reference_paths",
     "validate_onnx",
     "write_triton_repo",
 ]

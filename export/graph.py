@@ -1,32 +1,29 @@
 """The module that becomes the ONNX graph: pixels in, prediction and explanation out, one ViT pass.
 
-``ExplainerGraph`` wraps an ``Explainer`` and runs the core's explicit forward
-(``Backbone.hidden_states`` then the gate probes on those states, exactly what ``Explainer.forward``
-does), so the exported graph holds one encoder pass. Only the optional ``masked_logits`` / ``kl``
-outputs add the second, masked pass (the check ``Explainer.verify`` makes).
+``ExplainerGraph`` wraps an ``Explainer`` and runs its explain core (``Explainer.run``) with the
+plain-PyTorch ops (``reference_ops``: kernels cannot be traced into ONNX), so the exported graph
+holds one encoder pass. Only the optional ``masked_logits`` / ``kl`` outputs add the second, masked
+pass (the check ``Explainer.verify`` makes).
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from vdm_engine.backbone import patch_mask_reference
-from vdm_engine.explainer import Explainer, kl_divergence
-from vdm_engine.gates import gate_probe_reference
+from vdm_engine.explainer import EXPLAIN_OUTPUTS, Explainer
+from vdm_engine.ops import reference_ops
 
-__all__ = ["ExplainerGraph", "OUTPUTS", "DEFAULT_OUTPUTS", "FLOAT_INPUT", "UINT8_INPUT", "normalize_outputs", "reference_paths"]
+__all__ = ["ExplainerGraph", "OUTPUTS", "DEFAULT_OUTPUTS", "FLOAT_INPUT", "UINT8_INPUT", "normalize_outputs"]
 
 #: Every output the graph can produce, in the order they appear in the graph.
-OUTPUTS = ("logits", "patch_mask", "layer_masks", "masked_logits", "kl")
+OUTPUTS = EXPLAIN_OUTPUTS
 DEFAULT_OUTPUTS = ("logits", "patch_mask")
 #: Input names: normalised float pixels (Optimum's name) or raw uint8 images.
 FLOAT_INPUT = "pixel_values"
 UINT8_INPUT = "images"
-_MASKED = ("masked_logits", "kl")
 
 
 def normalize_outputs(outputs: Sequence[str] | str) -> tuple[str, ...]:
@@ -40,24 +37,6 @@ def normalize_outputs(outputs: Sequence[str] | str) -> tuple[str, ...]:
     if not outputs:
         raise ValueError(f"no outputs requested; expected a non-empty subset of {list(OUTPUTS)}")
     return tuple(o for o in OUTPUTS if o in outputs)
-
-
-@contextlib.contextmanager
-def reference_paths(explainer: Explainer) -> Iterator[Explainer]:
-    """Force the plain-PyTorch probe and masking functions (the ONNX path) for the block; restore after.
-
-    Fast paths (Triton kernels) hook in through ``explainer.gate_probe_fn`` and
-    ``explainer.backbone.patch_mask_fn``; neither can be traced into ONNX.
-    """
-    saved = (explainer.gate_probe_fn, explainer.backbone.patch_mask_fn, explainer.training)
-    explainer.gate_probe_fn = gate_probe_reference
-    explainer.backbone.patch_mask_fn = patch_mask_reference
-    explainer.eval()
-    try:
-        yield explainer
-    finally:
-        explainer.gate_probe_fn, explainer.backbone.patch_mask_fn = saved[0], saved[1]
-        explainer.train(saved[2])
 
 
 class ExplainerGraph(nn.Module):
@@ -117,25 +96,5 @@ class ExplainerGraph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, 3, H, W) float32 or (B, H, W, 3) uint8 -> the requested outputs, float32."""
-        ex = self.explainer
-        bb = ex.backbone
-        pv = self.pixel_values(x)
-        # Explainer.forward, keeping the hidden states: h0[:, 1:] are the patch embeddings the
-        # masked pass needs, so it does not embed the image a second time.
-        logits, hidden = bb.hidden_states(pv)
-        log_keep = ex.gate_probe_fn(hidden, ex.gates.probe_params()).float()  # (B, L+2, T)
-        logits = logits.float()
-        out = {"logits": logits}
-        if "layer_masks" in self.outputs:
-            layer_masks = log_keep.cumsum(1)[:, :, 1:].exp()  # (B, L+2, N), as Explainer.explain
-            out["layer_masks"] = layer_masks
-            patch_mask = layer_masks[:, -1]
-        else:
-            patch_mask = log_keep.sum(1)[:, 1:].exp()  # (B, N)
-        out["patch_mask"] = patch_mask
-        if any(o in self.outputs for o in _MASKED):
-            hard = (patch_mask > self.threshold).to(bb.dtype)  # (B, N), as Explainer.verify
-            masked = bb.masked_logits_from_patches(hidden[0, :, 1:], hard, ex.gates.placeholder).float()
-            out["masked_logits"] = masked
-            out["kl"] = kl_divergence(logits, masked)
+        out = self.explainer.run(self.pixel_values(x), self.outputs, threshold=self.threshold, ops=reference_ops())
         return tuple(out[o] for o in self.outputs)

@@ -27,7 +27,7 @@ import torch
 
 from vdm_engine.explainer import Explainer
 
-from .graph import DEFAULT_OUTPUTS, ExplainerGraph, normalize_outputs, reference_paths
+from .graph import DEFAULT_OUTPUTS, ExplainerGraph, normalize_outputs
 from .metadata import ExportMetadata, gates_sha256
 from .validate import TOLERANCES, ExportValidationError, check_onnx, validate_onnx
 
@@ -144,6 +144,16 @@ def remove_stale_staging(folder: str | os.PathLike) -> list[Path]:
             removed.append(entry)
             logger.info("removed %s, left by an export that was killed", entry)
     return removed
+
+
+@contextlib.contextmanager
+def _training_restored(explainer: Explainer):
+    """The export puts the explainer in eval mode; give it back in the mode it came in."""
+    mode = explainer.training
+    try:
+        yield
+    finally:
+        explainer.train(mode)
 
 
 def _is_fp32(explainer: Explainer) -> bool:
@@ -278,7 +288,7 @@ def export_onnx(
     except ImportError as e:
         raise ImportError("ONNX export needs onnxscript: pip install onnxscript") from e
 
-    with reference_paths(explainer):
+    with _training_restored(explainer):
         work = explainer
         if dtype != "fp32" or not _is_fp32(explainer):
             work = copy.deepcopy(explainer)

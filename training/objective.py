@@ -11,13 +11,14 @@ is minimised over the probes and the placeholder and maximised over ``alpha_k``.
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
-from vdm_engine.explainer import kl_divergence
+from vdm_engine import masks
 from vdm_engine.gates import Gates
+from vdm_engine.masks import kl_divergence
 
 __all__ = ["GateObjective", "StepStats", "autocast_context", "clean_pass", "depth_weights", "hard_mask_validation"]
 
@@ -65,14 +66,19 @@ class GateObjective(nn.Module):
         eps: KL budget.
         l0: ``"prob"`` (mean keep probability) or ``"log"`` (mean log keep probability).
         precision: autocast dtype of the masked forward.
+        mask_fn: the patch-masking op (``Ops.patch_mask``); default the reference.
     """
 
-    def __init__(self, backbone, gates: Gates, *, alpha_init: float, eps: float, l0: str = "prob", precision: str = "fp32"):
+    def __init__(
+        self, backbone, gates: Gates, *, alpha_init: float, eps: float, l0: str = "prob", precision: str = "fp32",
+        mask_fn: Callable | None = None,
+    ):
         super().__init__()
         object.__setattr__(self, "backbone", backbone)  # not registered: frozen and never synchronised
         self.gates = gates
         self.alpha = nn.Parameter(torch.full((gates.config.num_hidden_states,), float(alpha_init)))
         self.eps, self.l0, self.precision = float(eps), l0, precision
+        self.mask_fn = mask_fn
 
     def forward(
         self, logits: torch.Tensor, hidden: torch.Tensor, depth: int, generator: torch.Generator | None = None
@@ -91,7 +97,7 @@ class GateObjective(nn.Module):
         gates, log_keep = self.gates.sample(hidden.float(), depth, generator)  # (B, N), (B, N)
         patches = hidden[0, :, 1:]  # (B, N, D) patch projections without position embeddings
         with autocast_context(patches.device, self.precision):
-            masked = self.backbone.masked_logits_from_patches(patches, gates, self.gates.placeholder)
+            masked = self.backbone.masked_logits_from_patches(patches, gates, self.gates.placeholder, mask_fn=self.mask_fn)
         masked = masked.float()
         kl = kl_divergence(logits, masked)  # (B,)
         l0 = (log_keep.exp() if self.l0 == "prob" else log_keep).mean(-1)  # (B,)
@@ -129,6 +135,7 @@ def hard_mask_validation(
     threshold: float = 0.5,
     precision: str = "fp32",
     batch_size: int = 256,
+    mask_fn: Callable | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sums over a validation batch with the deterministic hard mask (keep prob > ``threshold``).
 
@@ -145,14 +152,13 @@ def hard_mask_validation(
     for i in range(0, len(pixel_values), batch_size):
         pv = pixel_values[i : i + batch_size]
         logits, hidden = clean_pass(backbone, pv, precision)
-        layer = gates.layer_masks(hidden.float())  # (B, L+2, N)
-        hard = (layer[:, -1] > threshold).float()
+        layer = masks.layer_masks(gates.log_keep_prob(hidden.float()))  # (B, L+2, N)
+        keep = masks.hard_mask(layer[:, -1], threshold)
         with autocast_context(dev, precision):
-            masked = backbone.masked_logits_from_patches(hidden[0, :, 1:], hard, gates.placeholder)
-        masked = masked.float()
-        out["kl"] += kl_divergence(logits, masked).double().sum()
-        out["agree"] += (masked.argmax(-1) == logits.argmax(-1)).double().sum()
-        out["kept"] += hard.double().mean(-1).sum()
+            checked = masks.masked_pass(backbone, hidden[0, :, 1:], logits, keep, gates.placeholder, mask_fn)
+        out["kl"] += checked.kl.double().sum()
+        out["agree"] += checked.agree.double().sum()
+        out["kept"] += checked.kept_fraction.double().sum()
         out["count"] += len(pv)
         out["kept_depth"] += (layer > threshold).double().mean(-1).sum(0)
     return out

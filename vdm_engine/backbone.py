@@ -99,8 +99,6 @@ class Backbone(nn.Module):
         self.name_or_path = name_or_path
         self.revision = revision
         self._fingerprint: str | None = None
-        # Fast paths swap this for a kernel with the same signature (see vdm_engine.kernels).
-        self.patch_mask_fn: Callable = patch_mask_reference
         emb = self.model.vit.embeddings
         ph, pw = _pair(self.config.patch_size)
         ih, iw = _pair(self.config.image_size)
@@ -255,7 +253,12 @@ class Backbone(nn.Module):
         return self.head(h), torch.stack(states)
 
     def masked_logits_from_patches(
-        self, patches: torch.Tensor, gates: torch.Tensor, placeholder: torch.Tensor | None
+        self,
+        patches: torch.Tensor,
+        gates: torch.Tensor,
+        placeholder: torch.Tensor | None,
+        *,
+        mask_fn: Callable | None = None,
     ) -> torch.Tensor:
         """Masked forward from precomputed patch embeddings.
 
@@ -263,6 +266,8 @@ class Backbone(nn.Module):
             patches: (B, N, D) from ``embed_patches``.
             gates: (B, N) or (B, K, N) keep values in [0, 1].
             placeholder: (D,) or None (zeros).
+            mask_fn: the patch-masking op (``Ops.patch_mask``, same signature as
+                ``patch_mask_reference``); default the reference.
 
         Returns:
             (B, C) logits, or (B, K, C) for K masks per image.
@@ -270,12 +275,17 @@ class Backbone(nn.Module):
         B, N, _ = patches.shape
         if gates.dim() not in (2, 3) or gates.shape[0] != B or gates.shape[-1] != N:
             raise ValueError(f"gates must be (B, N) or (B, K, N) with B={B}, N={N}; got {tuple(gates.shape)}")
-        tokens = self.patch_mask_fn(patches, gates, placeholder, self.cls_token, self.pos_embed)
+        tokens = (mask_fn or patch_mask_reference)(patches, gates, placeholder, self.cls_token, self.pos_embed)
         logits = self.head(self.encode(tokens))
         return logits.view(B, gates.shape[1], -1) if gates.dim() == 3 else logits
 
     def masked_logits(
-        self, pixel_values: torch.Tensor, gates: torch.Tensor, placeholder: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor,
+        gates: torch.Tensor,
+        placeholder: torch.Tensor | None = None,
+        *,
+        mask_fn: Callable | None = None,
     ) -> torch.Tensor:
         """Forward pass with patch embeddings replaced under the gates.
 
@@ -285,11 +295,12 @@ class Backbone(nn.Module):
             pixel_values: (B, 3, H, W).
             gates: (B, N) or (B, K, N) keep values in [0, 1].
             placeholder: (D,) or None for zeros.
+            mask_fn: the patch-masking op; default the reference.
 
         Returns:
             (B, C) logits, or (B, K, C).
         """
-        return self.masked_logits_from_patches(self.embed_patches(pixel_values), gates, placeholder)
+        return self.masked_logits_from_patches(self.embed_patches(pixel_values), gates, placeholder, mask_fn=mask_fn)
 
     # ----- persistence ------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:

@@ -4,39 +4,23 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import masks
 from .backbone import Backbone, load_backbone
-from .gates import Gates, gate_probe_reference
+from .gates import Gates
+from .masks import kl_divergence
+from .ops import Ops, select_ops
 from .provenance import GatesProvenance, classify_source
 from .registry import registered_gates, registry_home
 
-__all__ = ["Explainer", "Explanation", "Verification", "GatesNotFoundError", "install_kernels", "kl_divergence"]
+__all__ = ["Explainer", "Explanation", "Verification", "GatesNotFoundError", "kl_divergence", "EXPLAIN_OUTPUTS"]
 
-
-def install_kernels(target) -> None:
-    """Install the fast paths the kernels package chooses for ``target`` (an Explainer or a Backbone).
-
-    ``VDM_KERNELS`` = auto (default) | reference | triton. The core never imports the kernels at
-    module load; without them (or with ``reference``) the plain-PyTorch references stay in place.
-    """
-    mode = os.environ.get("VDM_KERNELS", "auto").strip().lower()
-    if mode == "reference":
-        return
-    try:
-        from vdm_engine.kernels import dispatch  # noqa: PLC0415 (lazy: the core must not import kernels)
-    except ImportError:
-        if mode == "triton":
-            raise
-        return
-    if isinstance(target, Backbone):
-        dispatch.install_backbone(target, mode)
-    else:
-        dispatch.install(target, mode)
+#: What ``Explainer.run`` can compute, in graph order (the ONNX graph's outputs).
+EXPLAIN_OUTPUTS = ("logits", "patch_mask", "layer_masks", "masked_logits", "kl")
 
 
 class GatesNotFoundError(LookupError):
@@ -132,33 +116,41 @@ class Verification:
     kept_fraction: torch.Tensor
 
 
-def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(p) || softmax(q)) along the last dim, in float32."""
-    lp, lq = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
-    return (lp.exp() * (lp - lq)).sum(-1)
-
-
 class Explainer(nn.Module):
     """A frozen backbone and its trained gates.
 
-    ``explain`` costs one backbone forward plus the gate probes. The probe and masking functions
-    are plain-PyTorch references unless a fast path is installed (``vdm_engine.kernels``).
+    ``explain`` costs one backbone forward plus the gate probes. ``ops`` holds the probe and
+    patch-masking functions ``select_ops`` chose for the backbone's device and dtype; they are
+    chosen again whenever the explainer moves or changes dtype (``.to``, ``.cuda``, ``.half``, ...).
 
     Saved gates must carry the fingerprint of ``backbone`` (``Gates.check_backbone``);
     ``allow_backbone_mismatch=True`` accepts gates recorded for another backbone, with a warning.
+
+    Args:
+        kernels: ``auto``, ``reference`` or ``triton`` for ``select_ops``; default env ``VDM_KERNELS``.
     """
 
-    def __init__(self, backbone: Backbone, gates: Gates, *, allow_backbone_mismatch: bool = False):
+    def __init__(
+        self, backbone: Backbone, gates: Gates, *, allow_backbone_mismatch: bool = False, kernels: str | None = None
+    ):
         super().__init__()
         gates.check_backbone(backbone, allow_mismatch=allow_backbone_mismatch)
         self.backbone = backbone
         self.gates = gates
-        self.gate_probe_fn: Callable = gate_probe_reference
-        self._install_fast_paths()
+        self.kernels = kernels
+        self.ops: Ops = select_ops(backbone.device, backbone.dtype, kernels)
 
-    def _install_fast_paths(self) -> None:
-        """Let the kernels package choose Triton or the references for this device (decided once)."""
-        install_kernels(self)
+    def set_kernels(self, mode: str | None) -> Ops:
+        """Choose the ops again under ``mode`` (``auto``, ``reference``, ``triton``; None: env ``VDM_KERNELS``)."""
+        self.kernels = mode
+        self.ops = select_ops(self.backbone.device, self.backbone.dtype, mode)
+        return self.ops
+
+    def _apply(self, fn, *args, **kwargs):
+        # Every device or dtype change (.to, .cuda, .half, .float, ...) passes here: choose the ops again.
+        out = super()._apply(fn, *args, **kwargs)
+        self.ops = select_ops(self.backbone.device, self.backbone.dtype, self.kernels)
+        return out
 
     @classmethod
     def from_pretrained(
@@ -196,15 +188,11 @@ class Explainer(nn.Module):
         loaded = Gates.from_pretrained(gates_dir, source=source)
         explainer = cls(backbone, loaded, allow_backbone_mismatch=allow_backbone_mismatch)
         if device is not None or dtype is not None:
-            explainer.backbone.to(device=device, dtype=dtype)
-            explainer.gates.to(device=device)
-            explainer._install_fast_paths()
+            explainer.to(device=device)
+            if dtype is not None:
+                explainer.backbone.to(dtype=dtype)  # the gates stay float32
+                explainer.ops = select_ops(explainer.backbone.device, dtype, explainer.kernels)
         return explainer
-
-    def to(self, *args, **kwargs):
-        out = super().to(*args, **kwargs)
-        out._install_fast_paths()
-        return out
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -220,9 +208,45 @@ class Explainer(nn.Module):
         return self.backbone.preprocess(images)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Graph-friendly core: (B, 3, H, W) -> logits (B, C), log keep (B, L+2, T). No input checks."""
+        """(B, 3, H, W) -> logits (B, C), log keep (B, L+2, T): one backbone pass and the probes. No checks."""
         logits, hidden = self.backbone.hidden_states(pixel_values)
-        return logits, self.gate_probe_fn(hidden, self.gates.probe_params())
+        return logits, self.ops.gate_probe(hidden, self.gates.probe_params())
+
+    def run(
+        self,
+        pixel_values: torch.Tensor,
+        outputs=("logits", "patch_mask", "layer_masks"),
+        *,
+        threshold: float = 0.5,
+        ops: Ops | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The explain core shared by ``explain``, the ONNX graph and benchmarks; no input checks.
+
+        Args:
+            pixel_values: (B, 3, H, W) on the backbone's device.
+            outputs: names from ``EXPLAIN_OUTPUTS``; ``masked_logits`` / ``kl`` add the masked pass
+                with the hard mask (keep probability > ``threshold``), reusing h0's patch embeddings.
+            ops: the ops to use (default ``self.ops``; the export passes ``reference_ops()``).
+
+        Returns:
+            float32 tensors: logits (B, C), patch_mask (B, N), and as asked layer_masks (B, L+2, N),
+            masked_logits (B, C), kl (B,).
+        """
+        ops = ops or self.ops
+        logits, hidden = self.backbone.hidden_states(pixel_values)
+        log_keep = ops.gate_probe(hidden, self.gates.probe_params())  # (B, L+2, T)
+        out = {"logits": logits.float()}
+        if "layer_masks" in outputs:
+            out["layer_masks"] = masks.layer_masks(log_keep)
+            out["patch_mask"] = out["layer_masks"][:, -1]
+        else:
+            out["patch_mask"] = masks.patch_mask(log_keep)
+        if "masked_logits" in outputs or "kl" in outputs:
+            keep = masks.hard_mask(out["patch_mask"], threshold)
+            checked = masks.masked_pass(self.backbone, hidden[0, :, 1:], out["logits"], keep, self.gates.placeholder,
+                                        ops.patch_mask)
+            out["masked_logits"], out["kl"] = checked.masked_logits, checked.kl
+        return out
 
     @torch.no_grad()
     def explain(self, pixel_values: torch.Tensor) -> Explanation:
@@ -235,13 +259,11 @@ class Explainer(nn.Module):
             ``Explanation`` with logits (B, C), patch_mask (B, N), layer_masks (B, L+2, N).
         """
         self.backbone.check_pixels(pixel_values)
-        pixel_values = pixel_values.to(self.backbone.device)
-        logits, log_keep = self(pixel_values)
-        layer_masks = log_keep.float().cumsum(1)[:, :, 1:].exp()
+        out = self.run(pixel_values.to(self.backbone.device))
         return Explanation(
-            logits=logits.float(),
-            patch_mask=layer_masks[:, -1],
-            layer_masks=layer_masks,
+            logits=out["logits"],
+            patch_mask=out["patch_mask"],
+            layer_masks=out["layer_masks"],
             grid=self.backbone.grid,
             image_size=self.backbone.image_size,
             gates_source=self.gates.provenance.source,
@@ -258,12 +280,11 @@ class Explainer(nn.Module):
                 f"explanation has patch_mask {tuple(explanation.patch_mask.shape)}, expected "
                 f"({pixel_values.shape[0]}, {self.backbone.num_patches}) for these pixel values"
             )
-        hard = explanation.keep(threshold).to(pixel_values.device, self.backbone.dtype)
-        masked = self.backbone.masked_logits(pixel_values, hard, self.gates.placeholder).float()
-        original = explanation.logits.to(masked.device)
+        keep = masks.hard_mask(explanation.patch_mask.to(pixel_values.device), threshold)
+        checked = masks.masked_pass(
+            self.backbone, self.backbone.embed_patches(pixel_values), explanation.logits, keep,
+            self.gates.placeholder, self.ops.patch_mask,
+        )
         return Verification(
-            kl=kl_divergence(original, masked),
-            agree=masked.argmax(-1) == original.argmax(-1),
-            masked_logits=masked,
-            kept_fraction=hard.float().mean(-1),
+            kl=checked.kl, agree=checked.agree, masked_logits=checked.masked_logits, kept_fraction=checked.kept_fraction
         )

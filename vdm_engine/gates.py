@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import masks
 from ._io import atomic_path, atomic_write_json, dataclass_from_dict, sha256_file
 from .provenance import BackboneMismatchError, GatesProvenance, check_fingerprint, validation_figures
 
@@ -193,12 +194,12 @@ class Gates(nn.Module):
 
     def layer_masks(self, hidden_states) -> torch.Tensor:
         """Cumulative keep probabilities up to each depth, CLS dropped: (B, L+2, N)."""
-        return self.log_keep_prob(hidden_states).cumsum(1)[:, :, 1:].exp()
+        return masks.layer_masks(self.log_keep_prob(hidden_states))
 
     def patch_mask(self, hidden_states, upto: int = -1) -> torch.Tensor:
         """Keep probability aggregated up to depth ``upto`` (default the last), CLS dropped: (B, N)."""
         k = self._depth(upto)
-        return self.log_keep_prob(hidden_states)[:, : k + 1].sum(1)[:, 1:].exp()
+        return masks.patch_mask(self.log_keep_prob(hidden_states)[:, : k + 1])
 
     def sample(self, hidden_states, upto: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Reparameterised training sample of the gates aggregated up to depth ``upto``.

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vdm_engine import Explainer
-from vdm_engine.backbone import patch_mask_reference
-from vdm_engine.gates import gate_probe_reference
+from vdm_engine.ops import Ops, reference_ops
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -38,11 +37,10 @@ def mask_only_export(export_explainer, tmp_path_factory):
     from vdm_engine.export import export_onnx
 
     ex = export_explainer
-    ex.gate_probe_fn, ex.backbone.patch_mask_fn = _raising, _raising
+    ex.ops = Ops(_raising, _raising, "poisoned", "the export must use reference_ops()")
     try:
         path = tmp_path_factory.mktemp("mask_only") / "mask.onnx"
         result = export_onnx(ex, path, external_data=True)
-        assert ex.gate_probe_fn is _raising and ex.backbone.patch_mask_fn is _raising, "hooks not restored"
     finally:
-        ex.gate_probe_fn, ex.backbone.patch_mask_fn = gate_probe_reference, patch_mask_reference
+        ex.ops = reference_ops()
     return result

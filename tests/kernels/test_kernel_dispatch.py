@@ -14,7 +14,8 @@ from vdm_engine import Explainer
 from vdm_engine.backbone import patch_mask_reference
 from vdm_engine.gates import gate_probe_reference
 from vdm_engine.kernels import mask_patches, not_supported_reasons, probe_gates
-from vdm_engine.kernels.dispatch import KernelsUnavailableError, choose, install, resolve_mode
+from vdm_engine.kernels.dispatch import KernelsUnavailableError, choose, triton_ops
+from vdm_engine.ops import resolve_mode, select_ops
 from vdm_engine.kernels._triton import interpreting
 
 gp = importlib.import_module("vdm_engine.kernels.gate_probe")
@@ -49,7 +50,8 @@ def counters(monkeypatch):
 def test_explain_routes_through_both_kernels(monkeypatch, tiny_backbone, tiny_gates, pixels, counters, close):
     monkeypatch.setenv("VDM_KERNELS", "reference")
     ref = Explainer(tiny_backbone, tiny_gates).eval()
-    assert ref.gate_probe_fn is gate_probe_reference and tiny_backbone.patch_mask_fn is patch_mask_reference
+    assert ref.ops.backend == "reference"
+    assert ref.ops.gate_probe is gate_probe_reference and ref.ops.patch_mask is patch_mask_reference
     expected = ref.explain(pixels)
     expected_check = ref.verify(pixels, expected)
     gates = torch.rand(5, 3, tiny_backbone.num_patches, device=pixels.device, requires_grad=True)
@@ -58,8 +60,8 @@ def test_explain_routes_through_both_kernels(monkeypatch, tiny_backbone, tiny_ga
 
     monkeypatch.setenv("VDM_KERNELS", "triton")  # on the CPU allowed because TRITON_INTERPRET=1
     fast = Explainer(tiny_backbone, tiny_gates).eval()
-    assert fast.kernel_backend == "triton"
-    assert fast.gate_probe_fn is probe_gates and tiny_backbone.patch_mask_fn is mask_patches
+    assert fast.ops.backend == "triton"
+    assert fast.ops.gate_probe is probe_gates and fast.ops.patch_mask is mask_patches
     got = fast.explain(pixels)
     assert counters["gate_probe"].launches == 1 and counters["patch_mask_fwd"].launches == 0
     close(got.logits, expected.logits, 1e-5, 1e-5, "logits")
@@ -73,7 +75,7 @@ def test_explain_routes_through_both_kernels(monkeypatch, tiny_backbone, tiny_ga
     assert torch.equal(check.agree, expected_check.agree)
 
     # The training loop's masked pass: K=3 masks per image, gradients through the kernel.
-    masked = tiny_backbone.masked_logits(pixels, gates, tiny_gates.placeholder)
+    masked = tiny_backbone.masked_logits(pixels, gates, tiny_gates.placeholder, mask_fn=fast.ops.patch_mask)
     close(masked, masked_ref, 1e-4, 1e-4, "masked logits, K=3")
     masked.sum().backward()
     assert counters["patch_mask_bwd"].launches == 1
@@ -85,9 +87,10 @@ def test_auto_uses_references_on_cpu(monkeypatch, tiny_explainer):
     monkeypatch.delenv("VDM_KERNELS", raising=False)
     tiny_explainer = tiny_explainer.cpu()
     assert resolve_mode() == "auto"
-    assert install(tiny_explainer) is False
-    assert tiny_explainer.gate_probe_fn is gate_probe_reference
-    assert tiny_explainer.backbone.patch_mask_fn is patch_mask_reference
+    assert tiny_explainer.ops.backend == "reference" and "CUDA only" in tiny_explainer.ops.reason
+    assert tiny_explainer.ops.gate_probe is gate_probe_reference
+    assert tiny_explainer.ops.patch_mask is patch_mask_reference
+    assert select_ops("cpu", torch.float32).backend == "reference"
     use, reasons = choose("cpu", torch.float32, "auto")
     assert not use and reasons
 
@@ -96,8 +99,10 @@ def test_forced_triton_raises_with_reasons(monkeypatch, tiny_explainer):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     tiny_explainer = tiny_explainer.cpu()
     with pytest.raises(KernelsUnavailableError, match=r"VDM_KERNELS=triton .* tensors are on the CPU") as info:
-        install(tiny_explainer, "triton")
+        triton_ops("cpu", torch.float32, "triton")
     assert isinstance(info.value, ValueError)
+    with pytest.raises(KernelsUnavailableError, match=r"VDM_KERNELS=triton .* tensors are on the CPU"):
+        select_ops("cpu", torch.float32, "triton")
     monkeypatch.setenv("VDM_KERNELS", "triton")
     with pytest.raises(KernelsUnavailableError):
         Explainer(tiny_explainer.backbone, tiny_explainer.gates)
@@ -171,12 +176,40 @@ def test_kernel_paths_compile_in_one_graph(monkeypatch, tiny_backbone, tiny_gate
     with torch.no_grad():
         logits, log_keep = torch.compile(explainer.forward, backend="aot_eager", fullgraph=True)(pixels)
         masked = torch.compile(tiny_backbone.masked_logits, backend="aot_eager", fullgraph=True)(
-            pixels, gates, tiny_gates.placeholder
+            pixels, gates, tiny_gates.placeholder, mask_fn=explainer.ops.patch_mask
         )
         assert counters["gate_probe"].launches >= 1 and counters["patch_mask_fwd"].launches >= 1
-        install(explainer, "reference")
-        ref_logits, ref_log_keep = explainer(pixels)
+        ref_logits, ref_log_keep = Explainer(tiny_backbone, tiny_gates, kernels="reference")(pixels)
         ref_masked = tiny_backbone.masked_logits(pixels, gates, tiny_gates.placeholder)
     close(log_keep, ref_log_keep, 1e-5, 1e-5, "compiled log_keep")
     close(logits, ref_logits, 1e-5, 1e-5, "compiled logits")
     close(masked, ref_masked, 1e-4, 1e-4, "compiled masked logits")
+
+
+def test_moving_the_explainer_selects_the_ops_again(monkeypatch, tiny_backbone, tiny_gates):
+    """.half() / .float() / .to() / .cuda() all pass through nn.Module._apply: the ops follow the dtype and device."""
+    monkeypatch.delenv("VDM_KERNELS", raising=False)
+    ex = Explainer(tiny_backbone, tiny_gates, kernels="triton")  # CPU allowed under the interpreter
+    assert ex.ops.backend == "triton" and "float32" in ex.ops.reason
+    ex.half()
+    assert ex.backbone.dtype == torch.float16 and ex.ops.backend == "triton" and "float16" in ex.ops.reason
+    ex.float()
+    assert "float32" in ex.ops.reason
+    seen = []
+    monkeypatch.setattr("vdm_engine.explainer.select_ops", lambda device, dtype, mode: seen.append((device, dtype, mode)))
+    ex.to(torch.bfloat16)
+    assert seen == [(torch.device("cpu"), torch.bfloat16, "triton")]
+    if torch.cuda.is_available():
+        monkeypatch.undo()
+        auto = Explainer(tiny_backbone.float(), tiny_gates, kernels="auto")
+        assert auto.ops.backend == "reference"
+        auto.cuda()
+        assert auto.ops.backend == "triton" and "cuda" in auto.ops.reason
+
+
+def test_reference_mode_is_reference_everywhere(monkeypatch, tiny_backbone, tiny_gates):
+    monkeypatch.setenv("VDM_KERNELS", "reference")
+    ex = Explainer(tiny_backbone, tiny_gates)
+    assert ex.ops.backend == "reference" and select_ops("cuda", torch.bfloat16).backend == "reference"
+    ex.half()
+    assert ex.ops.backend == "reference"

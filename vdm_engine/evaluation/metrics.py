@@ -16,10 +16,12 @@ reference it is tested against.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
+
+from ..backbone import patch_mask_reference
 
 __all__ = [
     "REPLACEMENTS",
@@ -148,7 +150,8 @@ def perturb_pixels(pixel_values: torch.Tensor, replacement: torch.Tensor, gates:
 
 
 def perturbed_logits(backbone, pixel_values: torch.Tensor, replacement: torch.Tensor, gates: torch.Tensor,
-                     *, patches: torch.Tensor | None = None, replacement_patches: torch.Tensor | None = None) -> torch.Tensor:
+                     *, patches: torch.Tensor | None = None, replacement_patches: torch.Tensor | None = None,
+                     mask_fn: Callable | None = None) -> torch.Tensor:
     """Logits of many perturbed copies of each image through the batched patch-masking path.
 
     Args:
@@ -157,6 +160,7 @@ def perturbed_logits(backbone, pixel_values: torch.Tensor, replacement: torch.Te
         replacement: (B, 3, H, W) replacement pixels.
         gates: (B, K, N) keep gates (1 keep, 0 replace).
         patches, replacement_patches: optional precomputed ``embed_patches`` of the two (B, N, D).
+        mask_fn: the patch-masking op (``Ops.patch_mask``); default the reference.
 
     Returns:
         (B, K, C) logits, equal to ``backbone(perturb_pixels(...))`` up to float rounding.
@@ -168,7 +172,7 @@ def perturbed_logits(backbone, pixel_values: torch.Tensor, replacement: torch.Te
         raise ValueError(f"gates must be (B={B}, K, N={N}), got {tuple(gates.shape)}")
     K = gates.shape[1]
     # g*x + (1-g)*r = r + g*(x - r): mask the difference with a zero placeholder, then add r back.
-    tokens = backbone.patch_mask_fn(x - r, gates.to(x.dtype), None, backbone.cls_token, backbone.pos_embed)
+    tokens = (mask_fn or patch_mask_reference)(x - r, gates.to(x.dtype), None, backbone.cls_token, backbone.pos_embed)
     tokens = tokens.view(B, K, N + 1, D)
     tokens = torch.cat([tokens[:, :, :1], tokens[:, :, 1:] + r.unsqueeze(1)], dim=2).view(B * K, N + 1, D)
     return backbone.head(backbone.encode(tokens)).view(B, K, -1)

@@ -85,7 +85,8 @@ def _generator(*keys) -> torch.Generator:
     return torch.Generator().manual_seed(h)
 
 
-def _curves(backbone, pv, repl, target, orig_logits, score_sets: Mapping[str, torch.Tensor], steps, seed_keys, max_rows):
+def _curves(backbone, pv, repl, target, orig_logits, score_sets: Mapping[str, torch.Tensor], steps, seed_keys, max_rows,
+            mask_fn=None):
     """Probability and KL curves for every method and order: {method: {order: (prob (B,K), kl (B,K))}}."""
     x = backbone.embed_patches(pv)
     r = backbone.embed_patches(repl)
@@ -98,7 +99,7 @@ def _curves(backbone, pv, repl, target, orig_logits, score_sets: Mapping[str, to
         chunk = max(1, max_rows // gates.shape[1])
         logits = torch.cat([
             perturbed_logits(backbone, pv[i : i + chunk], repl[i : i + chunk], gates[i : i + chunk].to(x.device),
-                             patches=x[i : i + chunk], replacement_patches=r[i : i + chunk])
+                             patches=x[i : i + chunk], replacement_patches=r[i : i + chunk], mask_fn=mask_fn)
             for i in range(0, B, chunk)
         ]).float()  # (B, 2K, C)
         prob = logits.softmax(-1).gather(2, target.view(B, 1, 1).expand(B, 2 * K, 1)).squeeze(-1)
@@ -116,6 +117,7 @@ def evaluate(
     config: PerturbationConfig = PerturbationConfig(),
     kept_masks: Mapping[str, Callable] | None = None,
     progress: bool = True,
+    mask_fn: Callable | None = None,
 ) -> dict:
     """Run the perturbation test (and, with ground truth, the localisation test) for several methods.
 
@@ -129,6 +131,7 @@ def evaluate(
         kept_masks: optional name -> function mapping that method's (B, N) scores to its own kept
             set (B, N) bool (DiffMask: keep probability > 0.5); scored as ``localisation['own']``.
         progress: show a tqdm bar.
+        mask_fn: the patch-masking op of the perturbed passes (``Ops.patch_mask``); default the reference.
 
     Returns:
         A JSON-serialisable dict: ``fractions`` (K,), ``n``, ``config`` and per method:
@@ -175,7 +178,8 @@ def evaluate(
             scores[m] = s
         for rp in config.replacements:
             repl = replacement_pixels(pv, rp, backbone.image_spec, [config.seed * 1_000_003 + i for i in idx])
-            res = _curves(backbone, pv, repl, target, orig, scores, steps, ("ties", config.seed, start), config.max_rows)
+            res = _curves(backbone, pv, repl, target, orig, scores, steps, ("ties", config.seed, start), config.max_rows,
+                          mask_fn)
             for m in names:
                 for o in ORDERS:
                     prob, kl = res[m][o]
@@ -339,7 +343,8 @@ def evaluate_model(
     fns = {m: get_method(m, explainer, **options.get(m, {})) for m in names}
     ev = load_eval_data(data, n, preprocess=bb.preprocess, grid=bb.grid, seed=config.seed)
     kept = {"diffmask": (lambda s: s > threshold)} if "diffmask" in names else None
-    res = evaluate(fns, bb, ev.pixel_values, relevant=ev.relevant, config=config, kept_masks=kept, progress=progress)
+    res = evaluate(fns, bb, ev.pixel_values, relevant=ev.relevant, config=config, kept_masks=kept, progress=progress,
+                   mask_fn=explainer.ops.patch_mask)
     res.update({
         "model": model,
         "data": data,

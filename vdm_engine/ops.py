@@ -1,0 +1,112 @@
+"""The one fast-path policy: which gate-probe and patch-masking functions serve a device and dtype.
+
+``select_ops`` is the only place that reads ``VDM_KERNELS`` (auto | reference | triton) and decides.
+The references live in the core; fast paths are plugins registered under the ``vdm_engine.ops``
+entry-point group (``vdm_engine.kernels`` registers ``triton``), so the core never names them. A
+provider is called as ``provider(device, dtype, mode)`` and returns ``Ops`` or raises
+``OpsUnavailableError`` with the reasons it cannot serve; ``auto`` then falls back to the
+references (reasons logged once) and ``triton`` re-raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .backbone import patch_mask_reference
+from .gates import gate_probe_reference
+
+__all__ = ["Ops", "OpsUnavailableError", "select_ops", "reference_ops", "resolve_mode", "MODES", "ENV_VAR", "ENTRY_POINT_GROUP"]
+
+MODES = ("auto", "reference", "triton")
+ENV_VAR = "VDM_KERNELS"
+ENTRY_POINT_GROUP = "vdm_engine.ops"
+
+logger = logging.getLogger("vdm_engine.ops")
+_logged: set[str] = set()
+
+
+class OpsUnavailableError(ValueError):
+    """A fast path was requested (``VDM_KERNELS=triton``) but cannot serve this device and dtype."""
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The functions the explain path calls, and why they were chosen.
+
+    Attributes:
+        gate_probe: ``(hidden_states (S, B, T, D), ProbeParams) -> log_keep (B, S, T)`` float32
+            (signature of ``gates.gate_probe_reference``).
+        patch_mask: ``(x (B, N, D), gates (B, N) | (B, K, N), placeholder, cls_token, pos_embed)
+            -> tokens (B*K, N+1, D)`` (signature of ``backbone.patch_mask_reference``).
+        backend: ``reference`` or the provider's name (``triton``).
+        reason: why this backend serves (or why the fast path does not).
+    """
+
+    gate_probe: Callable
+    patch_mask: Callable
+    backend: str
+    reason: str
+
+
+def reference_ops(reason: str = "plain-PyTorch references") -> Ops:
+    """The references: the CPU path, the ONNX export path and the ground truth of every kernel."""
+    return Ops(gate_probe_reference, patch_mask_reference, "reference", reason)
+
+
+def resolve_mode(mode: str | None = None) -> str:
+    """Normalise ``mode`` (default: env ``VDM_KERNELS``, else ``auto``); ``ValueError`` if unknown."""
+    raw = os.environ.get(ENV_VAR, "auto") if mode is None else mode
+    m = str(raw).strip().lower() or "auto"
+    if m not in MODES:
+        raise ValueError(f"{ENV_VAR} must be one of {', '.join(MODES)}; got {raw!r}")
+    return m
+
+
+def _provider(name: str) -> Callable | None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            return ep.load()
+    return None
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.info(message)
+
+
+def select_ops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, mode: str | None = None) -> Ops:
+    """Choose the ops for tensors on ``device`` with ``dtype``.
+
+    Args:
+        device, dtype: where the backbone and gates run.
+        mode: ``auto`` (fast path where it serves, else the references), ``reference`` or
+            ``triton`` (the fast path or an error); default the env ``VDM_KERNELS``, else ``auto``.
+
+    Raises:
+        OpsUnavailableError: ``mode == "triton"`` and the kernels cannot serve ``device`` / ``dtype``.
+    """
+    mode = resolve_mode(mode)
+    if mode == "reference":
+        return reference_ops("reference mode requested")
+    device = torch.device(device)
+    provider = _provider("triton")
+    if provider is None:
+        reason = "no fast-path provider is installed (vdm_engine.kernels)"
+        if mode == "triton":
+            raise OpsUnavailableError(f"{ENV_VAR}=triton was requested, but {reason}")
+        return reference_ops(reason)
+    try:
+        return provider(device, dtype, mode)
+    except OpsUnavailableError as e:
+        if mode == "triton":
+            raise
+        _log_once(f"vdm_engine: using the PyTorch references on {device} {dtype} ({e})")
+        return reference_ops(str(e))
