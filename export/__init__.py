@@ -5,7 +5,7 @@ until a function needs them.
 """
 
 from .graph import DEFAULT_OUTPUTS, OUTPUTS, ExplainerGraph
-from .metadata import ExportMetadata, gates_sha256, read_metadata
+from vdm_engine.metadata import ExportMetadata, gates_sha256, read_metadata
 from .onnx import ExportError, ExportResult, export_onnx
 from .triton_repo import write_triton_repo
 from .validate import TOLERANCES, ExportValidationError, check_onnx, validate_onnx

@@ -28,7 +28,7 @@ import torch
 from vdm_engine.explainer import Explainer
 
 from .graph import DEFAULT_OUTPUTS, ExplainerGraph, normalize_outputs
-from .metadata import ExportMetadata, gates_sha256
+from vdm_engine.metadata import ExportMetadata, gates_sha256
 from .validate import TOLERANCES, ExportValidationError, check_onnx, validate_onnx
 
 __all__ = [

@@ -22,7 +22,7 @@ from typing import Sequence
 
 from vdm_engine._io import atomic_path, atomic_write_bytes
 
-from .metadata import read_metadata
+from vdm_engine.metadata import read_metadata
 
 __all__ = ["write_triton_repo", "triton_config_text"]
 

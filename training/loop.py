@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from vdm_engine._io import atomic_path, atomic_write_bytes
-from vdm_engine.explainer import install_kernels
+from vdm_engine.ops import select_ops
 from vdm_engine.gates import GateConfig, Gates
 from vdm_engine.registry import RegistrationRefused, mask_failure, register_gates, registration_decision
 
@@ -399,11 +399,12 @@ def train_gates(
     val_shard = val_images[info.rank :: info.world_size].to(device)
     preprocess = (lambda b: b) if isinstance(source, _TensorSource) else backbone.preprocess
 
-    install_kernels(backbone)
+    ops = select_ops(device, backbone.dtype)  # the masked passes' patch-masking op
 
     # ----- state ----------------------------------------------------------------------------------
     gates.to(device).train()
-    obj = GateObjective(backbone, gates, alpha_init=cfg.alpha_init, eps=cfg.eps, l0=cfg.l0, precision=cfg.precision)
+    obj = GateObjective(backbone, gates, alpha_init=cfg.alpha_init, eps=cfg.eps, l0=cfg.l0, precision=cfg.precision,
+                        mask_fn=ops.patch_mask)
     obj.alpha.data = obj.alpha.data.to(device)
     probe_params = [gates.w1, gates.b1, gates.w2, gates.b2, gates.add]
     groups = [{"params": probe_params, "lr": cfg.lr_probe}]
@@ -541,7 +542,7 @@ def train_gates(
             if step % cfg.eval_interval == 0 or step == cfg.steps:
                 gates.eval()
                 sums = hard_mask_validation(
-                    backbone, gates, val_shard, threshold=cfg.threshold, precision=cfg.precision
+                    backbone, gates, val_shard, threshold=cfg.threshold, precision=cfg.precision, mask_fn=ops.patch_mask
                 )
                 gates.train()
                 for v in sums.values():

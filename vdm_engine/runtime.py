@@ -131,7 +131,7 @@ class OnnxExplainer:
     """
 
     def __init__(self, path: str | os.PathLike, providers: str | Sequence = "auto", *, session_options=None):
-        from vdm_engine.export.metadata import read_metadata
+        from .metadata import read_metadata
 
         self.path = Path(path)
         self.metadata = read_metadata(_load_graph(self.path))

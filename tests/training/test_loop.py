@@ -123,12 +123,12 @@ def test_resume_in_process_is_exact(tiny_backbone, toy_pixels, tmp_path, monkeyp
     # Interrupt at step 27 (last checkpoint: step 20), as Ctrl-C would.
     real, calls = tiny_backbone.masked_logits_from_patches, {"n": 0}
 
-    def interrupted(*args):
+    def interrupted(*args, **kwargs):
         if torch.is_grad_enabled():
             calls["n"] += 1
             if calls["n"] == 27:
                 raise KeyboardInterrupt
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(tiny_backbone, "masked_logits_from_patches", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -150,8 +150,8 @@ def test_nan_guard_keeps_last_good_checkpoint(tiny_backbone, toy_pixels, tmp_pat
     calls = {"n": 0}
     real = tiny_backbone.masked_logits_from_patches
 
-    def poisoned(patches, gates, placeholder):
-        out = real(patches, gates, placeholder)
+    def poisoned(patches, gates, placeholder, **kwargs):
+        out = real(patches, gates, placeholder, **kwargs)
         if torch.is_grad_enabled():
             calls["n"] += 1
             if calls["n"] == 25:

@@ -79,24 +79,17 @@ class _Model:
         if args.onnx:
             if args.gates:
                 raise UsageError("--gates applies to --model; an exported graph carries its gates")
-            try:
-                from vdm_engine.runtime import OnnxExplainer
-            except ImportError as e:
-                raise UsageError(f"--onnx needs vdm_engine.runtime and onnxruntime: {e}") from e
+            from vdm_engine.runtime import OnnxExplainer
             if not Path(args.onnx).is_file():
                 raise UsageError(f"--onnx {args.onnx}: no such file")
             self.impl = OnnxExplainer(args.onnx)
-            meta = getattr(self.impl, "metadata", None)
-            if meta is not None and not isinstance(meta, dict):  # ExportMetadata dataclass
-                meta = {k: getattr(meta, k) for k in ("gates_sha256", "gates_source", "id2label", "untrained_gates")
-                        if hasattr(meta, k)}
-            meta = meta or {}
+            meta = self.impl.metadata
             self.name = str(args.onnx)
             self.model_sha256 = sha256_file(args.onnx)
-            self.gates_sha256 = meta.get("gates_sha256")
-            self.gates_source = meta.get("gates_source") or None
-            self.id2label = _labels(getattr(self.impl, "id2label", None) or meta.get("id2label"))
-            if meta.get("untrained_gates"):
+            self.gates_sha256 = meta.gates_sha256 or None
+            self.gates_source = meta.gates_source or None
+            self.id2label = self.impl.id2label
+            if meta.untrained_gates:
                 print(f"{PROG}: warning: {args.onnx} was exported with untrained gates; its masks mean nothing",
                       file=sys.stderr)
         else:
@@ -123,18 +116,6 @@ class _Model:
 
     def explain(self, pixel_values):
         return self.impl.explain(pixel_values)
-
-
-def _labels(raw) -> dict[int, str]:
-    import json
-
-    if raw is None:
-        return {}
-    if isinstance(raw, str):
-        raw = json.loads(raw)
-    if isinstance(raw, (list, tuple)):
-        return {i: str(v) for i, v in enumerate(raw)}
-    return {int(k): str(v) for k, v in dict(raw).items()}
 
 
 def _unique_stems(paths: Sequence[Path]) -> list[str]:

@@ -1,5 +1,8 @@
 """What an exported graph says about itself, stored in the ONNX ``metadata_props`` (string -> string).
 
+The contract between ``vdm_engine.export`` (which writes it) and ``runtime.OnnxExplainer`` (which
+reads it), so it lives in the core.
+
 Scalars are stored as plain strings, structured values (sizes, mean/std, labels, the image
 processor settings) as JSON. ``ExportMetadata.from_props`` is the exact inverse of ``to_props``.
 """
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from vdm_engine.backbone import ImageSpec
+from .preprocessing import ImageSpec
 
 __all__ = ["ExportMetadata", "read_metadata", "gates_sha256", "METADATA_PREFIX"]
 
@@ -143,18 +146,6 @@ class ExportMetadata:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    # Read-only mapping access, so ``dict(metadata)`` and ``metadata["gates_sha256"]`` work too.
-    def keys(self) -> list[str]:
-        return [f.name for f in fields(self)]
-
-    def __getitem__(self, key: str):
-        if key not in self.keys():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default=None):
-        return getattr(self, key) if key in self.keys() else default
 
 
 def read_metadata(model) -> ExportMetadata:
