@@ -18,7 +18,7 @@ from torch import nn
 from ._io import atomic_write_json
 from .preprocessing import ImageSpec, _to_uint8_list, check_pixel_values, preprocess_images  # noqa: F401 (re-exported)
 from .provenance import backbone_fingerprint
-from .registry import EMBEDDED_MODELS, embedded_model_dir
+from .models import EMBEDDED_MODELS, PRESETS, embedded_model_dir
 
 __all__ = [
     "PRESETS",
@@ -30,12 +30,6 @@ __all__ = [
     "random_backbone",
     "SHAPES",
 ]
-
-PRESETS = {
-    "vit-b16": "google/vit-base-patch16-224",
-    "vit-b16-cifar10": "tanlq/vit-base-patch16-224-in21k-finetuned-cifar10",
-    "vit-l16": "google/vit-large-patch16-224",
-}
 
 _PROCESSOR_FILE = "preprocessor_config.json"
 

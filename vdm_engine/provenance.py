@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .models import ASSETS
+
 __all__ = [
     "BackboneMismatchError",
     "ProvenanceWarning",
@@ -126,13 +128,10 @@ def validation_figures(metrics: dict) -> tuple[float | None, float | None]:
     return None, None
 
 
-_ASSETS = Path(__file__).parent / "assets"
-
-
 def classify_source(directory: str | Path, registry: Path) -> str:
     """``shipped`` (inside the package's assets), ``registry`` (inside ``registry``) or ``path``."""
     d = Path(directory).resolve()
-    for root, name in ((_ASSETS, "shipped"), (registry, "registry")):
+    for root, name in ((ASSETS, "shipped"), (registry, "registry")):
         try:
             d.relative_to(Path(root).resolve())
             return name

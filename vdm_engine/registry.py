@@ -25,6 +25,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .models import EMBEDDED_MODELS, embedded_model_dir, resolve_preset
+
 __all__ = [
     "registry_home",
     "registered_gates",
@@ -42,9 +44,7 @@ __all__ = [
     "KEEP_ALL",
 ]
 
-EMBEDDED_MODELS = ("vit-digits", "vit-toy")
 KEEP_ALL = 0.95  # gates keeping at least this fraction of the patches explain nothing
-_ASSETS = Path(__file__).parent / "assets"
 _GATES_CONFIG = "gates_config.json"
 _GATES_WEIGHTS = "gates.safetensors"
 
@@ -78,14 +78,6 @@ def _key(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "--", model).strip("-")
 
 
-def embedded_model_dir(name: str) -> Path | None:
-    """Folder of an embedded demo model (``backbone/`` and ``gates/`` inside), or None."""
-    if name in EMBEDDED_MODELS:
-        d = _ASSETS / name
-        return d if d.is_dir() else None
-    return None
-
-
 def shipped_gates(model: str) -> Path | None:
     """The gates directory shipped inside the package for an embedded model, or None."""
     emb = embedded_model_dir(str(model))
@@ -96,7 +88,7 @@ def shipped_gates(model: str) -> Path | None:
 
 def _entry_dirs(model: str) -> list[Path]:
     """The registry folders ``model`` may be registered under (its name, and a preset's hub id)."""
-    names = dict.fromkeys([str(model), _resolve_preset(model)])
+    names = dict.fromkeys([str(model), resolve_preset(model)])
     return [registry_home() / _key(name) for name in names]
 
 
@@ -118,7 +110,7 @@ def register_gates(model: str, gates_dir: str | os.PathLike, *, replace: bool = 
         gates_dir: a ``save_pretrained`` gates directory.
         replace: replace an existing entry (default); when False, ``FileExistsError`` if one appeared.
     """
-    dst = registry_home() / _key(_resolve_preset(model))
+    dst = registry_home() / _key(resolve_preset(model))
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
@@ -317,8 +309,3 @@ def registration_decision(model: str, *, failure: str | None, register: bool | N
         False, f"not registered: '{model}' already has {kind} gates ({existing}); pass --register to replace them"
     )
 
-
-def _resolve_preset(model: str) -> str:
-    from .backbone import PRESETS
-
-    return PRESETS.get(str(model), str(model))
