@@ -12,6 +12,7 @@ Only numpy and Pillow are imported here (no torch).
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -27,6 +28,7 @@ __all__ = [
     "SUPPORTED_FORMATS",
     "UPSCALE_WARN_FACTOR",
     "DecodedImage",
+    "decode_image",
     "load_image",
     "pil_to_rgb8",
     "read_image",
@@ -140,35 +142,54 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None,
         raise ValueError(f"{path}: no such file")
     if not path.is_file():
         raise ValueError(f"{path}: not a file")
+    with open(path, "rb") as f:
+        return _decode(f, str(path), max_pixels=max_pixels, model_size=model_size)
+
+
+def decode_image(data: bytes, *, name: str = "image", max_pixels: int | None = None,
+                 model_size: tuple[int, int] | None = None) -> DecodedImage:
+    """``read_image`` for an encoded PNG or JPEG already in memory (an upload, a request body).
+
+    Same checks and result as ``read_image``; messages start with ``name`` instead of a path.
+
+    Raises:
+        ValueError: empty data, unsupported format, too many pixels, corrupt or truncated data.
+    """
+    if not data:
+        raise ValueError(f"{name}: empty (0 bytes); expected a PNG or JPEG image")
+    return _decode(io.BytesIO(data), name, max_pixels=max_pixels, model_size=model_size)
+
+
+def _decode(f, path: str, *, max_pixels: int | None, model_size: tuple[int, int] | None) -> DecodedImage:
+    """Decode an open binary file ``f`` (named ``path`` in messages): the body of ``read_image``."""
     limit = resolve_max_pixels(max_pixels)
     try:
-        with open(path, "rb") as f:
-            im = _open_header(f, path)
-            W, H = im.size
-            if W * H > limit:
-                raise ValueError(
-                    f"{path}: image is {W}x{H} ({W * H / 1e6:.1f} megapixels), above the limit of "
-                    f"{limit / 1e6:g} megapixels ({limit} pixels); refused before decoding. If you trust the file, "
-                    f"raise the limit with --max-pixels {W * H} (vdm-explain), {MAX_PIXELS_ENV}={W * H} or "
-                    f"read_image(..., max_pixels={W * H})"
-                )
-            if model_size is not None and im.format == "JPEG":
-                r = _reduce_factor(W, H, model_size)
-                if r > 1:  # decode at 1/2, 1/4 or 1/8 scale, never below W/r x H/r
-                    im.draft(None, (math.ceil(W / r), math.ceil(H / r)))
-            im.load()
-            orientation = _orientation(im)
-            fmt = im.format
-            im = _to_8bit(im)
-            if model_size is not None:
-                r = _reduce_factor(im.width, im.height, model_size)
-                if r > 1:
-                    im = im.reduce(r)
-            if orientation in _TRANSPOSE:
-                im = im.transpose(_TRANSPOSE[orientation])
-                if orientation >= 5:
-                    W, H = H, W
-            pixels = np.asarray(im.convert("RGB"))
+        im = _open_header(f, path)
+        W, H = im.size
+        if W * H > limit:
+            raise ValueError(
+                f"{path}: image is {W}x{H} ({W * H / 1e6:.1f} megapixels), above the limit of "
+                f"{limit / 1e6:g} megapixels ({limit} pixels); refused before decoding. If you trust the file, "
+                f"raise the limit with --max-pixels {W * H} (vdm-explain), {MAX_PIXELS_ENV}={W * H} or "
+                f"read_image(..., max_pixels={W * H})"
+            )
+        if model_size is not None and im.format == "JPEG":
+            r = _reduce_factor(W, H, model_size)
+            if r > 1:  # decode at 1/2, 1/4 or 1/8 scale, never below W/r x H/r
+                im.draft(None, (math.ceil(W / r), math.ceil(H / r)))
+        im.load()
+        orientation = _orientation(im)
+        fmt = im.format
+        im = _to_8bit(im)
+        if model_size is not None:
+            r = _reduce_factor(im.width, im.height, model_size)
+            if r > 1:
+                im = im.reduce(r)
+        if orientation in _TRANSPOSE:
+            im = im.transpose(_TRANSPOSE[orientation])
+            if orientation >= 5:
+                W, H = H, W
+        pixels = np.asarray(im.convert("RGB"))
     except ValueError as e:
         msg = str(e)
         raise ValueError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from vdm_engine.images import SUPPORTED_FORMATS, load_image, read_image, resolve_max_pixels
+from vdm_engine.records import explanation_records, model_sha256, overlay_caption
 
 from ._common import (
     EXIT_USAGE, CliParser, UsageError, check_device, check_model, check_out_dir, quiet_transformers, run_cli,
@@ -47,27 +48,6 @@ def _parser() -> argparse.ArgumentParser:
                      help="refuse images with more pixels than this, before decoding "
                           "(default $VDM_MAX_IMAGE_PIXELS or 100000000)")
     return p
-
-
-def _model_sha256(backbone) -> str | None:
-    """sha256 of the backbone's weights file (local directory or hub cache), else None."""
-    from vdm_engine._io import sha256_file
-    from vdm_engine.backbone import resolve_model_source
-
-    try:
-        source = resolve_model_source(backbone.name_or_path)
-    except Exception:
-        return None
-    if os.path.isdir(source):
-        f = Path(source) / "model.safetensors"
-        return sha256_file(f) if f.is_file() else None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        f = try_to_load_from_cache(source, "model.safetensors", revision=backbone.revision)
-        return sha256_file(f) if isinstance(f, str) and os.path.isfile(f) else None
-    except Exception:
-        return None
 
 
 class _Model:
@@ -101,7 +81,7 @@ class _Model:
             ).eval()
             print(f"{PROG}: {self.impl.provenance.describe()}", file=sys.stderr)
             self.name = model
-            self.model_sha256 = _model_sha256(self.impl.backbone)
+            self.model_sha256 = model_sha256(self.impl.backbone)
             self.gates_sha256 = self.impl.gates.sha256
             self.gates_source = self.impl.provenance.source
             self.id2label = self.impl.backbone.id2label
@@ -185,34 +165,18 @@ def explain_files(model, paths: Sequence[str | os.PathLike], out_dir: str | os.P
         chunk = loaded[start : start + batch_size]
         with torch.no_grad():
             exp = model.explain(model.preprocess([img.pixels for _, _, img in chunk])).cpu()
-        probs = exp.probs
-        k = min(top_k, probs.shape[-1])
-        top = probs.topk(k, dim=-1)
-        grids = exp.grid_mask()
-        for i, (path, stem, img) in enumerate(chunk):
-            idx = [int(c) for c in top.indices[i]]
-            top_list = [{"index": c, "label": model.id2label.get(c, str(c)), "score": float(s)}
-                        for c, s in zip(idx, top.values[i].tolist())]
-            grid = grids[i].numpy()
-            kept = float((grid > threshold).mean())
-            caption = [f"{model.name}: predicts {top_list[0]['label']}, kept {kept:.0%} of patches"]
-            caption += [f"{r + 1}. {t['label']}  p={t['score']:.3f}" for r, t in enumerate(top_list)]
+        grids = exp.grid_mask().numpy()
+        recs = explanation_records(exp, model.id2label, top_k=top_k, threshold=threshold)
+        for (path, stem, img), grid, rec in zip(chunk, grids, recs):
             png = out_dir / f"{stem}.overlay.png"
             buf = io.BytesIO()
-            overlay(img.pixels, grid, threshold=threshold, caption=caption).save(buf, format="PNG")
+            overlay(img.pixels, grid, threshold=threshold, caption=overlay_caption(model.name, rec)).save(buf, format="PNG")
             atomic_write_bytes(png, buf.getvalue())
             record = {
                 "image": str(path),
                 "image_size": list(img.original_size),
                 "overlay": str(png),
-                "label": top_list[0]["label"],
-                "label_index": top_list[0]["index"],
-                "score": top_list[0]["score"],
-                "top_k": top_list,
-                "grid": list(exp.grid),
-                "patch_mask": [[float(v) for v in row] for row in grid],
-                "threshold": threshold,
-                "kept_fraction": kept,
+                **rec,
                 "warnings": list(img.warnings),
                 "model": model.name,
                 "model_sha256": model.model_sha256,
