@@ -1,0 +1,123 @@
+"""``vdm-serve [--model vit-digits | --onnx PATH] [--gates DIR] [--device cpu|cuda] [--replicas N]
+[--max-batch 32] [--batch-wait-ms 5] [--host 127.0.0.1] [--port 8000] [--address RAY_ADDRESS]``.
+
+Serves explanations over HTTP on Ray Serve (``vdm_engine.serve``, the ``serve`` extra): a local
+Ray instance is started unless ``--address`` names a cluster. Ctrl-C (or SIGTERM) shuts the
+application, the proxy and a local Ray instance down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ._common import CliParser, UsageError, check_device, check_model, quiet_transformers, run_cli
+
+__all__ = ["main"]
+
+PROG = "vdm-serve"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = CliParser(prog=PROG, description="Serve ViT predictions with DiffMask explanations over HTTP (Ray Serve).")
+    opt = p.add_argument_group("model")
+    src = opt.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="embedded name, preset, hub id or local directory (default vit-digits)")
+    src.add_argument("--onnx", default=None, metavar="PATH", help="an exported graph (vdm-export) run with onnxruntime")
+    opt.add_argument("--gates", default=None, metavar="DIR", help="gates directory (default: registry, then embedded)")
+    opt.add_argument("--allow-backbone-mismatch", action="store_true",
+                     help="accept gates recorded for another backbone (warns and records it)")
+    opt.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
+    opt.add_argument("--model-name", default=None,
+                     help="name in /v2/models/{name} (default: the --onnx file's stem or the --model name)")
+    srv = p.add_argument_group("serving")
+    srv.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy listens on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    srv.add_argument("--address", default=None, metavar="RAY_ADDRESS",
+                     help="deploy onto this Ray cluster (auto, HOST:PORT, ray://...); default: start a local one")
+    srv.add_argument("--replicas", type=int, default=1, help="explainer replicas (default 1)")
+    srv.add_argument("--num-cpus", type=float, default=1.0, help="Ray CPUs per replica (default 1)")
+    srv.add_argument("--num-gpus", type=float, default=None,
+                     help="Ray GPUs per replica, fractions allowed (default 1 with --device cuda, else 0)")
+    srv.add_argument("--max-batch", type=int, default=32, help="most images per forward pass (default 32)")
+    srv.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5)")
+    srv.add_argument("--max-ongoing", type=int, default=None,
+                     help="requests one replica works on at once (default 2 x --max-batch)")
+    srv.add_argument("--max-queued", type=int, default=256,
+                     help="requests waiting for a replica before the server answers 503 (default 256)")
+    lim = p.add_argument_group("requests")
+    lim.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MB (default 20; 413 above)")
+    lim.add_argument("--max-images", type=int, default=64, help="most images in one JSON request (default 64)")
+    lim.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                     help="refuse images with more pixels, before decoding (default $VDM_MAX_IMAGE_PIXELS or 1e8)")
+    lim.add_argument("--top-k", type=int, default=5, help="classes listed per image (default 5)")
+    lim.add_argument("--threshold", type=float, default=0.5, help="keep probability above which a patch is kept")
+    return p
+
+
+def _config(args):
+    """The ``ServeConfig`` (checked before Ray starts), or ``UsageError`` naming the flag."""
+    from vdm_engine.serve.config import ServeConfig
+
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be 1..65535, got {args.port}")
+    if args.max_body_mb <= 0:
+        raise UsageError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    flags = {"max_batch": "--max-batch", "batch_wait_ms": "--batch-wait-ms", "replicas": "--replicas",
+             "num_cpus": "--num-cpus", "num_gpus": "--num-gpus", "max_ongoing_requests": "--max-ongoing",
+             "max_queued_requests": "--max-queued", "max_images": "--max-images", "max_pixels": "--max-pixels",
+             "top_k": "--top-k", "threshold": "--threshold", "model_name": "--model-name", "gates": "--gates"}
+    try:
+        return ServeConfig(
+            model=args.model or "vit-digits", gates=args.gates, onnx=args.onnx, device=args.device,
+            allow_backbone_mismatch=args.allow_backbone_mismatch, model_name=args.model_name,
+            max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, replicas=args.replicas,
+            num_cpus=args.num_cpus, num_gpus=args.num_gpus, max_ongoing_requests=args.max_ongoing,
+            max_queued_requests=args.max_queued, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+            max_images=args.max_images, max_pixels=args.max_pixels, top_k=args.top_k, threshold=args.threshold,
+        )
+    except ValueError as e:
+        msg = str(e)
+        for field, flag in flags.items():
+            msg = msg.replace(f"ServeConfig.{field} ", f"{flag} ")
+        raise UsageError(msg) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    quiet_transformers()
+
+    def body() -> int:
+        args = _parser().parse_args(argv)
+        device = check_device(args.device)
+        if args.onnx:
+            if not Path(args.onnx).is_file():
+                raise UsageError(f"--onnx {args.onnx}: no such file")
+        else:
+            check_model(args.model or "vit-digits")
+        if args.gates and not Path(args.gates).is_dir():
+            raise UsageError(f"--gates {args.gates}: no such folder")
+        try:
+            from vdm_engine import serve
+            import ray  # noqa: F401
+        except ImportError as e:
+            raise UsageError(f"vdm-serve needs the serve extra ({e.name} is missing): "
+                             "pip install 'vdm-engine[serve]'") from None
+        args.device = device
+        config = _config(args)
+
+        def ready(url: str) -> None:
+            print(f"{PROG}: serving {config.onnx or config.model} at {url} (model name {config.oip_name!r}, "
+                  f"{config.replicas} replica(s), batches up to {config.max_batch}); Ctrl-C stops", file=sys.stderr)
+
+        print(f"{PROG}: starting {'a local Ray instance' if args.address is None else 'on ' + args.address} ...",
+              file=sys.stderr)
+        serve.serve_forever(config, host=args.host, port=args.port, address=args.address, on_ready=ready)
+        return 0
+
+    return run_cli(PROG, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
