@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from vdm_engine import Explainer, Gates
 from vdm_engine.cli.train import main
 from vdm_engine.registry import shipped_gates
-from vdm_engine.training.loop import CHECKPOINT, GATES_DIR, METRICS, _load_checkpoint
+from vdm_engine.training.checkpoint import load_checkpoint
+from vdm_engine.training.rundir import CHECKPOINT, GATES_DIR, METRICS
 
 
 def _env():
@@ -68,11 +69,12 @@ def test_vdm_train_errors_are_one_line(tmp_path, capsys):
 
 def test_vdm_train_divergence_exits_with_one_line(tmp_path, capsys, monkeypatch):
     import vdm_engine.training as training
+    import vdm_engine.training.run as run
 
     def diverge(*a, **k):
         raise training.TrainingDiverged("the loss became NaN/Inf (nan) at step 3; stopped. The last good checkpoint is kept")
 
-    monkeypatch.setattr(training, "train_gates", diverge)
+    monkeypatch.setattr(run, "train_gates", diverge)
     assert main(["--model", "vit-toy", "--data", "toy", "--out", str(tmp_path), "--no-progress"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("vdm-train: failed: the loss became NaN") and "\n" not in err
@@ -93,7 +95,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir):
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = _load_checkpoint(out / CHECKPOINT)[1]["step"]
+    killed_at = load_checkpoint(out / CHECKPOINT)[1]["step"]
     assert 25 <= killed_at < 300 and not (out / GATES_DIR).exists()
 
     res = subprocess.run(_cmd(tiny_model_dir, out, *steps, "--resume"), env=_env(), capture_output=True, text=True,
@@ -119,7 +121,7 @@ def test_torchrun_two_processes(tmp_path, tiny_model_dir):
     assert all(r["images"] == 16 for r in lines if r["kind"] == "val")  # both ranks' shards summed
     gates = Gates.from_pretrained(out / GATES_DIR)
     assert gates.metrics["world_size"] == 2 and gates.metrics["steps"] == 60
-    assert _load_checkpoint(out / CHECKPOINT)[1]["world_size"] == 2
+    assert load_checkpoint(out / CHECKPOINT)[1]["world_size"] == 2
 
 
 # ----- run folders are safe --------------------------------------------------------------------------
@@ -183,7 +185,7 @@ def test_overwrite_starts_afresh(finished_run, tiny_model_dir, capsys):
     assert (finished_run / "notes.txt").read_text() == "mine"  # not a file of the run
     steps = [json.loads(x)["step"] for x in (finished_run / METRICS).read_text().splitlines()]
     assert max(steps) == 5
-    assert _load_checkpoint(finished_run / CHECKPOINT)[1]["step"] == 5
+    assert load_checkpoint(finished_run / CHECKPOINT)[1]["step"] == 5
     assert Gates.from_pretrained(finished_run / GATES_DIR).metrics["steps"] == 5
 
 
@@ -226,5 +228,5 @@ def test_resume_with_fewer_steps_is_an_error(finished_run, tiny_model_dir, capsy
 def test_resume_continues_to_more_steps(finished_run, tiny_model_dir, capsys):
     assert main(_tiny(tiny_model_dir, finished_run, "--resume", "--steps", "15")) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 15
-    meta = _load_checkpoint(finished_run / CHECKPOINT)[1]
+    meta = load_checkpoint(finished_run / CHECKPOINT)[1]
     assert meta["step"] == 15 and meta["data"] == "toy" and meta["model"] == str(tiny_model_dir)

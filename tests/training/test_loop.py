@@ -11,7 +11,8 @@ import torch
 from vdm_engine import Explainer, Gates
 from vdm_engine.training import TrainConfig, TrainingDiverged, new_gates, train_gates
 from vdm_engine.training.data import toy_batch
-from vdm_engine.training.loop import CHECKPOINT, GATES_DIR, METRICS, _load_checkpoint
+from vdm_engine.training.checkpoint import load_checkpoint
+from vdm_engine.training.rundir import CHECKPOINT, GATES_DIR, METRICS
 from vdm_engine.training.objective import GateObjective, depth_weights, hard_mask_validation
 
 SMALL = TrainConfig(steps=40, batch_size=8, eval_interval=10, checkpoint_interval=10, val_size=12, warmup_steps=5)
@@ -99,7 +100,7 @@ def test_train_gates_writes_log_checkpoint_and_selects_best(tiny_backbone, toy_p
     for k, v in res.gates.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     assert loaded.metrics["selected"] == ("best" if res.qualified else "last")
-    _, meta = _load_checkpoint(tmp_path / CHECKPOINT)
+    _, meta = load_checkpoint(tmp_path / CHECKPOINT)
     assert meta["step"] == 40
     # The first gates for the backbone's name fill its empty (isolated) registry slot, if they learned a mask.
     assert (res.registered is not None) == res.learned_mask, res.registration
@@ -134,7 +135,7 @@ def test_resume_in_process_is_exact(tiny_backbone, toy_pixels, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         train_gates(_explainer(tiny_backbone), train, val, SMALL, out_dir=tmp_path / "b", progress=False, register=False)
     monkeypatch.setattr(tiny_backbone, "masked_logits_from_patches", real)
-    assert _load_checkpoint(tmp_path / "b" / CHECKPOINT)[1]["step"] == 20
+    assert load_checkpoint(tmp_path / "b" / CHECKPOINT)[1]["step"] == 20
     # Fresh gates with other values: resume must overwrite everything from the checkpoint.
     other = Explainer(tiny_backbone, new_gates(tiny_backbone, replace(SMALL, seed=9)))
     res = train_gates(other, train, val, SMALL, out_dir=tmp_path / "b", resume=True, progress=False, register=False)
@@ -161,7 +162,7 @@ def test_nan_guard_keeps_last_good_checkpoint(tiny_backbone, toy_pixels, tmp_pat
     monkeypatch.setattr(tiny_backbone, "masked_logits_from_patches", poisoned)
     with pytest.raises(TrainingDiverged, match=r"loss became NaN/Inf.*at step 25.*last good checkpoint is kept"):
         train_gates(_explainer(tiny_backbone), train, val, SMALL, out_dir=tmp_path, progress=False, register=False)
-    tensors, meta = _load_checkpoint(tmp_path / CHECKPOINT)
+    tensors, meta = load_checkpoint(tmp_path / CHECKPOINT)
     assert meta["step"] == 20
     assert all(torch.isfinite(v.float()).all() for k, v in tensors.items() if not k.startswith("rng."))
     assert not (tmp_path / GATES_DIR).exists()

@@ -86,65 +86,34 @@ def _summary(result) -> dict:
 
 def _run(args) -> int:
     import json
-    from dataclasses import replace
-    from pathlib import Path
 
-    import torch
-
-    from vdm_engine import Explainer, load_backbone
     from vdm_engine.cli._common import check_device, check_model, check_out_dir, quiet_transformers
     from vdm_engine.registry import RegistrationRefused
-    from vdm_engine.training import TrainConfig, new_gates, train_gates
-    from vdm_engine.training.data import open_source
-    from vdm_engine.training.distributed import init_distributed, shutdown
-    from vdm_engine.training.loop import CHECKPOINT, check_resume, check_run_dir
+    from vdm_engine.training import TrainConfig, check_run_dir, resume_config, train
 
     check_device(args.device)
     check_model(args.model, revision=args.revision)
     given = {f: getattr(args, a) for a, f in _FIELDS.items() if getattr(args, a) is not None}
     # Before anything slow or written: refuse to clobber a run in --out, or to resume a missing or other run.
-    meta = check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, model=args.model,
-                         steps=given.get("steps"))
+    # (``train`` checks the data too, once the source is open, still before loading the model.)
+    check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, model=args.model, steps=given.get("steps"))
     check_out_dir(args.out, keep=True)  # kept: torchrun ranks check it at the same time
-    if meta is not None:
-        # The run's own settings, except what is given again (e.g. more --steps or a lower --lr
-        # after a divergence); with the same arguments the run continues exactly.
-        config = replace(TrainConfig.from_dict(meta["config"]), **given)
-    else:
-        config = TrainConfig(**given)
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    info = init_distributed(device)
-    threads = torch.get_num_threads()
+    # A resumed run keeps its own settings, except what is given again (e.g. more --steps or a lower
+    # --lr after a divergence); with the same arguments it continues exactly.
+    config = resume_config(args.out, **given) if args.resume else TrainConfig(**given)
+    quiet_transformers()  # its weight-loading bar would interleave with ours
     try:
-        dev = torch.device("cuda", info.local_rank) if device == "cuda" else torch.device("cpu")
-        source = open_source(args.data, seed=config.seed)  # fail fast on a bad --data
-        if meta is not None:
-            check_resume(meta, Path(args.out) / CHECKPOINT, data=source.spec)
-        quiet_transformers()  # its weight-loading bar would interleave with ours
-        backbone = load_backbone(args.model, revision=args.revision, device=dev)
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
-        elif dev.type == "cpu" and backbone.hidden_size * backbone.num_tokens <= 256 * 65:
-            torch.set_num_threads(1)  # tiny matmuls: extra threads only add synchronisation
-        explainer = Explainer(backbone, new_gates(backbone, config).to(dev))
-        try:
-            result = train_gates(
-                explainer, source, None, config, out_dir=args.out, resume=args.resume, overwrite=args.overwrite,
-                register=True if args.register else False if args.no_register else None, register_as=args.model,
-                progress=not args.no_progress,
-            )
-        except RegistrationRefused as e:  # the run itself finished: report it, then the refusal
-            if info.is_main and e.result is not None:
-                print(json.dumps(_summary(e.result)))
-            raise
-        if info.is_main:
-            print(json.dumps(_summary(result)))
-    finally:
-        torch.set_num_threads(threads)
-        shutdown()
+        result = train(
+            args.model, args.data, args.out, config, resume=args.resume, overwrite=args.overwrite, device=args.device,
+            revision=args.revision, threads=args.threads,
+            register=True if args.register else False if args.no_register else None, progress=not args.no_progress,
+        )
+    except RegistrationRefused as e:  # the run itself finished: report it, then the refusal
+        if e.result is not None and e.result.gates_dir is not None:
+            print(json.dumps(_summary(e.result)))
+        raise
+    if result.gates_dir is not None:  # only the rank that wrote the gates (rank 0 under torchrun) reports
+        print(json.dumps(_summary(result)))
     return 0
 
 
