@@ -27,7 +27,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -69,7 +69,6 @@ class ClassifierRecipe:
     label_smoothing: float = 0.05
     shift: int = 0
     seed: int = 0
-    gate_overrides: dict = field(default_factory=dict)
 
 
 DIGITS = ClassifierRecipe(
@@ -255,7 +254,8 @@ def build(which: str, out: str | Path, *, seed: int = 0, work: str | Path | None
 
     Writes ``out/backbone`` (``Backbone.save_pretrained``), ``out/gates`` (``Gates.save_pretrained``;
     the gates' metrics hold the training settings and the achieved numbers) and ``out/metrics.json``.
-    Returns the metrics.
+    The gate run goes to ``work`` (a scratch folder: a run already in it is replaced), or to a
+    temporary folder removed afterwards. Returns the metrics.
     """
     if which not in RECIPES:
         raise ValueError(f"unknown recipe {which!r}; expected one of {sorted(RECIPES)}")
@@ -297,7 +297,7 @@ def _build(which, out, *, seed, work, progress, t0) -> dict:
     try:
         result = train_gates(
             explainer, backbone.preprocess(data["gate_train"]), backbone.preprocess(data["gate_val"]), cfg,
-            out_dir=tmp, register=False, progress=progress, log_interval=50,
+            out_dir=tmp, overwrite=True, register=False, progress=progress, log_interval=50,
         )
     finally:
         if work is None:
