@@ -28,3 +28,14 @@ def test_recipe_toy_smoke(tmp_path, monkeypatch, capsys):
 def test_recipe_rejects_unknown_name(tmp_path):
     with pytest.raises(SystemExit):
         recipes.main(["cifar", "--out", str(tmp_path)])
+
+
+def test_recipe_reuses_its_work_folder(tmp_path, monkeypatch):
+    """``build(work=DIR)`` twice: the second gate run replaces the first one's files in the scratch folder."""
+    monkeypatch.setitem(recipes.RECIPES, "toy", replace(recipes.TOY, steps=2))
+    monkeypatch.setitem(recipes.GATE_CONFIGS, "toy", dict(steps=2, eval_interval=2, checkpoint_interval=2, val_size=20))
+    work = tmp_path / "work"
+    for out in ("a", "b"):
+        m = recipes.build("toy", tmp_path / out, work=work, progress=False)
+        assert m["gates_training"]["train_config"]["steps"] == 2
+        assert (work / "checkpoint.safetensors").is_file() and (tmp_path / out / "gates").is_dir()
