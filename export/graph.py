@@ -20,7 +20,9 @@ __all__ = ["ExplainerGraph", "OUTPUTS", "DEFAULT_OUTPUTS", "FLOAT_INPUT", "UINT8
 
 #: Every output the graph can produce, in the order they appear in the graph.
 OUTPUTS = EXPLAIN_OUTPUTS
-DEFAULT_OUTPUTS = ("logits", "patch_mask")
+#: The outputs of ``export_onnx``, ``main_export`` and ``vdm-export`` when none are asked for: one
+#: ViT pass (``masked_logits`` / ``kl`` add the masked second pass).
+DEFAULT_OUTPUTS = ("logits", "patch_mask", "layer_masks")
 #: Input names: normalised float pixels (Optimum's name) or raw uint8 images.
 FLOAT_INPUT = "pixel_values"
 UINT8_INPUT = "images"

@@ -32,7 +32,8 @@ from vdm_engine.metadata import ExportMetadata, gates_sha256
 from .validate import TOLERANCES, ExportValidationError, check_onnx, validate_onnx
 
 __all__ = [
-    "export_onnx", "ExportResult", "ExportError", "ExportValidationError", "DTYPES", "MIN_OPSET", "remove_stale_staging",
+    "export_onnx", "ExportResult", "ExportError", "ExportValidationError", "DTYPES", "MIN_OPSET", "DEFAULT_OPSET",
+    "check_export_options", "remove_stale_staging",
 ]
 
 logger = logging.getLogger("vdm_engine.export")
@@ -40,6 +41,8 @@ logger = logging.getLogger("vdm_engine.export")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 #: The dynamo exporter writes opset 18 or newer.
 MIN_OPSET = 18
+#: The opset written unless another is asked for (``export_onnx``, ``main_export``, ``vdm-export --opset``).
+DEFAULT_OPSET = 18
 #: Above this many bytes of weights the graph is saved with external data (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2
 _TRACED_BATCH = 2  # never 1: torch.export specialises size-1 dimensions
@@ -79,9 +82,8 @@ class ExportResult:
     data_files: list[Path] = field(default_factory=list)
 
 
-def _check_args(explainer, opset, dtype, batch, atol) -> None:
-    if not isinstance(explainer, Explainer):
-        raise ValueError(f"export_onnx needs a vdm_engine.Explainer, got {type(explainer).__name__}")
+def check_export_options(*, opset, dtype, batch, atol, threshold=0.5) -> None:
+    """``ValueError`` naming the first bad option (cheap: callers run it before loading a model)."""
     import onnx
 
     max_opset = onnx.defs.onnx_opset_version()
@@ -93,6 +95,8 @@ def _check_args(explainer, opset, dtype, batch, atol) -> None:
         raise ValueError(f"batch must be 'dynamic' or a positive integer, got {batch!r}")
     if atol is not None and not (isinstance(atol, (int, float)) and atol > 0):
         raise ValueError(f"atol must be a positive number, got {atol!r}")
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be a keep probability in [0, 1], got {threshold}")
 
 
 def _process_start_time(pid: int) -> float | None:
@@ -232,7 +236,7 @@ def export_onnx(
     explainer: Explainer,
     path: str | os.PathLike,
     *,
-    opset: int = 18,
+    opset: int = DEFAULT_OPSET,
     dtype: str = "fp32",
     batch: str | int = "dynamic",
     outputs: Sequence[str] = DEFAULT_OUTPUTS,
@@ -262,11 +266,12 @@ def export_onnx(
         opset: ONNX opset (>= 18).
         dtype: ``"fp32"`` or ``"fp16"`` weights and compute (inputs/outputs stay float32/uint8).
         batch: ``"dynamic"`` (default) or a fixed batch size.
-        outputs: subset of ``vdm_engine.export.OUTPUTS``.
+        outputs: subset of ``vdm_engine.export.OUTPUTS``; default ``DEFAULT_OUTPUTS`` (logits,
+            patch_mask, layer_masks).
         uint8_input: take uint8 NHWC images instead of normalised pixels.
         validate: compare onnxruntime with PyTorch (the checker always runs).
         threshold: hard-mask threshold for ``masked_logits`` / ``kl``.
-        atol: max abs difference allowed; default 1e-4 (fp32) or 1e-2 (fp16).
+        atol: max abs difference allowed; default ``TOLERANCES[dtype]`` (1e-4 fp32, 1e-2 fp16).
         images: real uint8 images for validation (default: ``structured_images``).
         external_data: force (True) or forbid (False) external weights; default only above 2 GB.
         untrained_gates, random_weights, extra_metadata: recorded in the metadata.
@@ -276,17 +281,15 @@ def export_onnx(
         ValueError: bad arguments. ExportError: the exporter failed.
         ExportValidationError: checker or parity failure (nothing is written to ``path``).
     """
-    _check_args(explainer, opset, dtype, batch, atol)
+    if not isinstance(explainer, Explainer):
+        raise ValueError(f"export_onnx needs a vdm_engine.Explainer, got {type(explainer).__name__}")
+    check_export_options(opset=opset, dtype=dtype, batch=batch, atol=atol, threshold=threshold)
     outputs = normalize_outputs(outputs)
     tol = float(atol) if atol is not None else TOLERANCES[dtype]
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"--out {path} is a directory; expected a file path such as {path / 'model.onnx'}")
     remove_stale_staging(path.parent)
-    try:
-        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
-    except ImportError as e:
-        raise ImportError("ONNX export needs onnxscript: pip install onnxscript") from e
 
     with _training_restored(explainer):
         work = explainer

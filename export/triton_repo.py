@@ -24,7 +24,10 @@ from vdm_engine._io import atomic_path, atomic_write_bytes
 
 from vdm_engine.metadata import read_metadata
 
-__all__ = ["write_triton_repo", "triton_config_text"]
+__all__ = ["write_triton_repo", "triton_config_text", "DEFAULT_MAX_BATCH_SIZE"]
+
+#: ``max_batch_size`` of a dynamic-batch graph's config (``vdm-export --triton-max-batch``).
+DEFAULT_MAX_BATCH_SIZE = 32
 
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8"}
 
@@ -49,7 +52,7 @@ def triton_config_text(
     onnx_path: str | os.PathLike,
     name: str,
     *,
-    max_batch_size: int = 32,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     preferred_batch_sizes: Sequence[int] | None = None,
     max_queue_delay_us: int = 100,
     instance_count: int = 1,

@@ -11,6 +11,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 ALL_OUTPUTS = ("logits", "patch_mask", "layer_masks", "masked_logits", "kl")
+MASK_ONLY_OUTPUTS = ("logits", "patch_mask")
 
 
 @pytest.fixture(scope="session")
@@ -33,14 +34,14 @@ def _raising(*args, **kwargs):
 
 @pytest.fixture(scope="session")
 def mask_only_export(export_explainer, tmp_path_factory):
-    """Default outputs, weights as external data, and fast-path hooks that must not be traced."""
+    """logits and patch_mask only, weights as external data, and fast-path hooks that must not be traced."""
     from vdm_engine.export import export_onnx
 
     ex = export_explainer
     ex.ops = Ops(_raising, _raising, "poisoned", "the export must use reference_ops()")
     try:
         path = tmp_path_factory.mktemp("mask_only") / "mask.onnx"
-        result = export_onnx(ex, path, external_data=True)
+        result = export_onnx(ex, path, outputs=MASK_ONLY_OUTPUTS, external_data=True)
     finally:
         ex.ops = reference_ops()
     return result

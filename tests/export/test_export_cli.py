@@ -117,7 +117,7 @@ def test_bad_cli_input_exits_2_with_one_line(capsys, tmp_path, tiny_dirs):
 
 
 def test_validation_failure_exits_1(capsys, tmp_path, tiny_dirs, monkeypatch):
-    import vdm_engine.export as export
+    import vdm_engine.export.main as export
     from vdm_engine.export import ExportValidationError
 
     def fail(*args, **kwargs):
@@ -143,7 +143,7 @@ def _staging(folder):
 
 @pytest.mark.parametrize("outputs", [["logits,patch_mask"], ["logits", "patch_mask"], ["logits,", "patch_mask,logits"]])
 def test_outputs_take_commas_or_spaces(tmp_path, tiny_dirs, monkeypatch, outputs):
-    import vdm_engine.export as export
+    import vdm_engine.export.main as export
     from vdm_engine.export import ExportValidationError
 
     seen = []

@@ -26,7 +26,8 @@ def test_vit_b16_shape_exports_one_pass_and_runs_at_batch_1_and_8(tmp_path, clos
     t0 = time.perf_counter()
     # validate=False keeps this test short: the checker still runs, and parity is checked below at
     # batch 1 (traced at 2); `vdm-export --model vit-b16 --random-weights` runs the full validation.
-    result = export_onnx(explainer, tmp_path / "b16.onnx", validate=False, untrained_gates=True, random_weights=True)
+    result = export_onnx(explainer, tmp_path / "b16.onnx", outputs=("logits", "patch_mask"), validate=False,
+                         untrained_gates=True, random_weights=True)
     elapsed = time.perf_counter() - t0
     assert elapsed < 240, f"ViT-B/16 export took {elapsed:.0f} s"
     assert result.input == ("pixel_values", ["batch", 3, 224, 224], "float32")
