@@ -5,7 +5,8 @@
 - ``probe_gates`` (module ``gate_probe``): all L+2 gate probes in one launch.
 
 Importing this package never imports triton: the kernel functions load on first access, and the
-references work without triton. ``vdm_engine.kernels.dispatch.install`` chooses the path per device.
+references work without triton. ``vdm_engine.ops.select_ops`` chooses the path per device, through
+the ``triton`` provider in ``dispatch.py``.
 """
 
 from __future__ import annotations
