@@ -89,10 +89,9 @@ def check_pixel_values(pixel_values, num_channels: int, size: tuple[int, int]) -
     """Validate a pixel batch; ``ValueError`` names what was wrong and what was expected.
 
     Type, rank, shape and dtype are always checked. Finiteness is checked for CPU tensors only:
-    on an accelerator reading the answer back would synchronise the device on every call, and on
-    an H100 that one sync cost explain() about a fifth of its throughput at ViT-B/16 batch 256
-    (the host stops queueing work ahead of the GPU). Images from ``preprocess`` are checked on the
-    CPU before they move; NaN pixels given directly on a GPU give NaN logits and masks.
+    on an accelerator, reading the answer back would synchronise the device on every call (the
+    cost is in benchmarks/results/gpu-h100-2026-11-26). Images from ``preprocess`` are checked on
+    the CPU before they move; NaN pixels given directly on a GPU give NaN logits and masks.
     """
     exp = f"(B, {num_channels}, {size[0]}, {size[1]})"
     if not isinstance(pixel_values, torch.Tensor):
