@@ -31,7 +31,8 @@ def start(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, add
         kwargs = {"include_dashboard": False, "log_to_driver": False}
         if address is None and num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
-        ray.init(address=address, **kwargs)
+        # "local": always a new instance of our own, never one another process started on this machine
+        ray.init(address=address or "local", **kwargs)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(config), name=name, route_prefix=route_prefix, blocking=False)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
