@@ -1,8 +1,8 @@
 """One real Ray instance and Ray Serve proxy on 127.0.0.1 for every serve test (session-scoped).
 
-Applications share the proxy under their own route prefixes: ``main`` at ``/`` (vit-digits,
-batches of up to 8 that wait 50 ms to fill, small body and pixel limits so that 413 and the pixel
-check are cheap to reach), and the overload and fault tests' own applications, deleted after them.
+Two vit-digits applications share the proxy, deployed together: ``main`` at ``/`` (batches of up
+to 8 that wait 50 ms to fill, small body and pixel limits so that 413 and the pixel check are
+cheap to reach) and ``limited`` at ``/limited`` for the overload and replica-kill tests.
 Replicas ask for a quarter CPU each so that several fit on the 2-CPU instance. Without the
 ``serve`` extra every module here is skipped (``pytest.importorskip("ray")`` at their top).
 """
@@ -47,32 +47,59 @@ def serve_port(tmp_path_factory):
         ray.shutdown()
 
 
-def deploy(port: int, name: str, route_prefix: str, **config) -> str:
-    """Deploy a vit-digits application on the session's proxy and wait until it is ready; its URL."""
+#: The fault tests' application: 2 requests per replica, 4 queued, batches that wait 1 s to fill.
+LIMITED = dict(max_batch=16, batch_wait_ms=1000.0, num_cpus=0.25, max_ongoing_requests=2, max_queued_requests=4)
+
+
+def deploy(port: int, apps: dict[str, dict]) -> dict[str, str]:
+    """Deploy vit-digits applications {route prefix: config} at once (their replicas start side by
+    side) and wait until each is ready; their URLs."""
     from ray import serve
 
     from vdm_engine.serve import ServeConfig, build_app
     from vdm_engine.serve.runner import wait_ready
 
-    app = build_app(ServeConfig(**config), env={"HF_HUB_OFFLINE": "1"})
-    serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
-    url = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
-    wait_ready(url, timeout_s=120)
-    return url
+    targets, urls = [], {}
+    for prefix, config in apps.items():
+        app = build_app(ServeConfig(**config), env={})  # the job's runtime_env (ray.init) already has them
+        targets.append(serve.RunTarget(target=app, name=prefix.strip("/") or "main", route_prefix=prefix))
+        urls[prefix] = f"http://127.0.0.1:{port}{prefix.rstrip('/')}"
+    serve.run_many(targets)  # a developer API of Ray Serve: one call, replicas started together
+    for url in urls.values():
+        wait_ready(url, timeout_s=180)
+    return urls
 
 
 @pytest.fixture(scope="session")
-def server(serve_port) -> str:
+def _apps(serve_port) -> dict[str, str]:
+    return deploy(serve_port, {"/": MAIN, "/limited": LIMITED})
+
+
+@pytest.fixture(scope="session")
+def server(_apps) -> str:
     """The ``main`` application's base URL."""
-    return deploy(serve_port, "main", "/", **MAIN)
+    return _apps["/"]
 
 
 @pytest.fixture(scope="session")
-def reference():
-    """The PyTorch explainer the server is compared against (same embedded model and gates)."""
-    from vdm_engine import Explainer
+def limited(_apps) -> str:
+    """The fault tests' application (``LIMITED``)."""
+    return _apps["/limited"]
 
-    return Explainer.from_pretrained("vit-digits").eval()
+
+@pytest.fixture(scope="session")
+def digits_model():
+    """What one replica of ``main`` holds, loaded in this process (no Ray)."""
+    from vdm_engine.serve import ServeConfig
+    from vdm_engine.serve.backend import ServingModel
+
+    return ServingModel(ServeConfig(model="vit-digits"))
+
+
+@pytest.fixture(scope="session")
+def reference(digits_model):
+    """The PyTorch explainer the server is compared against: ``Explainer.from_pretrained("vit-digits")``."""
+    return digits_model.impl
 
 
 @pytest.fixture(scope="session")

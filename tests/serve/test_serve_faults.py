@@ -1,8 +1,9 @@
-"""Backpressure and a replica killed with requests in flight, on one application of their own.
+"""Backpressure and a replica killed with requests in flight, on the ``limited`` application.
 
-It makes requests wait in the replica on purpose, with real settings (a 1 s ``batch_wait_ms``, a
-batch that never fills, 2 requests per replica, 4 queued), so that "in flight" and "queue full"
-are states the tests can count on rather than races. Either test may run first.
+That application (``LIMITED`` in conftest.py) makes requests wait in the replica on purpose, with
+real settings (a 1 s ``batch_wait_ms``, a batch that never fills, 2 requests per replica, 4
+queued), so that "in flight" and "queue full" are states the tests can count on rather than races.
+Either test may run first.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import pytest
 pytest.importorskip("ray", reason="the serve extra is not installed: pip install 'vdm-engine[serve]'")
 requests = pytest.importorskip("requests")
 
-from conftest import deploy  # noqa: E402  (tests/serve/conftest.py, on sys.path under pytest's rootdir import)
-
 DIGIT6 = Path(__file__).resolve().parents[2] / "docs" / "overlay" / "digit6.png"
 PNG = {"Content-Type": "image/png"}
 
@@ -29,16 +28,6 @@ def _post(url: str, timeout: float = 60.0):
         return r.status_code, time.perf_counter() - t0
     except requests.RequestException as e:  # a connection error is an answer too, a hang is not
         return type(e).__name__, time.perf_counter() - t0
-
-
-@pytest.fixture(scope="module")
-def limited(serve_port):
-    """URL of an application with 2 requests per replica and 4 queued; deleted after the module."""
-    from ray import serve
-
-    yield deploy(serve_port, "limited", "/limited", num_cpus=0.25, max_batch=16, batch_wait_ms=1000.0,
-                 max_ongoing_requests=2, max_queued_requests=4)
-    serve.delete("limited")
 
 
 @pytest.mark.slow

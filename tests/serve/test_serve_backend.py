@@ -1,0 +1,68 @@
+"""ServingModel without Ray: what one replica computes per batch, for both back ends.
+
+A batch answered at once equals its images answered one by one; the ONNX back end equals
+``OnnxExplainer``; verify rows are computed for the rows that asked only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vdm_engine.serve import ServeConfig
+from vdm_engine.serve.backend import ServingModel
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(5)]  # a prime batch
+
+
+def test_batch_equals_one_by_one_and_verify_only_where_asked(digits_model, images, close):
+    x = digits_model.preprocess(images)
+    out = digits_model.explain_batch(x, [True, False, True, False, False])
+    for i in range(len(images)):
+        one = digits_model.explain_batch(x[i:i + 1])
+        close(out["logits"][i], one["logits"][0], 1e-4, 1e-4, "logits")
+        close(out["patch_mask"][i], one["patch_mask"][0], 1e-5, 1e-5, "patch_mask")
+    ref = digits_model.impl.verify(x[[0, 2]], digits_model.impl.explain(x[[0, 2]]))
+    close(out["kl"][[0, 2]], ref.kl, 1e-5, 1e-4, "kl")
+    assert torch.isnan(out["kl"][[1, 3, 4]]).all()
+    logits = digits_model.predict_batch(x)
+    close(logits, digits_model.impl.backbone(x), 1e-5, 1e-5, "predict logits")
+
+
+@pytest.mark.slow
+def test_onnx_backend_equals_onnx_explainer(tmp_path, shared_tiny_explainer, close):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from vdm_engine.export import export_onnx
+    from vdm_engine.runtime import OnnxExplainer
+
+    path = tmp_path / "tiny.onnx"
+    export_onnx(shared_tiny_explainer, path, outputs=("logits", "patch_mask", "masked_logits", "kl"), validate=False,
+                random_weights=True, untrained_gates=True)
+    model = ServingModel(ServeConfig(onnx=str(path)))
+    assert model.platform == "onnxruntime_onnx" and model.can_verify
+    assert len(model.gates_sha256 or "") == 64  # the export hashes even unsaved gates
+    assert model.input_spec.name == "pixel_values" and [t.name for t in model.output_specs] == ["logits", "patch_mask"]
+    x = torch.randn(3, 3, 32, 32)
+    out = model.explain_batch(x, [True, True, True])
+    exp = OnnxExplainer(path, "cpu").explain(x)
+    close(out["logits"], exp.logits, 1e-6, 1e-6, "logits")
+    close(out["patch_mask"], exp.patch_mask, 1e-6, 1e-6, "patch_mask")
+    close(model.predict_batch(x), exp.logits, 1e-6, 1e-6, "predict logits")
+    assert out["kl"].shape == (3,) and torch.isfinite(out["kl"]).all()
+    ref = shared_tiny_explainer.verify(x, shared_tiny_explainer.explain(x))
+    close(out["kl"], ref.kl, 1e-4, 1e-3, "kl vs PyTorch verify")
+
+
+def test_config_names_the_field():
+    with pytest.raises(ValueError, match="ServeConfig.max_batch"):
+        ServeConfig(max_batch=0)
+    with pytest.raises(ValueError, match="gates applies to model"):
+        ServeConfig(onnx="x.onnx", gates="g")
+    assert ServeConfig(onnx="exports/My Model.onnx").oip_name == "My_Model"
+    assert ServeConfig().ongoing == 64 and ServeConfig(device="cuda").gpus_per_replica == 1.0
