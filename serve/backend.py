@@ -126,9 +126,11 @@ class ServingModel:
         exp = self.impl.explain(x.to(self.device))
         res = {"logits": exp.logits.float().cpu(), "patch_mask": exp.patch_mask.float().cpu()}
         if want:
+            from vdm_engine.explainer import Explanation
+
             rows = torch.tensor([i for i, v in enumerate(verify) if v])
-            sub = exp.__class__(exp.logits[rows.to(exp.logits.device)], exp.patch_mask[rows.to(exp.logits.device)],
-                                None, exp.grid, exp.image_size)
+            on = rows.to(exp.logits.device)
+            sub = Explanation(exp.logits[on], exp.patch_mask[on], None, exp.grid, exp.image_size)
             checked = self.impl.verify(x[rows].to(self.device), sub, threshold=self.config.threshold)
             B = x.shape[0]
             res["kl"] = torch.full((B,), float("nan"))
