@@ -32,16 +32,22 @@ def _post(url: str, timeout: float = 60.0):
 
 @pytest.mark.slow
 def test_overload_answers_503_at_once(limited):
-    """2 requests in the replica, 4 in the queue: the other 6 sent at the same time get 503 at once."""
+    """2 requests in the replica, 4 in the queue: of 24 sent at once, the excess gets 503 at once.
+
+    Ray Serve's queue bound is enforced per router, so a few more than 6 may be admitted while the
+    first ones are handed over; the test allows twice the configured depth and still needs the
+    rest refused quickly.
+    """
     url = limited
-    with ThreadPoolExecutor(12) as pool:
-        answers = list(pool.map(lambda _: _post(url), range(12)))
+    sent = 24
+    with ThreadPoolExecutor(sent) as pool:
+        answers = list(pool.map(lambda _: _post(url), range(sent)))
     codes = [c for c, _ in answers]
     rejected = [t for c, t in answers if c == 503]
-    assert codes.count(200) + codes.count(503) == 12, codes
-    assert len(rejected) >= 4, f"expected most of the 6 excess requests refused, got {codes}"
+    assert codes.count(200) + codes.count(503) == sent, codes
+    assert 2 <= codes.count(200) <= 12, f"the queue bound (2 + 4) was not enforced: {codes}"
+    assert len(rejected) >= sent - 12, codes
     assert max(rejected) < 1.0, f"503s should come at once, slowest took {max(rejected):.2f} s"
-    assert 2 <= codes.count(200) <= 8  # 2 in the replica + 4 queued, give or take one in hand-over
     # the server keeps serving once the queue drains
     assert _post(url)[0] == 200
 
