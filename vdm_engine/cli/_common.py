@@ -17,6 +17,7 @@ __all__ = [
     "quiet_transformers",
     "CliParser",
     "UsageError",
+    "add_model_source_args",
     "check_device",
     "check_model",
     "check_out_file",
@@ -98,6 +99,16 @@ def run_cli(prog: str, body: Callable[[], int | None]) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def add_model_source_args(group) -> None:
+    """The model options vdm-explain and vdm-serve share: --model or --onnx, --gates, --allow-backbone-mismatch."""
+    src = group.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="embedded name, preset, hub id or local directory (default vit-digits)")
+    src.add_argument("--onnx", default=None, metavar="PATH", help="an exported graph (vdm-export) run with onnxruntime")
+    group.add_argument("--gates", default=None, metavar="DIR", help="gates directory (default: registry, then embedded)")
+    group.add_argument("--allow-backbone-mismatch", action="store_true",
+                       help="accept gates recorded for another backbone (a fine-tuned copy); warns and records it")
 
 
 def check_device(device: str | None, *, flag: str = "--device") -> str | None:

@@ -20,7 +20,8 @@ from vdm_engine.images import SUPPORTED_FORMATS, load_image, read_image, resolve
 from vdm_engine.records import explanation_records, model_sha256, overlay_caption
 
 from ._common import (
-    EXIT_USAGE, CliParser, UsageError, check_device, check_model, check_out_dir, quiet_transformers, run_cli,
+    EXIT_USAGE, CliParser, UsageError, add_model_source_args, check_device, check_model, check_out_dir,
+    quiet_transformers, run_cli,
 )
 
 __all__ = ["main", "explain_files", "load_image", "SUPPORTED_FORMATS"]
@@ -33,12 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     req = p.add_argument_group("required")
     req.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
     opt = p.add_argument_group("optional")
-    src = opt.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="embedded name, preset, hub id or local directory (default vit-digits)")
-    src.add_argument("--onnx", default=None, metavar="PATH", help="an exported graph (vdm-export) run with onnxruntime")
-    opt.add_argument("--gates", default=None, metavar="DIR", help="gates directory (default: registry, then embedded)")
-    opt.add_argument("--allow-backbone-mismatch", action="store_true",
-                     help="accept gates recorded for another backbone (a fine-tuned copy); warns and records it")
+    add_model_source_args(opt)
     opt.add_argument("--out", default="explanations", metavar="DIR", help="output folder (default ./explanations)")
     opt.add_argument("--top-k", type=int, default=5, help="classes listed in the caption and JSON (default 5)")
     opt.add_argument("--threshold", type=float, default=0.5, help="keep probability above which a patch is kept")

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ._common import CliParser, UsageError, check_device, check_model, quiet_transformers, run_cli
+from ._common import CliParser, UsageError, add_model_source_args, check_device, check_model, quiet_transformers, run_cli
 
 __all__ = ["main"]
 
@@ -23,12 +23,7 @@ PROG = "vdm-serve"
 def _parser() -> argparse.ArgumentParser:
     p = CliParser(prog=PROG, description="Serve ViT predictions with DiffMask explanations over HTTP (Ray Serve).")
     opt = p.add_argument_group("model")
-    src = opt.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="embedded name, preset, hub id or local directory (default vit-digits)")
-    src.add_argument("--onnx", default=None, metavar="PATH", help="an exported graph (vdm-export) run with onnxruntime")
-    opt.add_argument("--gates", default=None, metavar="DIR", help="gates directory (default: registry, then embedded)")
-    opt.add_argument("--allow-backbone-mismatch", action="store_true",
-                     help="accept gates recorded for another backbone (warns and records it)")
+    add_model_source_args(opt)
     opt.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
     opt.add_argument("--model-name", default=None,
                      help="name in /v2/models/{name} (default: the --onnx file's stem or the --model name)")
