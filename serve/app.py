@@ -147,8 +147,7 @@ class VdmServer:
         return images, is_json, x
 
     def _provenance(self) -> dict:
-        return {"model": self.model.name, "model_sha256": self.model.model_sha256,
-                "gates_sha256": self.model.gates_sha256, "gates_source": self.model.gates_source}
+        return self.model.describe()
 
     # ----- /v1 ---------------------------------------------------------------------------------
     @app.post("/v1/explain")

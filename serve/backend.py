@@ -62,6 +62,7 @@ class ServingModel:
             self.model_sha256 = sha256_file(config.onnx)
             self.gates_sha256 = meta.gates_sha256 or None
             self.gates_source = meta.gates_source or None
+            self.backbone_mismatch = meta.backbone_mismatch
             self.id2label = dict(impl.id2label)
             self.image_spec = impl.image_spec
             self.grid = tuple(impl.grid)
@@ -82,6 +83,7 @@ class ServingModel:
             self.model_sha256 = model_sha256(impl.backbone)
             self.gates_sha256 = impl.gates.sha256
             self.gates_source = impl.provenance.source
+            self.backbone_mismatch = impl.provenance.backbone_mismatch
             self.id2label = dict(impl.backbone.id2label)
             self.image_spec = impl.backbone.image_spec
             self.grid = tuple(impl.grid)
@@ -163,4 +165,5 @@ class ServingModel:
             "model_sha256": self.model_sha256,
             "gates_sha256": self.gates_sha256,
             "gates_source": self.gates_source,
+            "backbone_mismatch": self.backbone_mismatch,
         }

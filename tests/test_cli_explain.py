@@ -123,7 +123,8 @@ def test_onnx_backend_is_used_lazily(tmp_path, model_and_gates, monkeypatch, cap
     class FakeOnnxExplainer:
         def __init__(self, path):
             calls.append(path)
-            self.metadata = types.SimpleNamespace(gates_sha256="abc123", gates_source="path", untrained_gates=False)
+            self.metadata = types.SimpleNamespace(gates_sha256="abc123", gates_source="path", untrained_gates=False,
+                                                  backbone_mismatch=False)
             self.id2label = {i: f"d{i}" for i in range(10)}
 
         def preprocess(self, images):

@@ -186,6 +186,7 @@ def test_explain_and_eval_clis_proceed_with_the_override_and_record_it(tmp_path,
     assert len(warning) == 1 and warning[0].startswith("vdm-explain: warning: ") and "'vit-toy'" in warning[0]
     record = json.loads((tmp_path / "x" / "x.json").read_text())
     assert record["gates_source"] == "path" and record["gates_sha256"] == Gates.from_pretrained(TOY_GATES).sha256
+    assert record["backbone_mismatch"] is True
     assert eval_cli.main(["--data", "digits", "--gates", str(TOY_GATES), "--n", "4", "--methods", "diffmask",
                           "--replacements", "noise", "--no-plots", "--out", str(tmp_path / "e"), flag]) == 0
     results = json.loads((tmp_path / "e" / "results.json").read_text())

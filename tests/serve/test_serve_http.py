@@ -41,6 +41,7 @@ def test_explain_digit6_equals_explainer(server, reference, explain_one_by_one):
     assert len(rec["top_k"]) == 5 and rec["top_k"][0]["label"] == rec["label"]
     assert 0.0 <= rec["kept_fraction"] <= 1.0
     assert rec["gates_sha256"] == reference.gates.sha256 and rec["gates_source"] == reference.provenance.source
+    assert rec["backbone_mismatch"] is False
     assert rec["model"] == "vit-digits" and rec["image_size"] == [32, 32]
     # vdm-explain wrote docs/overlay/digit6.json from the same model: same label and mask
     import json

@@ -64,6 +64,7 @@ class _Model:
             self.model_sha256 = sha256_file(args.onnx)
             self.gates_sha256 = meta.gates_sha256 or None
             self.gates_source = meta.gates_source or None
+            self.backbone_mismatch = meta.backbone_mismatch
             self.id2label = self.impl.id2label
             if meta.untrained_gates:
                 print(f"{PROG}: warning: {args.onnx} was exported with untrained gates; its masks mean nothing",
@@ -80,6 +81,7 @@ class _Model:
             self.model_sha256 = model_sha256(self.impl.backbone)
             self.gates_sha256 = self.impl.gates.sha256
             self.gates_source = self.impl.provenance.source
+            self.backbone_mismatch = self.impl.provenance.backbone_mismatch
             self.id2label = self.impl.backbone.id2label
 
     def preprocess(self, images):
@@ -178,6 +180,7 @@ def explain_files(model, paths: Sequence[str | os.PathLike], out_dir: str | os.P
                 "model_sha256": model.model_sha256,
                 "gates_sha256": model.gates_sha256,
                 "gates_source": getattr(model, "gates_source", None),
+                "backbone_mismatch": bool(getattr(model, "backbone_mismatch", False)),
             }
             atomic_write_json(out_dir / f"{stem}.json", record)
             records.append(record)
