@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 
-from .requests import RequestError
+from .requests import RequestError, parse_json
 
 __all__ = ["HEADER_LENGTH", "parse_infer_request", "encode_infer_response", "model_metadata"]
 
@@ -48,12 +48,7 @@ def parse_infer_request(body: bytes, header_length: str | None, input_spec, outp
         head, binary = body[:n], body[n:]
     else:
         head, binary = body, b""
-    if not head:
-        raise RequestError(400, "empty body; expected an inference request {\"inputs\": [...]}")
-    try:
-        doc = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"inference request is not valid JSON: {e}") from None
+    doc = parse_json(head, what="inference request", expected="an inference request {\"inputs\": [...]}")
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
         raise RequestError(400, "inference request must be a JSON object with an \"inputs\" list")
     inputs = doc["inputs"]

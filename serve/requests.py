@@ -12,7 +12,7 @@ import json
 
 from vdm_engine.images import DecodedImage, decode_image
 
-__all__ = ["RequestError", "IMAGE_TYPES", "check_length", "parse_images", "media_type"]
+__all__ = ["RequestError", "IMAGE_TYPES", "check_length", "parse_images", "parse_json", "media_type"]
 
 #: Content types taken as an encoded image (the format itself is read from the bytes).
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
@@ -26,6 +26,17 @@ class RequestError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def parse_json(body: bytes, *, what: str, expected: str):
+    """``body`` as JSON; ``RequestError`` 400 naming ``what`` and the ``expected`` shape when it is
+    empty or not JSON."""
+    if not body:
+        raise RequestError(400, f"empty body; expected {expected}")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"{what} is not valid JSON: {e}") from None
 
 
 def media_type(content_type: str | None) -> str:
@@ -74,12 +85,7 @@ def parse_images(body: bytes, content_type: str | None, *, max_images: int, max_
         shown = kind or "none"
         raise RequestError(415, f"unsupported Content-Type {shown}; send one PNG or JPEG image as image/png or "
                                 "image/jpeg, or JSON {\"images\": [base64, ...]} as application/json")
-    if not body:
-        raise RequestError(400, "empty body; expected JSON {\"images\": [base64, ...]}")
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"body is not valid JSON: {e}") from None
+    doc = parse_json(body, what="body", expected="JSON {\"images\": [base64, ...]}")
     images = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(images, list) or not images:
         raise RequestError(400, "JSON body must be an object {\"images\": [base64, ...]} with at least one image")
