@@ -188,10 +188,9 @@ class Explainer(nn.Module):
         loaded = Gates.from_pretrained(gates_dir, source=source)
         explainer = cls(backbone, loaded, allow_backbone_mismatch=allow_backbone_mismatch)
         if device is not None or dtype is not None:
-            explainer.to(device=device)
-            if dtype is not None:
-                explainer.backbone.to(dtype=dtype)  # the gates stay float32
-                explainer.ops = select_ops(explainer.backbone.device, dtype, explainer.kernels)
+            explainer.backbone.to(device=device, dtype=dtype)
+            explainer.gates.to(device=device)  # the gates stay float32
+            explainer.set_kernels(explainer.kernels)
         return explainer
 
     @property

@@ -10,6 +10,7 @@ references (reasons logged once) and ``triton`` re-raises.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -67,7 +68,9 @@ def resolve_mode(mode: str | None = None) -> str:
     return m
 
 
+@functools.lru_cache(maxsize=None)
 def _provider(name: str) -> Callable | None:
+    """The provider registered under ``name`` (installed entry points do not change while we run)."""
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):

@@ -54,7 +54,7 @@ def backbone_fingerprint(model: torch.nn.Module) -> str:
     digests = []
     for t in model.state_dict().values():
         h = hashlib.sha256(repr(tuple(t.shape)).encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().data)
         digests.append(h.digest())
     config = getattr(model, "config", None)
     fields = {k: _jsonable(getattr(config, k, None)) for k in FINGERPRINT_CONFIG_FIELDS}
