@@ -3,20 +3,27 @@
 from .backbone import PRESETS, Backbone, ImageSpec, WeightsUnavailableError, load_backbone
 from .explainer import Explainer, Explanation, GatesNotFoundError, Verification
 from .gates import GateConfig, Gates
+from .ops import Ops, select_ops
+from .provenance import BackboneMismatchError, GatesProvenance, ProvenanceWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
     "Backbone",
+    "BackboneMismatchError",
     "Explainer",
     "Explanation",
     "GateConfig",
     "Gates",
     "GatesNotFoundError",
+    "GatesProvenance",
     "ImageSpec",
+    "Ops",
+    "ProvenanceWarning",
     "Verification",
     "WeightsUnavailableError",
     "load_backbone",
+    "select_ops",
     "__version__",
 ]
