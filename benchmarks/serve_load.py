@@ -84,6 +84,56 @@ def _digit_pngs(n: int = 300) -> list[bytes]:
     return out
 
 
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_cpu(pid: int) -> tuple[float, str, int] | None:
+    """(user + system CPU seconds, role, parent pid) of a live process from /proc; None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+    ppid, cpu = int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
+    if "ServeReplica" in cmd:
+        role = "replica"
+    elif "ProxyActor" in cmd:
+        role = "proxy"
+    elif "ServeController" in cmd:
+        role = "controller"
+    elif pid == os.getpid():
+        role = "client"
+    else:
+        role = "ray and driver"  # gcs_server, raylet, idle workers, the vdm-serve process itself
+    return cpu, role, ppid
+
+
+def cpu_by_role(root: int | None) -> dict[str, float]:
+    """CPU seconds used so far by this process ("client") and every descendant of ``root`` grouped by
+    role (replica, proxy, controller, the rest); Linux /proc only, {} elsewhere."""
+    if not Path("/proc/self/stat").exists():
+        return {}
+    procs = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and (info := _proc_cpu(int(d.name))) is not None:
+            procs[int(d.name)] = info
+    keep = {os.getpid()}
+    if root is not None and root in procs:
+        keep.add(root)
+        grew = True
+        while grew:
+            new = {pid for pid, (_, _, ppid) in procs.items() if ppid in keep and pid not in keep}
+            keep |= new
+            grew = bool(new)
+    out: dict[str, float] = {}
+    for pid in keep:
+        if pid in procs:
+            cpu, role, _ = procs[pid]
+            out[role] = out.get(role, 0.0) + cpu
+    return out
+
+
 class Server:
     """``vdm-serve`` in a subprocess (its own local Ray instance); stopped with SIGINT like Ctrl-C."""
 
@@ -169,21 +219,27 @@ async def _level(url: str, bodies: list[bytes], concurrency: int, n_requests: in
 
 
 def run_load(url: str, *, endpoints: Sequence[str], concurrency: Sequence[int], n_requests: int, time_limit: float,
-             warmup: int, bodies: list[bytes]) -> list[dict]:
-    """Every (endpoint, concurrency) level against ``url``; the server's mean batch size from ``/v1/stats``."""
+             warmup: int, bodies: list[bytes], server_pid: int | None = None) -> list[dict]:
+    """Every (endpoint, concurrency) level against ``url``; the server's mean batch size from ``/v1/stats``;
+    CPU milliseconds per request by process role (``server_pid``'s process tree and this client)."""
     results = []
     for ep in endpoints:
         if warmup:
             asyncio.run(_level(f"{url}/v1/{ep}", bodies, min(8, warmup), warmup, time_limit))
         for c in concurrency:
             before = _get_json(f"{url}/v1/stats")[ep]
+            cpu0 = cpu_by_role(server_pid)
             res = asyncio.run(_level(f"{url}/v1/{ep}", bodies, c, n_requests, time_limit))
+            cpu1 = cpu_by_role(server_pid)
             after = _get_json(f"{url}/v1/stats")[ep]
             batches, rows = after["batches"] - before["batches"], after["rows"] - before["rows"]
-            res.update(endpoint=ep, batches=batches, mean_batch_size=rows / batches if batches else None)
+            cpu_ms = {k: 1000.0 * (v - cpu0.get(k, 0.0)) / max(res["sent"], 1) for k, v in sorted(cpu1.items())}
+            res.update(endpoint=ep, batches=batches, mean_batch_size=rows / batches if batches else None,
+                       cpu_ms_per_request=cpu_ms)
             results.append(res)
             print(f"{ep:8s} c={c:3d}: {res['ok']:5d} ok, {res['errors']} errors, {res['throughput_rps']:8.1f} req/s, "
-                  f"p50 {res['p50_ms']:7.2f} ms, p99 {res['p99_ms']:7.2f} ms, mean batch {res['mean_batch_size'] or 0:.2f}",
+                  f"p50 {res['p50_ms']:7.2f} ms, p99 {res['p99_ms']:7.2f} ms, mean batch {res['mean_batch_size'] or 0:.2f}, "
+                  f"CPU ms/request " + ", ".join(f"{k} {v:.1f}" for k, v in cpu_ms.items()),
                   file=sys.stderr)
     return results
 
@@ -238,12 +294,14 @@ def markdown(doc: dict) -> str:
              f"{m['date_utc']}; load average before {doc['loadavg_before'][0]:.2f}, after {doc['loadavg_after'][0]:.2f}.",
              f"max batch {cfg['max_batch']}, batch wait {cfg['batch_wait_ms']} ms, {cfg['requests']} requests or "
              f"{cfg['time_limit']} s per level, one PNG digit per request, client on the same machine.", "",
-             "| endpoint | concurrency | ok | errors | req/s | p50 ms | p95 ms | p99 ms | mean batch |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| endpoint | concurrency | ok | errors | req/s | p50 ms | p95 ms | p99 ms | mean batch | CPU ms/request |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in doc["results"]:
         mb = f"{r['mean_batch_size']:.2f}" if r["mean_batch_size"] else "-"
+        cpu = r.get("cpu_ms_per_request") or {}
+        cpu_s = ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()) + (f" (total {sum(cpu.values()):.1f})" if cpu else "-")
         lines.append(f"| {r['endpoint']} | {r['concurrency']} | {r['ok']} | {r['errors']} | {r['throughput_rps']:.1f} | "
-                     f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {mb} |")
+                     f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {mb} | {cpu_s} |")
     if doc["summary"]:
         lines += ["", "| target | value | wanted | met |", "|---|---:|---|---|"]
         lines += [f"| {s['what']} | {s['value']:.2f} | {s['target']} | {'yes' if s['met'] else '**no**'} |"
@@ -306,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             url = args.url.rstrip("/")
         ready = _get_json(f"{url}/readyz")
         results = run_load(url, endpoints=endpoints, concurrency=concurrency, n_requests=args.requests,
-                           time_limit=args.time_limit, warmup=args.warmup, bodies=bodies)
+                           time_limit=args.time_limit, warmup=args.warmup, bodies=bodies,
+                           server_pid=server.proc.pid if server is not None else None)
     finally:
         exit_code = server.stop() if server is not None else None
     doc = {"config": {"model": args.onnx or args.model, "device": args.device, "max_batch": args.max_batch,

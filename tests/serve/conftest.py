@@ -29,15 +29,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+METRICS_PORT = _free_port()
+
+
 @pytest.fixture(scope="session")
 def serve_port(tmp_path_factory):
-    """Ray (2 CPUs, no dashboard) and the Serve HTTP proxy on a free loopback port; shut down at the end."""
+    """Ray (2 CPUs, no dashboard, Prometheus metrics at ``METRICS_PORT``) and the Serve HTTP proxy on
+    a free loopback port; shut down at the end."""
     import ray
     from ray import serve
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     env = {"HF_HUB_OFFLINE": "1", "VDM_GATES_HOME": str(tmp_path_factory.mktemp("serve_gates_home"))}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env},
+             _metrics_export_port=METRICS_PORT)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
@@ -68,6 +73,12 @@ def deploy(port: int, apps: dict[str, dict]) -> dict[str, str]:
     for url in urls.values():
         wait_ready(url, timeout_s=180)
     return urls
+
+
+@pytest.fixture(scope="session")
+def metrics_port(serve_port) -> int:
+    """Where the tests' Ray instance serves its Prometheus metrics (``/metrics``)."""
+    return METRICS_PORT
 
 
 @pytest.fixture(scope="session")

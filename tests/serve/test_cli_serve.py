@@ -36,6 +36,10 @@ def no_ray(monkeypatch):
     (["--max-queued", "0"], "--max-queued must be >= 1"),
     (["--model", "vit-digits", "--onnx", "x.onnx"], "not allowed with argument"),
     (["--frobnicate"], "unrecognized arguments"),
+    (["--route-prefix", "digits"], "--route-prefix must start with '/'"),
+    (["--app-name", "a b"], "--app-name must use letters"),
+    (["--metrics-port", "0"], "--metrics-port must be 1..65535"),
+    (["--metrics-port", "9100", "--address", "auto"], "--metrics-port applies to the local Ray instance"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_usage_is_one_line_exit_2(no_ray, capsys, argv, words):
     assert cli.main(argv) == 2

@@ -3,12 +3,14 @@
 
 Serves explanations over HTTP on Ray Serve (``vdm_engine.serve``, the ``serve`` extra): a local
 Ray instance is started unless ``--address`` names a cluster. Ctrl-C (or SIGTERM) shuts the
-application, the proxy and a local Ray instance down.
+application, the proxy and a local Ray instance down; on a cluster (``--address``) it removes this
+application only (``--app-name``) and leaves the cluster and its other applications running.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -32,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     srv.add_argument("--address", default=None, metavar="RAY_ADDRESS",
                      help="deploy onto this Ray cluster (auto, HOST:PORT, ray://...); default: start a local one")
+    srv.add_argument("--app-name", default="vdm", help="Ray Serve application name (default vdm)")
+    srv.add_argument("--route-prefix", default="/",
+                     help="URL prefix of the endpoints, e.g. /digits beside other applications (default /)")
+    srv.add_argument("--metrics-port", type=int, default=None,
+                     help="serve Ray's Prometheus metrics (incl. vdm_batch_size) at this port's /metrics "
+                          "(local instance only; a cluster exports its own)")
     srv.add_argument("--replicas", type=int, default=1, help="explainer replicas (default 1)")
     srv.add_argument("--num-cpus", type=float, default=1.0, help="Ray CPUs per replica (default 1)")
     srv.add_argument("--num-gpus", type=float, default=None,
@@ -56,8 +64,17 @@ def _config(args):
     """The ``ServeConfig`` (checked before Ray starts), or ``UsageError`` naming the flag."""
     from vdm_engine.serve.config import ServeConfig
 
-    if not 0 < args.port < 65536:
-        raise UsageError(f"--port must be 1..65535, got {args.port}")
+    for flag, port in (("--port", args.port), ("--metrics-port", args.metrics_port)):
+        if port is not None and not 0 < port < 65536:
+            raise UsageError(f"{flag} must be 1..65535, got {port}")
+    if args.metrics_port is not None and args.address is not None:
+        raise UsageError("--metrics-port applies to the local Ray instance; a cluster (--address) exports "
+                         "its metrics at its own metrics export port")
+    if not re.fullmatch(r"/[A-Za-z0-9_./-]*", args.route_prefix) or "//" in args.route_prefix:
+        raise UsageError(f"--route-prefix must start with '/' and use letters, digits, '_', '-', '.', '/'; "
+                         f"got {args.route_prefix!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.app_name):
+        raise UsageError(f"--app-name must use letters, digits, '_' or '-', got {args.app_name!r}")
     if args.max_body_mb <= 0:
         raise UsageError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
     flags = {"max_batch": "--max-batch", "batch_wait_ms": "--batch-wait-ms", "replicas": "--replicas",
@@ -103,12 +120,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _config(args)
 
         def ready(url: str) -> None:
+            metrics = (f", Prometheus metrics at http://{args.host}:{args.metrics_port}/metrics"
+                       if args.metrics_port else "")
             print(f"{PROG}: serving {config.onnx or config.model} at {url} (model name {config.oip_name!r}, "
-                  f"{config.replicas} replica(s), batches up to {config.max_batch}); Ctrl-C stops", file=sys.stderr)
+                  f"{config.replicas} replica(s), batches up to {config.max_batch}{metrics}); Ctrl-C stops",
+                  file=sys.stderr)
 
         print(f"{PROG}: starting {'a local Ray instance' if args.address is None else 'on ' + args.address} ...",
               file=sys.stderr)
-        serve.serve_forever(config, host=args.host, port=args.port, address=args.address, on_ready=ready)
+        serve.serve_forever(config, host=args.host, port=args.port, address=args.address, name=args.app_name,
+                            route_prefix=args.route_prefix, metrics_port=args.metrics_port, on_ready=ready)
         return 0
 
     return run_cli(PROG, body)

@@ -1,0 +1,92 @@
+"""``vdm-serve --address`` onto a running Ray cluster (the tests' own instance), two replicas behind
+one proxy, Ctrl-C removing that application only; Ray's Prometheus metrics carry the batch sizes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray", reason="the serve extra is not installed: pip install 'vdm-engine[serve]'")
+requests = pytest.importorskip("requests")
+
+DIGIT6 = Path(__file__).resolve().parents[2] / "docs" / "overlay" / "digit6.png"
+PNG = {"Content-Type": "image/png"}
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"vdm-serve exited with {proc.returncode}: {proc.stderr.read()}"
+        try:
+            if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s")
+
+
+@pytest.mark.slow
+def test_cli_joins_a_cluster_with_two_replicas_and_leaves_it_running(serve_port, server, reference):
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "vdm_engine.cli.serve", "--address", address, "--app-name", "joined",
+           "--route-prefix", "/joined", "--replicas", "2", "--num-cpus", "0.25", "--max-batch", "4",
+           "--port", str(serve_port)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{serve_port}/joined"
+    try:
+        _wait(url, proc)
+        from vdm_engine.images import load_image
+
+        want = reference.explain(reference.preprocess([load_image(DIGIT6)]))
+        replicas = set()
+        for _ in range(12):  # Ray Serve spreads requests over both replicas
+            r = requests.post(f"{url}/v1/explain", data=DIGIT6.read_bytes(), headers=PNG, timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["label_index"] == int(want.logits.argmax(-1))
+            replicas.add(requests.get(f"{url}/v1/stats", timeout=10).json()["replica"])
+            if len(replicas) == 2:
+                break
+        assert len(replicas) == 2, f"one replica answered every request: {replicas}"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    assert proc.returncode == 130, err
+    assert f"serving vit-digits at {url}" in err, err
+    # its application is gone, the cluster and the application beside it still serve
+    assert requests.get(f"{url}/readyz", timeout=10).status_code == 404
+    assert requests.get(f"{server}/readyz", timeout=10).status_code == 200
+    assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 2.0
+
+
+def test_prometheus_metrics_carry_the_batch_sizes(server, metrics_port):
+    """The server's ``vdm_batch_size`` histogram and Ray Serve's request counters, as Prometheus scrapes them."""
+    for _ in range(3):
+        assert requests.post(f"{server}/v1/explain", data=DIGIT6.read_bytes(), headers=PNG, timeout=60).ok
+    def explain_batches(text: str) -> float:
+        return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+                   if l.startswith("ray_vdm_batch_size_count{") and 'endpoint="explain"' in l)
+
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:  # replicas push their metrics every few seconds
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        if explain_batches(text) >= 3 and "ray_serve_num_http_requests" in text:
+            break
+        time.sleep(1.0)
+    assert explain_batches(text) >= 3, "vdm_batch_size is missing explain batches in Ray's Prometheus metrics"
+    assert "ray_serve_num_http_requests" in text
