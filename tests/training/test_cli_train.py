@@ -82,10 +82,9 @@ def test_vdm_train_divergence_exits_with_one_line(tmp_path, capsys, monkeypatch)
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir):
     steps = ["--steps", "300"]
-    ref = subprocess.run(_cmd(tiny_model_dir, tmp_path / "ref", *steps), env=_env(), capture_output=True, text=True,
-                         timeout=120)
-    assert ref.returncode == 0, ref.stderr
-
+    # the uninterrupted reference runs beside the run that gets killed (two cores, two processes)
+    ref = subprocess.Popen(_cmd(tiny_model_dir, tmp_path / "ref", *steps), env=_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(tiny_model_dir, out, *steps), env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
@@ -95,6 +94,8 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir):
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    ref_err = ref.communicate(timeout=120)[1]
+    assert ref.returncode == 0, ref_err
     killed_at = load_checkpoint(out / CHECKPOINT)[1]["step"]
     assert 25 <= killed_at < 300 and not (out / GATES_DIR).exists()
 
