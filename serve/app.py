@@ -32,7 +32,7 @@ from .config import ServeConfig
 from .oip import HEADER_LENGTH, encode_infer_response, model_metadata, parse_infer_request
 from .requests import RequestError, check_length, parse_images
 
-__all__ = ["VdmServer", "app", "build_app"]
+__all__ = ["VdmServer", "app", "build_app", "deployment"]
 
 app = FastAPI(title="vdm-serve", description="Vision DiffMask explanations of ViT predictions")
 
@@ -278,11 +278,10 @@ class VdmServer:
         return Response(content=data, headers=headers, media_type=headers.pop("content-type"))
 
 
-def build_app(config: ServeConfig, *, env: dict[str, str] | None = None):
-    """The bound application for ``serve.run``: replicas, resources and queue bounds from ``config``.
-
-    ``env``: environment variables for the replicas (default: those of ``_PASSED_ENV`` set here).
-    """
+def deployment(config: ServeConfig, *, env: dict[str, str] | None = None):
+    """The ``VdmServer`` deployment with ``config``'s replicas, resources (``num_gpus`` per replica on
+    CUDA, fractions allowed) and queue bounds; ``env``: environment variables for the replicas
+    (default: those of ``_PASSED_ENV`` set here)."""
     if env is None:
         env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
     actor = {"num_cpus": config.num_cpus, "num_gpus": config.gpus_per_replica}
@@ -293,4 +292,9 @@ def build_app(config: ServeConfig, *, env: dict[str, str] | None = None):
         max_ongoing_requests=config.ongoing,
         max_queued_requests=config.max_queued_requests,
         ray_actor_options=actor,
-    ).bind(config)
+    )
+
+
+def build_app(config: ServeConfig, *, env: dict[str, str] | None = None):
+    """The bound application for ``serve.run`` (``deployment(config, env=env)`` bound to ``config``)."""
+    return deployment(config, env=env).bind(config)

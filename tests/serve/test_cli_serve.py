@@ -48,7 +48,16 @@ def test_bad_usage_is_one_line_exit_2(no_ray, capsys, argv, words):
     assert words in err, err
 
 
-def test_readme_command_parses():
-    args = cli._parser().parse_args(["--model", "vit-digits", "--max-batch", "32", "--batch-wait-ms", "5",
-                                     "--port", "8000"])
-    assert args.max_batch == 32 and args.address is None and args.host == "127.0.0.1"
+def test_readme_commands_parse():
+    """Every ``vdm-serve`` command in the README's Serve section is valid usage."""
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("\n## Serve\n", 1)[1].split("\n## ", 1)[0]
+    commands = [shlex.split(line)[1:] for line in section.splitlines() if line.startswith("vdm-serve ")]
+    assert len(commands) >= 2, commands
+    for argv in commands:
+        args = cli._parser().parse_args(argv)
+        config = cli._config(args)
+        assert config.max_batch >= 1 and args.route_prefix.startswith("/")

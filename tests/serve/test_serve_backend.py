@@ -66,3 +66,17 @@ def test_config_names_the_field():
         ServeConfig(onnx="x.onnx", gates="g")
     assert ServeConfig(onnx="exports/My Model.onnx").oip_name == "My_Model"
     assert ServeConfig().ongoing == 64 and ServeConfig(device="cuda").gpus_per_replica == 1.0
+
+
+def test_deployment_reserves_what_the_config_asks():
+    """GPUs per replica (fractional), CPUs, replicas and queue bounds reach Ray Serve's options."""
+    pytest.importorskip("ray", reason="the serve extra is not installed")
+    from vdm_engine.serve.app import deployment
+
+    d = deployment(ServeConfig(device="cuda", num_gpus=0.5, num_cpus=2, replicas=3, max_batch=8,
+                               max_queued_requests=7), env={"VDM_KERNELS": "off"})
+    assert d.num_replicas == 3 and d.max_ongoing_requests == 16 and d.max_queued_requests == 7
+    assert d.ray_actor_options["num_gpus"] == 0.5 and d.ray_actor_options["num_cpus"] == 2
+    assert d.ray_actor_options["runtime_env"] == {"env_vars": {"VDM_KERNELS": "off"}}
+    assert deployment(ServeConfig(device="cuda"), env={}).ray_actor_options["num_gpus"] == 1.0
+    assert deployment(ServeConfig(), env={}).ray_actor_options["num_gpus"] == 0.0
