@@ -12,7 +12,8 @@ from PIL import Image
 
 from vdm_engine import Explainer
 from vdm_engine.cli.explain import main
-from vdm_engine.visualize import caption_height, overlay_scale
+from vdm_engine.records import overlay_caption
+from vdm_engine.visualize import overlay, overlay_scale
 
 
 @pytest.fixture(autouse=True)
@@ -47,20 +48,21 @@ def test_explain_writes_overlay_and_json(tmp_path, model_and_gates, capsys):
     assert rec["kept_fraction"] == pytest.approx(float(exp.kept_fraction()[0]))
     assert rec["gates_sha256"] == ex.gates.sha256 and len(rec["model_sha256"]) == 64
     assert rec["image_size"] == [40, 48] and rec["warnings"] == []  # nothing adapted beyond the resize
-    # The PNG: upscaled image + caption (header + 3 classes); pixels change where the mask is high.
+    # The overlay PNG: what visualize.overlay draws for this image and record (its panel boxes), with
+    # the dropped patches grey in the third panel and the kept ones as in the image.
     png = Image.open(out / "a.overlay.png")
-    s = overlay_scale(40, 48)
-    assert png.format == "PNG" and png.size == (48 * s, 40 * s + caption_height(4))
-    panel = np.asarray(png.convert("RGB"))[: 40 * s].astype(float)
-    src = a.repeat(s, 0).repeat(s, 1).astype(float)
     grid = np.array(rec["patch_mask"])
-    hi = np.argwhere(grid > 0.5)
-    assert len(hi) > 0
-    for i, j in hi:
-        ys, xs = slice(i * 10 * s + 2 * s, (i + 1) * 10 * s - 2 * s), slice(j * 12 * s + 2 * s, (j + 1) * 12 * s - 2 * s)
-        assert np.abs(panel[ys, xs] - src[ys, xs]).mean() > 10, f"patch {(i, j)} looks unchanged"
-    # the caption strip is not the image
-    assert np.asarray(png.convert("RGB"))[40 * s :].mean() > 200
+    ref = overlay(a, grid, caption=overlay_caption(model, rec))
+    assert png.format == "PNG" and png.size == ref.size
+    s = overlay_scale(40, 48)
+    x0, y0, x1, y1 = ref.info["panels"]["grey"]
+    grey = np.asarray(png.convert("RGB"))[y0:y1, x0:x1].astype(int)
+    src = a.repeat(s, 0).repeat(s, 1).astype(int)
+    kept = np.kron(grid > 0.5, np.ones((10 * s, 12 * s))).astype(bool)
+    assert kept.any() and (~kept).any()
+    assert np.array_equal(grey[kept], src[kept]) and (grey[~kept] == 128).all()
+    # the mask over depth: one panel per hidden state, named in the record
+    assert rec["depth"] == str(out / "a.depth.png") and Image.open(out / "a.depth.png").size[0] >= 256
 
 
 def test_bad_files_are_reported_and_others_still_processed(tmp_path, model_and_gates, capsys):
@@ -87,7 +89,7 @@ def test_bad_files_are_reported_and_others_still_processed(tmp_path, model_and_g
     assert "5 of 6 images could not be read" in err
     assert json.loads((out / "good.json").read_text())["image"] == str(good)
     assert (out / "good.overlay.png").is_file()
-    assert sorted(p.name for p in out.iterdir()) == ["good.json", "good.overlay.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["good.depth.png", "good.json", "good.overlay.png"]
 
 
 def test_same_stem_gets_distinct_outputs(tmp_path, model_and_gates):

@@ -30,7 +30,7 @@ from vdm_engine.images import (
 )
 from vdm_engine.preprocessing import ImageSpec, preprocess_images, resize_images
 from vdm_engine.registry import embedded_model_dir
-from vdm_engine.visualize import MAX_SIDE, overlay, overlay_scale
+from vdm_engine.visualize import MAX_WIDTH, PANEL_MAX_SIDE, overlay, overlay_scale
 
 
 @pytest.fixture(autouse=True)
@@ -298,7 +298,7 @@ def test_cli_max_pixels_refuses_one_image_and_explains_the_others(tmp_path, mode
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert "big.png: image is 100x100" in err and "--max-pixels 10000" in err
-    assert sorted(p.name for p in out.iterdir()) == ["small.json", "small.overlay.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["small.depth.png", "small.json", "small.overlay.png"]
     monkeypatch.setenv(MAX_PIXELS_ENV, "5000")
     assert main([str(tmp_path / "big.png"), "--model", model, "--gates", gates, "--out", str(out)]) == 2
     assert "big.png: image is 100x100" in capsys.readouterr().err
@@ -316,24 +316,28 @@ def test_cli_max_pixels_refuses_one_image_and_explains_the_others(tmp_path, mode
 
 # ----- bounded overlays -------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "hw, size",
-    [((40, 48), (48 * 7, 40 * 7)), ((1, 1), (256, 256)), ((3000, 2000), (683, 1024)), ((1, 4000), (1024, 1)),
-     ((1024, 1024), (1024, 1024)), ((600, 300), (300, 600)), ((100, 500), (1000, 200))],
+    "hw, panel",
+    [((40, 48), (48 * 7, 40 * 7)), ((1, 1), (256, 256)), ((3000, 2000), (427, 640)), ((1, 4000), (640, 1)),
+     ((600, 300), (300, 600)), ((100, 500), (500, 100))],
 )
-def test_overlays_have_a_bounded_size(hw, size):
+def test_overlay_panels_have_a_bounded_size(hw, panel):
     H, W = hw
     img = np.full((H, W, 3), 90, np.uint8)
     grid = np.linspace(0, 1, 16).reshape(4, 4)
     out = overlay(img, grid)
-    assert out.size == size and max(out.size) <= MAX_SIDE
+    for key in ("image", "heat", "grey"):
+        x0, y0, x1, y1 = out.info["panels"][key]
+        assert (x1 - x0, y1 - y0) == panel
+    assert 256 <= out.size[0] <= MAX_WIDTH
     s = overlay_scale(H, W)
-    assert out.size == (max(1, round(W * s)), max(1, round(H * s)))
-    assert max(overlay(img, grid, max_side=300).size) <= 300
+    assert panel == (max(1, round(W * s)), max(1, round(H * s)))
+    x0, y0, x1, y1 = overlay(img, grid, max_side=300).info["panels"]["image"]
+    assert max(x1 - x0, y1 - y0) <= 300
 
 
 def test_overlay_caption_gets_room_on_narrow_images():
     out = overlay(np.zeros((2000, 10, 3), np.uint8), np.ones((4, 4)), caption=["a caption"])
-    assert out.size[0] == 256 and out.size[1] > 1024
+    assert out.size[0] == 256 and out.size[1] > PANEL_MAX_SIDE
 
 
 def test_cli_overlay_of_a_large_image_is_bounded(tmp_path, model_and_gates):
@@ -342,7 +346,7 @@ def test_cli_overlay_of_a_large_image_is_bounded(tmp_path, model_and_gates):
     out = tmp_path / "out"
     assert main([str(tmp_path / "wide.png"), "--model", model, "--gates", gates, "--out", str(out)]) == 0
     with Image.open(out / "wide.overlay.png") as png:
-        assert max(png.size) <= MAX_SIDE
+        assert max(png.size) <= MAX_WIDTH
     assert json.loads((out / "wide.json").read_text())["image_size"] == [1500, 2000]
 
 
@@ -383,7 +387,7 @@ def test_an_8000x8000_png_explains_in_well_under_1gb(tmp_path, model_and_gates):
     rec = json.loads((out / "huge.json").read_text())
     assert rec["image_size"] == [8000, 8000] and rec["warnings"] == []
     with Image.open(out / "huge.overlay.png") as png:
-        assert max(png.size) <= MAX_SIDE
+        assert max(png.size) <= MAX_WIDTH
 
 
 # ----- one preprocessing for every path ---------------------------------------------------------

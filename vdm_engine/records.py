@@ -54,9 +54,19 @@ def explanation_records(explanation, id2label: dict[int, str], *, top_k: int = 5
 
 
 def overlay_caption(model_name: str, record: dict) -> list[str]:
-    """The caption lines ``vdm_engine.visualize.overlay`` draws under an explained image."""
-    lines = [f"{model_name}: predicts {record['label']}, kept {record['kept_fraction']:.0%} of patches"]
-    lines += [f"{r + 1}. {t['label']}  p={t['score']:.3f}" for r, t in enumerate(record["top_k"])]
+    """The caption lines ``vdm_engine.visualize.overlay`` draws under an explained image: the model,
+    the predicted class (name, index, probability), the kept patches, the top-k as ``label (p)``
+    lines, and the gates' source when the record names it."""
+    grid = record.get("grid")
+    n = int(grid[0]) * int(grid[1]) if grid else None
+    kept = record["kept_fraction"]
+    kept_s = f"kept {kept:.0%} of patches" + (f" ({round(kept * n)} of {n})" if n else "")
+    lines = [f"{model_name} predicts {record['label']} (class {record['label_index']}, p={record['score']:.3f}); "
+             f"{kept_s}"]
+    lines += [f"{r + 1}.  {t['label']}  ({t['score']:.3f})" for r, t in enumerate(record["top_k"])]
+    if record.get("gates_sha256") or record.get("gates_source"):
+        sha = (record.get("gates_sha256") or "")[:12]
+        lines.append(f"gates: {record.get('gates_source') or 'unknown source'}" + (f", sha256 {sha}" if sha else ""))
     return lines
 
 

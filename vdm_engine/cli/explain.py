@@ -1,7 +1,8 @@
 """``vdm-explain IMAGE... [--model MODEL | --onnx PATH] [--out DIR] [--top-k 5] [--max-pixels N]``.
 
-For each image: an overlay PNG (heat map of the patch mask, kept-patch outline, top classes in the
-caption, at most 1024 px on its longest side) and a JSON record whose ``warnings`` say how the image
+For each image: ``NAME.overlay.png`` (the image with the kept patches outlined, the keep
+probability as a heat map, the image with dropped patches greyed; a caption with the prediction,
+top-k and the gates), ``NAME.depth.png`` (the mask at each depth of the forward pass) and a JSON record whose ``warnings`` say how the image
 was adapted (e.g. upscaled more than 8x). Images above the pixel limit are refused before decoding,
 large ones are reduced while decoding (``vdm_engine.images``). Unreadable or unsupported files are
 reported one line each on stderr and the exit code is 2, while the other images are still explained.
@@ -107,6 +108,12 @@ def _unique_stems(paths: Sequence[Path]) -> list[str]:
     return out
 
 
+def _png(picture) -> bytes:
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def explain_files(model, paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, top_k: int = 5,
                   threshold: float = 0.5, batch_size: int = 16, progress: bool = True,
                   max_pixels: int | None = None) -> tuple[list[dict], list[str]]:
@@ -131,7 +138,7 @@ def explain_files(model, paths: Sequence[str | os.PathLike], out_dir: str | os.P
     from tqdm.auto import tqdm
 
     from vdm_engine._io import atomic_write_bytes, atomic_write_json
-    from vdm_engine.visualize import overlay
+    from vdm_engine.visualize import depth_strip, overlay
 
     if top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {top_k}")
@@ -164,16 +171,25 @@ def explain_files(model, paths: Sequence[str | os.PathLike], out_dir: str | os.P
         with torch.no_grad():
             exp = model.explain(model.preprocess([img.pixels for _, _, img in chunk])).cpu()
         grids = exp.grid_mask().numpy()
+        depths = (None if exp.layer_masks is None
+                  else exp.layer_masks.reshape(exp.layer_masks.shape[0], -1, *exp.grid).float().numpy())
         recs = explanation_records(exp, model.id2label, top_k=top_k, threshold=threshold)
-        for (path, stem, img), grid, rec in zip(chunk, grids, recs):
+        for i, ((path, stem, img), grid, rec) in enumerate(zip(chunk, grids, recs)):
             png = out_dir / f"{stem}.overlay.png"
-            buf = io.BytesIO()
-            overlay(img.pixels, grid, threshold=threshold, caption=overlay_caption(model.name, rec)).save(buf, format="PNG")
-            atomic_write_bytes(png, buf.getvalue())
+            caption = overlay_caption(model.name, {**rec, "gates_sha256": model.gates_sha256,
+                                                   "gates_source": getattr(model, "gates_source", None)})
+            atomic_write_bytes(png, _png(overlay(img.pixels, grid, threshold=threshold, caption=caption)))
+            depth_png = None
+            if depths is not None:  # an ONNX graph exported without layer_masks has no depths to show
+                depth_png = out_dir / f"{stem}.depth.png"
+                strip = depth_strip(img.pixels, depths[i], threshold=threshold,
+                                    label=f"{model.name}: {rec['label']} (p={rec['score']:.3f})")
+                atomic_write_bytes(depth_png, _png(strip))
             record = {
                 "image": str(path),
                 "image_size": list(img.original_size),
                 "overlay": str(png),
+                "depth": None if depth_png is None else str(depth_png),
                 **rec,
                 "warnings": list(img.warnings),
                 "model": model.name,

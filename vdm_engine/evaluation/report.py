@@ -81,8 +81,9 @@ def results_markdown(results: dict) -> str:
 
 
 def write_report(results: dict, out_dir, examples: dict | None = None, *, plots: bool = True) -> list:
-    """Write ``results.json``, ``results.md`` and (with matplotlib) ``curves_<replacement>.png`` and
-    ``examples.png`` into ``out_dir``; returns the written paths."""
+    """Write ``results.json``, ``results.md`` and (``plots``) ``curves_<replacement>.png``, ``examples.png``
+    (each method's scores beside the untouched image) and ``examples_depth.png`` (DiffMask's mask at
+    each depth) into ``out_dir``; returns the written paths."""
     from pathlib import Path
 
     from .._io import atomic_write_bytes, atomic_write_json
@@ -93,7 +94,8 @@ def write_report(results: dict, out_dir, examples: dict | None = None, *, plots:
     atomic_write_json(written[0], results)
     atomic_write_bytes(written[1], results_markdown(results).encode())
     if plots:
-        from ..visualize import plot_curves, plot_overlay_grid
+        from .._io import atomic_path
+        from ..visualize import depth_grid, example_grid, plot_curves
 
         for rp in results["config"]["replacements"]:
             p = out / f"curves_{rp}.png"
@@ -101,7 +103,14 @@ def write_report(results: dict, out_dir, examples: dict | None = None, *, plots:
                                                           f"{rp} replacement, n={results['n']}")
             written.append(p)
         if examples and examples.get("images"):
-            p = out / "examples.png"
-            plot_overlay_grid(examples["images"], examples["scores"], p, titles=examples.get("labels"))
-            written.append(p)
+            pictures = {"examples.png": example_grid(examples["images"], examples["scores"], kept=examples.get("kept"),
+                                                     truth=examples.get("truth"), labels=examples.get("labels"))}
+            if examples.get("depths") is not None:
+                pictures["examples_depth.png"] = depth_grid(examples["images"], examples["depths"],
+                                                            threshold=results.get("threshold", 0.5),
+                                                            labels=examples.get("labels"))
+            for name, picture in pictures.items():
+                with atomic_path(out / name, suffix=".png") as tmp:
+                    picture.save(tmp, format="PNG")
+                written.append(out / name)
     return written

@@ -317,8 +317,9 @@ def evaluate_model(
 
     Returns:
         (results: JSON-serialisable dict with ``model``, ``data``, ``n``, ``seed``, checksums and
-        ``evaluate``'s output; examples: {"images": [...], "scores": {method: (k, h, w)}, "labels"}
-        for the first ``num_examples`` images, for figures).
+        ``evaluate``'s output; examples: {"images": [...], "scores": {method: (k, h, w)}, "labels",
+        with DiffMask "kept" (k, h, w) bool and "depths" (k, L+2, h, w), with ground truth "truth"
+        (k, h, w) bool} for the first ``num_examples`` images, for figures).
     """
     import platform
 
@@ -369,4 +370,11 @@ def evaluate_model(
         examples["labels"] = [bb.id2label.get(int(c), str(int(c))) for c in pred]
         for m, fn in fns.items():
             examples["scores"][m] = fn(pv, pred).reshape(k, *bb.grid).cpu().numpy()
+        if "diffmask" in examples["scores"]:
+            examples["kept"] = examples["scores"]["diffmask"] > threshold
+            with torch.no_grad():
+                lm = explainer.explain(pv).layer_masks
+            examples["depths"] = lm.reshape(k, lm.shape[1], *bb.grid).float().cpu().numpy()
+        if ev.relevant is not None:
+            examples["truth"] = np.asarray(ev.relevant[:k], dtype=bool).reshape(k, *bb.grid)
     return res, examples
