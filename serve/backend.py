@@ -111,14 +111,18 @@ class ServingModel:
         return self.impl.preprocess(images)
 
     @torch.no_grad()
-    def explain_batch(self, x: torch.Tensor, verify: list[bool] | None = None) -> dict[str, torch.Tensor]:
+    def explain_batch(self, x: torch.Tensor, verify: list[bool] | None = None,
+                      layer_masks: bool = False) -> dict[str, torch.Tensor]:
         """One forward pass for a batch (B, ...): logits (B, C) and patch_mask (B, N) on the CPU; with
         ``verify`` (B,) bools also kl, agree and masked_kept for every row (computed for the rows that
-        asked, in one extra masked pass; NaN elsewhere)."""
+        asked, in one extra masked pass; NaN elsewhere); with ``layer_masks`` also layer_masks
+        (B, L+2, N) (a graph must have that output)."""
         want = verify is not None and any(verify)
         if self.onnx:
             out = self.impl.run(x.to(self.device))
             res = {"logits": out["logits"].float().cpu(), "patch_mask": out["patch_mask"].float().cpu()}
+            if layer_masks:
+                res["layer_masks"] = out["layer_masks"].float().cpu()
             if want:
                 masked = out["masked_logits"].float().cpu()
                 res["kl"] = out["kl"].float().cpu().reshape(-1)
@@ -127,6 +131,8 @@ class ServingModel:
             return res
         exp = self.impl.explain(x.to(self.device))
         res = {"logits": exp.logits.float().cpu(), "patch_mask": exp.patch_mask.float().cpu()}
+        if layer_masks:
+            res["layer_masks"] = exp.layer_masks.float().cpu()
         if want:
             from vdm_engine.explainer import Explanation
 
