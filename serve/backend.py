@@ -43,7 +43,7 @@ class ServingModel:
         input_spec, output_specs: the Open Inference Protocol tensors (the exported graph's names).
     """
 
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, *, prog: str = "vdm-serve"):
         from vdm_engine._io import sha256_file
 
         self.config = config
@@ -77,7 +77,7 @@ class ServingModel:
 
             impl = Explainer.from_pretrained(config.model, gates=config.gates, device=config.device,
                                              allow_backbone_mismatch=config.allow_backbone_mismatch).eval()
-            print(f"vdm-serve: {impl.provenance.describe()}", file=sys.stderr)
+            print(f"{prog}: {impl.provenance.describe()}", file=sys.stderr)
             self.platform = "pytorch"
             self.name = str(config.model)
             self.model_sha256 = model_sha256(impl.backbone)

@@ -155,7 +155,7 @@ class _ExplainActor:
 
         torch.set_num_threads(threads)
         self.config = config
-        self.model = ServingModel(config.serve_config(device))
+        self.model = ServingModel(config.serve_config(device), prog="vdm-explain")
         self.id2label = self.model.id2label
 
     def __call__(self, batch: dict) -> dict:
@@ -290,7 +290,7 @@ def explain_dataset(config: BulkConfig, *, progress: bool = True, log=None) -> d
     if config.limit is not None and config.limit < len(source):
         source = BulkSource(source.spec, f"{source.description} (first {config.limit})",
                             source.table.slice(0, config.limit), source.loader)
-    model = ServingModel(config.serve_config())  # the driver's copy: checks, provenance, preprocessing
+    model = ServingModel(config.serve_config(), prog="vdm-explain")  # the driver's: checks, provenance, preprocessing
     if config.verify and not model.can_verify:
         raise ValueError(f"--verify needs the masked pass; {config.onnx} lacks the kl/masked_logits outputs "
                          "(export with --outputs logits,patch_mask,masked_logits,kl)")
@@ -300,6 +300,8 @@ def explain_dataset(config: BulkConfig, *, progress: bool = True, log=None) -> d
     out.mkdir(parents=True, exist_ok=True)
     _check_or_write_run(out, run)
     S, n_shards, n = config.shard_size, run["n_shards"], len(source)
+    for tmp in (out / "shards").glob(".part-*.tmp"):  # left by a killed run's unfinished atomic write
+        tmp.unlink(missing_ok=True)
     done = complete_shards(out, n_shards)
     pending = _pending_table(source, done, S)
     provenance = {k: run[k] for k in ("model", "model_sha256", "gates_sha256", "gates_source", "backbone_mismatch")}

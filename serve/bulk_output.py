@@ -147,13 +147,14 @@ class BulkMasks:
 
     Attributes:
         masks: {id: (N,) float32 keep probabilities, row-major on the patch grid}.
-        grid: (h, w) patch grid; gates_sha256, model_sha256: what made them.
+        grid: (h, w) patch grid; gates_sha256, model_sha256: what made them; source: the run folder.
     """
 
     masks: dict
     grid: tuple[int, int]
     gates_sha256: str | None
     model_sha256: str | None
+    source: str = ""
 
 
 def read_masks(out: str | os.PathLike) -> BulkMasks:
@@ -168,7 +169,8 @@ def read_masks(out: str | os.PathLike) -> BulkMasks:
     flat = t.column("patch_mask").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     masks = flat.astype(np.float32).reshape(t.num_rows, -1)
     ids = t.column("id").to_pylist()
-    return BulkMasks(dict(zip(ids, masks)), tuple(run["grid"]), run.get("gates_sha256"), run.get("model_sha256"))
+    return BulkMasks(dict(zip(ids, masks)), tuple(run["grid"]), run.get("gates_sha256"), run.get("model_sha256"),
+                     str(out))
 
 
 def summarize(out: Path, run: dict, *, seconds: float, processed: int) -> dict:
