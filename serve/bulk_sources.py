@@ -60,6 +60,20 @@ class BulkSource:
     def __len__(self) -> int:
         return self.table.num_rows
 
+    def repeat(self, times: int) -> "BulkSource":
+        """The same images ``times`` times over (ids ``{id}#{r}``), e.g. to time a larger run."""
+        import pyarrow as pa
+
+        if times < 1:
+            raise ValueError(f"repeat needs times >= 1, got {times}")
+        n = len(self)
+        t = pa.concat_tables([self.table] * times)
+        ids = [f"{i}#{r}" for r in range(times) for i in self.table.column("id").to_pylist()]
+        t = t.set_column(0, "index", pa.array(np.arange(n * times, dtype=np.int64)))
+        t = t.set_column(1, "id", pa.array(ids, pa.string()))
+        loader = None if self.loader is None else _Modulo(self.loader, n)
+        return BulkSource(f"{self.spec}*{times}", f"{self.description}, {times} times", t, loader)
+
 
 # ----- loaders: picklable, cache what they load once per worker process --------------------------
 @dataclass(frozen=True)
@@ -76,6 +90,17 @@ def _digits_cached() -> np.ndarray:
     from vdm_engine.data import digits_split
 
     return digits_split("all")[0]
+
+
+@dataclass(frozen=True)
+class _Modulo:
+    """A loader over a repeated source: index i is image i % n of the original."""
+
+    loader: object
+    n: int
+
+    def __call__(self, indices) -> list:
+        return self.loader([int(i) % self.n for i in indices])
 
 
 @dataclass(frozen=True)
