@@ -83,8 +83,11 @@ def test_bulk_masks_equal_explainer(digits_run, reference):
     assert (out / "errors.jsonl").read_text() == ""
 
 
-def test_sigkill_midway_then_rerun_is_exact(digits_run, ray_session, tmp_path):
-    """SIGKILL the driver (a subprocess) after its first shard, rerun: every image once, as uninterrupted."""
+def test_sigkill_midway_then_rerun_is_exact(digits_run, ray_session, tmp_path, capsys):
+    """SIGKILL the driver (a subprocess) after its first shard, rerun (the CLI in this process): every
+    image once, as uninterrupted."""
+    from vdm_engine.cli.explain import main
+
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "vdm_engine.cli.explain", "--dataset", DIGITS["dataset"], "--out", str(out),
            "--shard-size", str(DIGITS["shard_size"]), "--batch-size", str(DIGITS["batch_size"]), "--layer-masks",
@@ -100,8 +103,11 @@ def test_sigkill_midway_then_rerun_is_exact(digits_run, ray_session, tmp_path):
     assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed: {err.decode()[-2000:]}"
     before = sorted(p.name for p in shards.glob("part-*.parquet"))
     assert 1 <= len(before) < 30, before
-    summary = _run(out, **DIGITS)  # the rerun (in this process)
-    assert summary["explained_this_run"] == 300 - 10 * len(before)
+    assert main(cmd[3:]) == 0  # the rerun: same command, in this process (already on the session's Ray)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"vdm-explain: 300 explained, 0 errors of 300 images; this run {300 - 10 * len(before)} in ")
+    assert "images/s" in line and line.endswith(f"-> {out}")
+    summary = json.loads((out / "summary.json").read_text())
     after, full = _results(out), _results(digits_run[0])
     assert after["id"] == full["id"] and len(set(after["id"])) == 300  # every image exactly once, in order
     for col in ("patch_mask", "layer_masks"):
