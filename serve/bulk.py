@@ -303,7 +303,7 @@ def explain_dataset(config: BulkConfig, *, progress: bool = True, log=None, sour
     run = _run_record(config, source, model)
     out.mkdir(parents=True, exist_ok=True)
     _check_or_write_run(out, run)
-    S, n_shards, n = config.shard_size, run["n_shards"], len(source)
+    S, n_shards = config.shard_size, run["n_shards"]
     for tmp in (out / "shards").glob(".part-*.tmp"):  # left by a killed run's unfinished atomic write
         tmp.unlink(missing_ok=True)
     done = complete_shards(out, n_shards)
