@@ -43,7 +43,7 @@ class ServingModel:
         input_spec, output_specs: the Open Inference Protocol tensors (the exported graph's names).
     """
 
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, *, prog: str = "vdm-serve"):
         from vdm_engine._io import sha256_file
 
         self.config = config
@@ -77,7 +77,7 @@ class ServingModel:
 
             impl = Explainer.from_pretrained(config.model, gates=config.gates, device=config.device,
                                              allow_backbone_mismatch=config.allow_backbone_mismatch).eval()
-            print(f"vdm-serve: {impl.provenance.describe()}", file=sys.stderr)
+            print(f"{prog}: {impl.provenance.describe()}", file=sys.stderr)
             self.platform = "pytorch"
             self.name = str(config.model)
             self.model_sha256 = model_sha256(impl.backbone)
@@ -111,14 +111,18 @@ class ServingModel:
         return self.impl.preprocess(images)
 
     @torch.no_grad()
-    def explain_batch(self, x: torch.Tensor, verify: list[bool] | None = None) -> dict[str, torch.Tensor]:
+    def explain_batch(self, x: torch.Tensor, verify: list[bool] | None = None,
+                      layer_masks: bool = False) -> dict[str, torch.Tensor]:
         """One forward pass for a batch (B, ...): logits (B, C) and patch_mask (B, N) on the CPU; with
         ``verify`` (B,) bools also kl, agree and masked_kept for every row (computed for the rows that
-        asked, in one extra masked pass; NaN elsewhere)."""
+        asked, in one extra masked pass; NaN elsewhere); with ``layer_masks`` also layer_masks
+        (B, L+2, N) (a graph must have that output)."""
         want = verify is not None and any(verify)
         if self.onnx:
             out = self.impl.run(x.to(self.device))
             res = {"logits": out["logits"].float().cpu(), "patch_mask": out["patch_mask"].float().cpu()}
+            if layer_masks:
+                res["layer_masks"] = out["layer_masks"].float().cpu()
             if want:
                 masked = out["masked_logits"].float().cpu()
                 res["kl"] = out["kl"].float().cpu().reshape(-1)
@@ -127,6 +131,8 @@ class ServingModel:
             return res
         exp = self.impl.explain(x.to(self.device))
         res = {"logits": exp.logits.float().cpu(), "patch_mask": exp.patch_mask.float().cpu()}
+        if layer_masks:
+            res["layer_masks"] = exp.layer_masks.float().cpu()
         if want:
             from vdm_engine.explainer import Explanation
 

@@ -37,6 +37,9 @@ __all__ = [
     "open_source",
     "toy_batch",
     "digits_split",
+    "digits_ids",
+    "toy_ids",
+    "file_id",
     "pixel_batches",
 ]
 
@@ -128,6 +131,25 @@ def digits_split(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         return images.copy(), labels.copy()
     lo, hi = _DIGITS_SPLITS[split]
     return images[lo:hi].copy(), labels[lo:hi].copy()
+
+
+def digits_ids(split: str = "all") -> list[str]:
+    """Stable ids of a digits split's images, in ``digits_split`` order: ``digits/{i}`` with ``i`` the
+    image's position in the ``all`` order (so the ``test`` split starts at ``digits/1497``)."""
+    if split != "all" and split not in _DIGITS_SPLITS:
+        raise ValueError(f"unknown digits split {split!r}; expected one of {sorted(_DIGITS_SPLITS) + ['all']}")
+    lo, hi = _DIGITS_SPLITS.get(split, (0, _DIGITS_SPLITS["test"][1]))
+    return [f"digits/{i}" for i in range(lo, hi)]
+
+
+def toy_ids(n: int, seed: int) -> list[str]:
+    """Stable ids of ``toy_batch(n, seed)``'s images: ``toy:{n}:{seed}/{i}`` (an image depends on n and seed)."""
+    return [f"toy:{int(n)}:{int(seed)}/{i}" for i in range(int(n))]
+
+
+def file_id(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """Stable id of an image file under an image folder: its path relative to ``root``, with '/'."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(root).resolve())).as_posix()
 
 
 @functools.lru_cache(maxsize=1)

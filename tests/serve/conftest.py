@@ -1,4 +1,5 @@
-"""One real Ray instance and Ray Serve proxy on 127.0.0.1 for every serve test (session-scoped).
+"""One real Ray instance (``ray_session``, shared with the bulk tests) and Ray Serve proxy on
+127.0.0.1 for every serve test (session-scoped).
 
 Two vit-digits applications share the proxy, deployed together: ``main`` at ``/`` (batches of up
 to 8 that wait 50 ms to fill, small body and pixel limits so that 413 and the pixel check are
@@ -33,22 +34,31 @@ METRICS_PORT = _free_port()
 
 
 @pytest.fixture(scope="session")
-def serve_port(tmp_path_factory):
-    """Ray (2 CPUs, no dashboard, Prometheus metrics at ``METRICS_PORT``) and the Serve HTTP proxy on
-    a free loopback port; shut down at the end."""
+def ray_session(tmp_path_factory) -> str:
+    """The one Ray instance of the session (2 CPUs, no dashboard, Prometheus metrics at
+    ``METRICS_PORT``); its GCS address, for drivers in subprocesses to join (``--address``).
+    Stopping it at the end ends Serve's actors with it (serve.shutdown() first would wait up to 30 s
+    for a controller whose replica a fault test killed)."""
     import ray
-    from ray import serve
 
     os.environ["HF_HUB_OFFLINE"] = "1"
+    # Ray starts its workers at nice 15; on a machine shared with other test runs they then starve.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     env = {"HF_HUB_OFFLINE": "1", "VDM_GATES_HOME": str(tmp_path_factory.mktemp("serve_gates_home"))}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env},
              _metrics_export_port=METRICS_PORT)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_session):
+    """The Serve HTTP proxy on a free loopback port of the session's Ray (stopped with Ray)."""
+    from ray import serve
+
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
-    # Stopping the local instance ends Serve's actors with it; serve.shutdown() first would wait up to
-    # 30 s for a controller whose replica a fault test killed.
-    ray.shutdown()
 
 
 #: The fault tests' application: 2 requests per replica, 4 queued, batches that wait 1 s to fill.

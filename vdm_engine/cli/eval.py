@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--threshold", type=float, default=0.5, help="DiffMask keep-probability threshold (default 0.5)")
     opt.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
     opt.add_argument("--no-plots", action="store_true", help="skip the PNG figures (no matplotlib needed)")
+    opt.add_argument("--diffmask-from", default=None, metavar="DIR",
+                     help="take the DiffMask masks from a bulk run (vdm-explain --dataset ... --out DIR), by image id")
     return p
 
 
@@ -68,6 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 import matplotlib  # noqa: F401
             except ImportError:
                 raise UsageError("figures need matplotlib (pip install matplotlib); or pass --no-plots") from None
+        stored = None
+        if args.diffmask_from is not None:
+            try:
+                import pyarrow  # noqa: F401
+
+                from vdm_engine.serve.bulk_output import read_masks
+            except ImportError:
+                raise UsageError("--diffmask-from reads Parquet, which needs pyarrow: pip install 'vdm-engine[serve]'") from None
+            stored = read_masks(args.diffmask_from)  # ValueError: not a bulk run folder
         config = PerturbationConfig(
             steps=args.steps, replacements=tuple(r.strip() for r in args.replacements.split(",") if r.strip()),
             seed=args.seed, batch_size=args.batch_size,
@@ -75,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results, examples = evaluate_model(
             args.model, args.data, methods, n=args.n, gates=args.gates, config=config, ig_steps=args.ig_steps,
             ig_baseline=args.ig_baseline, threshold=args.threshold, device=args.device,
-            allow_backbone_mismatch=args.allow_backbone_mismatch,
+            allow_backbone_mismatch=args.allow_backbone_mismatch, diffmask_from=stored,
         )
         written = write_report(results, args.out, examples, plots=not args.no_plots)
         rp = config.replacements[0]

@@ -1,4 +1,5 @@
-"""``vdm-explain IMAGE... [--model MODEL | --onnx PATH] [--out DIR] [--top-k 5] [--max-pixels N]``.
+"""``vdm-explain IMAGE... [--model MODEL | --onnx PATH] [--out DIR] [--top-k 5] [--max-pixels N]``,
+or ``vdm-explain --dataset SRC --out DIR [...]`` for a whole data set on Ray Data.
 
 For each image: ``NAME.overlay.png`` (the image with the kept patches outlined, the keep
 probability as a heat map, the image with dropped patches greyed; a caption with the prediction,
@@ -6,6 +7,9 @@ top-k and the gates), ``NAME.depth.png`` (the mask at each depth of the forward 
 was adapted (e.g. upscaled more than 8x). Images above the pixel limit are refused before decoding,
 large ones are reduced while decoding (``vdm_engine.images``). Unreadable or unsupported files are
 reported one line each on stderr and the exit code is 2, while the other images are still explained.
+
+``--dataset`` hands the run to ``vdm_engine.serve.bulk`` (the optional ``serve`` extra, imported only
+then): Parquet shards, an errors file and ``summary.json`` in DIR; a rerun resumes.
 """
 
 from __future__ import annotations
@@ -33,17 +37,33 @@ PROG = "vdm-explain"
 def _parser() -> argparse.ArgumentParser:
     p = CliParser(prog=PROG, description="Explain ViT predictions on image files with DiffMask gates.")
     req = p.add_argument_group("required")
-    req.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+    req.add_argument("images", nargs="*", metavar="IMAGE", help="PNG or JPEG files (or --dataset SRC)")
     opt = p.add_argument_group("optional")
     add_model_source_args(opt)
-    opt.add_argument("--out", default="explanations", metavar="DIR", help="output folder (default ./explanations)")
+    opt.add_argument("--out", default=None, metavar="DIR",
+                     help="output folder (default ./explanations; required with --dataset)")
     opt.add_argument("--top-k", type=int, default=5, help="classes listed in the caption and JSON (default 5)")
     opt.add_argument("--threshold", type=float, default=0.5, help="keep probability above which a patch is kept")
-    opt.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    opt.add_argument("--batch-size", type=int, default=None,
+                     help="images per forward pass (default 16; 64 with --dataset)")
     opt.add_argument("--device", default=None, help="cpu or cuda (PyTorch path; default cpu)")
     opt.add_argument("--max-pixels", type=int, default=None, metavar="N",
                      help="refuse images with more pixels than this, before decoding "
                           "(default $VDM_MAX_IMAGE_PIXELS or 100000000)")
+    bulk = p.add_argument_group("bulk (a whole data set on Ray Data; needs the serve extra)")
+    bulk.add_argument("--dataset", default=None, metavar="SRC",
+                      help="digits[:SPLIT], toy[:N[:SEED]], imagefolder:PATH, hf:NAME[:SPLIT] or a .parquet/.jsonl "
+                           "list of image paths or bytes")
+    bulk.add_argument("--shard-size", type=int, default=1024, help="images per Parquet shard (default 1024)")
+    bulk.add_argument("--concurrency", type=int, default=None,
+                      help="explainer actors (default: one per --num-gpus-per-actor GPUs, else 1)")
+    bulk.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default 0: CPU)")
+    bulk.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor (default 1)")
+    bulk.add_argument("--address", default=None, help="join this Ray cluster (auto, HOST:PORT, ray://...); default: a local one")
+    bulk.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images of SRC")
+    bulk.add_argument("--layer-masks", action="store_true", help="also store the (L+2, N) masks per depth")
+    bulk.add_argument("--verify", action="store_true", help="run the masked pass: store kl, agree, masked_kept")
+    bulk.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -222,11 +242,58 @@ def _check_args(args) -> None:
         raise UsageError(f"{p}: {what}{more}")
 
 
+def _bulk(args) -> int:
+    """``--dataset``: check what can be checked without Ray, then one ``explain_dataset`` call."""
+    if args.images:
+        raise UsageError("give image files or --dataset SRC, not both")
+    if args.out is None:
+        raise UsageError("--dataset needs --out DIR (the folder for the Parquet shards)")
+    if args.device is not None:
+        raise UsageError("--device applies to image files; with --dataset, use --num-gpus-per-actor for CUDA")
+    if args.onnx:
+        if args.gates:
+            raise UsageError("--gates applies to --model; an exported graph carries its gates")
+        if not Path(args.onnx).is_file():
+            raise UsageError(f"--onnx {args.onnx}: no such file")
+    else:
+        check_model(args.model or "vit-digits")
+    check_out_dir(args.out)
+    try:
+        import pyarrow  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise UsageError("--dataset runs on Ray Data, which is not installed: pip install 'vdm-engine[serve]'") from None
+    from vdm_engine.serve.bulk import BulkConfig, explain_dataset
+
+    try:
+        config = BulkConfig(
+            dataset=args.dataset, out=args.out, model=args.model or "vit-digits", gates=args.gates, onnx=args.onnx,
+            allow_backbone_mismatch=args.allow_backbone_mismatch, batch_size=64 if args.batch_size is None else args.batch_size,
+            shard_size=args.shard_size, concurrency=args.concurrency, num_gpus_per_actor=args.num_gpus_per_actor,
+            cpus_per_actor=args.cpus_per_actor, address=args.address, limit=args.limit, top_k=args.top_k,
+            threshold=args.threshold, layer_masks=args.layer_masks, verify=args.verify, max_pixels=args.max_pixels,
+        )
+    except ValueError as e:  # name the flag, not the field
+        flag = str(e).split()[0].replace("BulkConfig.", "--").replace("_", "-")
+        raise UsageError(f"{flag} {str(e).split(' ', 1)[1]}") from None
+    s = explain_dataset(config, progress=not args.no_progress)
+    rate = f"{s['images_per_s']:.1f} images/s" if s["images_per_s"] is not None else "nothing left to do"
+    print(f"{PROG}: {s['explained']} explained, {s['errors']} errors of {s['images']} images; this run "
+          f"{s['explained_this_run']} in {s['seconds']:.1f} s ({rate}) -> {args.out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_transformers()
 
     def body() -> int:
         args = _parser().parse_args(argv)
+        if args.dataset is not None:
+            return _bulk(args)
+        if not args.images:
+            raise UsageError("the following arguments are required: IMAGE (or --dataset SRC)")
+        args.out = args.out or "explanations"
+        args.batch_size = 16 if args.batch_size is None else args.batch_size
         _check_args(args)
         model = _Model(args)
         records, errors = explain_files(model, args.images, args.out, top_k=args.top_k, threshold=args.threshold,

@@ -118,6 +118,7 @@ def evaluate(
     kept_masks: Mapping[str, Callable] | None = None,
     progress: bool = True,
     mask_fn: Callable | None = None,
+    precomputed: Mapping[str, torch.Tensor] | None = None,
 ) -> dict:
     """Run the perturbation test (and, with ground truth, the localisation test) for several methods.
 
@@ -132,6 +133,8 @@ def evaluate(
             set (B, N) bool (DiffMask: keep probability > 0.5); scored as ``localisation['own']``.
         progress: show a tqdm bar.
         mask_fn: the patch-masking op of the perturbed passes (``Ops.patch_mask``); default the reference.
+        precomputed: optional name -> (M, N) scores used for that method instead of calling it (masks
+            from a bulk run); its ``seconds_per_image`` is then 0.
 
     Returns:
         A JSON-serialisable dict: ``fractions`` (K,), ``n``, ``config`` and per method:
@@ -169,9 +172,12 @@ def evaluate(
         target = orig.argmax(-1)
         scores = {}
         for m in names:
-            t0 = time.perf_counter()
-            s = methods[m](pv, target)
-            timing[m] += time.perf_counter() - t0
+            if precomputed is not None and m in precomputed:
+                s = precomputed[m][start : start + B]
+            else:
+                t0 = time.perf_counter()
+                s = methods[m](pv, target)
+                timing[m] += time.perf_counter() - t0
             s = torch.as_tensor(s).float()
             if s.shape != (B, N) or not torch.isfinite(s).all():
                 raise ValueError(f"method {m!r} returned {tuple(s.shape)} scores (finite: {bool(torch.isfinite(s).all())}); expected finite ({B}, {N})")
@@ -236,12 +242,15 @@ class EvalData:
         pixel_values: (M, 3, H, W) preprocessed for the model.
         relevant: (M, N) bool ground-truth relevant patches (toy), else None.
         description: what was loaded, for the report.
+        ids: the images' stable ids (``vdm_engine.data``: ``digits_ids``, ``toy_ids``, ``file_id``), as
+            a bulk run names them; None for streamed sources.
     """
 
     images: list
     pixel_values: torch.Tensor
     relevant: torch.Tensor | None
     description: str
+    ids: list[str] | None = None
 
 
 def check_data_spec(spec: str) -> None:
@@ -267,9 +276,10 @@ def load_eval_data(spec: str, n: int, *, preprocess: Callable, grid: tuple[int, 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     spec = str(spec).strip()
-    relevant = None
+    relevant, ids = None, None
     if spec == "toy":
         images, _, rel = D.toy_batch(n, TOY_EVAL_SEED + seed)
+        ids = D.toy_ids(n, TOY_EVAL_SEED + seed)
         if tuple(D.TOY_GRID) != tuple(grid):
             raise ValueError(
                 f"the toy ground truth is on a {D.TOY_GRID[0]}x{D.TOY_GRID[1]} patch grid, the model's grid is "
@@ -280,6 +290,7 @@ def load_eval_data(spec: str, n: int, *, preprocess: Callable, grid: tuple[int, 
     elif spec == "digits":
         images, _ = D.digits_split("test")
         images = list(images[:n])
+        ids = D.digits_ids("test")[:n]
         desc = f"digits: {len(images)} held-out test-split images"
     else:
         source = D.open_source(spec, seed=seed)
@@ -287,6 +298,7 @@ def load_eval_data(spec: str, n: int, *, preprocess: Callable, grid: tuple[int, 
             if isinstance(source, D.ImageFolderSource):
                 files = sorted(set(source.files) | set(source.val_files))[:n]  # val may repeat files
                 images = [source._open(f) for f in files]
+                ids = [D.file_id(f, source.root) for f in files]
             else:
                 images = list(source.images(np.arange(min(n, len(source)))))
         else:
@@ -294,7 +306,7 @@ def load_eval_data(spec: str, n: int, *, preprocess: Callable, grid: tuple[int, 
             images = [next(it) for _ in range(n)]
         desc = f"{spec}: {len(images)} images"
     images = [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else np.asarray(im) for im in images]
-    return EvalData(images=images, pixel_values=preprocess(images), relevant=relevant, description=desc)
+    return EvalData(images=images, pixel_values=preprocess(images), relevant=relevant, description=desc, ids=ids)
 
 
 def evaluate_model(
@@ -312,8 +324,13 @@ def evaluate_model(
     allow_backbone_mismatch: bool = False,
     num_examples: int = 6,
     progress: bool = True,
+    diffmask_from=None,
 ) -> tuple[dict, dict]:
     """Load a model with its gates and data, and run ``evaluate`` for the named methods.
+
+    ``diffmask_from``: DiffMask masks made earlier (a bulk run's ``read_masks``: ``masks`` {id: (N,)},
+    ``grid``, ``gates_sha256``), used instead of recomputing them; matched to the images by id and
+    refused when made with other gates.
 
     Returns:
         (results: JSON-serialisable dict with ``model``, ``data``, ``n``, ``seed``, checksums and
@@ -344,8 +361,13 @@ def evaluate_model(
     fns = {m: get_method(m, explainer, **options.get(m, {})) for m in names}
     ev = load_eval_data(data, n, preprocess=bb.preprocess, grid=bb.grid, seed=config.seed)
     kept = {"diffmask": (lambda s: s > threshold)} if "diffmask" in names else None
+    pre = None
+    if diffmask_from is not None:
+        pre = {"diffmask": _stored_masks(diffmask_from, ev, explainer, names)}
     res = evaluate(fns, bb, ev.pixel_values, relevant=ev.relevant, config=config, kept_masks=kept, progress=progress,
-                   mask_fn=explainer.ops.patch_mask)
+                   mask_fn=explainer.ops.patch_mask, precomputed=pre)
+    if pre is not None:
+        res["diffmask_from"] = str(getattr(diffmask_from, "source", "") or "") or None
     res.update({
         "model": model,
         "data": data,
@@ -369,7 +391,8 @@ def evaluate_model(
             pred = bb(pv).argmax(-1)
         examples["labels"] = [bb.id2label.get(int(c), str(int(c))) for c in pred]
         for m, fn in fns.items():
-            examples["scores"][m] = fn(pv, pred).reshape(k, *bb.grid).cpu().numpy()
+            s = pre[m][:k] if pre is not None and m in pre else fn(pv, pred)
+            examples["scores"][m] = s.reshape(k, *bb.grid).cpu().numpy()
         if "diffmask" in examples["scores"]:
             examples["kept"] = examples["scores"]["diffmask"] > threshold
             with torch.no_grad():
@@ -378,3 +401,21 @@ def evaluate_model(
         if ev.relevant is not None:
             examples["truth"] = np.asarray(ev.relevant[:k], dtype=bool).reshape(k, *bb.grid)
     return res, examples
+
+
+def _stored_masks(stored, ev: EvalData, explainer, names: list[str]) -> torch.Tensor:
+    """(M, N) DiffMask scores for ``ev``'s images from ``stored`` (by id); ``ValueError`` when they cannot be."""
+    if "diffmask" not in names:
+        raise ValueError("masks from a bulk run replace the 'diffmask' method; add diffmask to the methods")
+    if stored.gates_sha256 != explainer.gates.sha256:
+        raise ValueError(f"the stored masks were made with gates {str(stored.gates_sha256)[:12]}, this evaluation "
+                         f"loads gates {str(explainer.gates.sha256)[:12]}; evaluate with the run's model and gates")
+    if tuple(stored.grid) != tuple(explainer.grid):
+        raise ValueError(f"the stored masks are on a {stored.grid} patch grid, the model's is {explainer.grid}")
+    if ev.ids is None:
+        raise ValueError(f"{ev.description}: streamed images have no stable ids to match stored masks by")
+    missing = [i for i in ev.ids if i not in stored.masks]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(ev.ids)} images have no stored mask (first: {missing[0]!r}); "
+                         "explain the same images in the bulk run")
+    return torch.from_numpy(np.stack([stored.masks[i] for i in ev.ids])).float()
