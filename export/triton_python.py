@@ -29,6 +29,12 @@ def parameter(model_config: dict, key: str, default: str | None = None) -> str |
     return entry.get("string_value", default) if entry else default
 
 
+def _tensor(pb, name: str, t):
+    """A response tensor from a CPU torch tensor, through DLPack: built from a numpy 2 array, the
+    stub of Triton 2.51 (made for numpy 1) sends an empty tensor."""
+    return pb.Tensor.from_dlpack(name, t.contiguous())
+
+
 class _Model:
     def initialize(self, args: dict) -> None:
         import triton_python_backend_utils as pb_utils
@@ -92,12 +98,11 @@ class ExplainerModel(_Model):
             for i in owners:
                 responses[i] = pb.InferenceResponse(output_tensors=[], error=pb.TritonError(f"{self.name}: {e}"))
             return responses
-        arrays = {n: out[n].numpy() for n in self.outputs}
         start = 0
         for i, x in zip(owners, batch):
             stop = start + x.shape[0]
             responses[i] = pb.InferenceResponse(
-                output_tensors=[pb.Tensor(n, arrays[n][start:stop]) for n in self.outputs])
+                output_tensors=[_tensor(pb, n, out[n][start:stop]) for n in self.outputs])
             start = stop
         return responses
 
@@ -132,15 +137,14 @@ class DecodeModel(_Model):
             data = item if isinstance(item, bytes) else bytes(item)
             images.append(decode_image(data, name=f"{self.input_name}[{j}]", max_pixels=self.max_pixels,
                                        model_size=self.spec.size).pixels)
-        x = resize_images(images, self.spec) if self.uint8 else preprocess_images(images, self.spec)
-        return x.numpy()
+        return resize_images(images, self.spec) if self.uint8 else preprocess_images(images, self.spec)
 
     def execute(self, requests):
         pb = self.pb
         responses = []
         for request in requests:  # decoding is per image by nature; the explainer step batches
             try:
-                responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(self.output_name, self._pixels(request))]))
+                responses.append(pb.InferenceResponse(output_tensors=[_tensor(pb, self.output_name, self._pixels(request))]))
             except ValueError as e:
                 responses.append(self._error(" ".join(str(e).split())))
         return responses

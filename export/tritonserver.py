@@ -92,8 +92,7 @@ class TritonServerDist:
     def backend_directory(self, python: tuple[int, int] | None = None) -> Path:
         """A ``--backend-directory`` whose ``python/`` backend has the stub for ``python`` (default:
         this interpreter's ``major.minor``); made once per version, atomically."""
-        major, minor = python or sys.version_info[:2]
-        tag = f"{major}.{minor}"
+        tag = "%d.%d" % (python or sys.version_info[:2])
         out = self.root / "backends" / f"py{tag}"
         if (out / "python" / "triton_python_backend_stub").is_file():
             return out
@@ -103,19 +102,73 @@ class TritonServerDist:
             raise TritonServerUnavailable(
                 f"nvidia-pytriton {self.version} has no Python backend stub for Python {tag} (it has {', '.join(have)})"
             )
-        tmp = Path(tempfile.mkdtemp(prefix=f".py{tag}.", dir=_mkdir(out.parent)))
-        try:
+
+        def make(tmp: Path) -> None:
             shutil.copytree(self.server_dir / "backends" / "python", tmp / "python")
             shutil.copy2(stub, tmp / "python" / "triton_python_backend_stub")
             os.chmod(tmp / "python" / "triton_python_backend_stub", 0o755)
-            try:
-                os.replace(tmp, out)
-            except OSError:  # another process made it first
-                if not (out / "python" / "triton_python_backend_stub").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        return _make_once(out, make, done="python/triton_python_backend_stub")
+
+    def stub_environment(self, *, timeout_s: float = 300.0) -> Path:
+        """A virtual environment for the Python backend stub: this interpreter's standard library and
+        numpy 1.x (``_STUB_NUMPY``) only; made once per Python version (numpy fetched with pip).
+
+        The stub takes its ``sys.path`` from the first ``python3`` on ``PATH`` (it ignores
+        ``PYTHONPATH``), so ``TritonServer`` puts this environment's ``bin`` first. It needs numpy 1:
+        the stub of Triton 2.51 reads numpy's array structs with the numpy 1 layout, and under
+        numpy 2 it sends empty output tensors and cannot read ``TYPE_STRING`` inputs. A model's own
+        packages come from its config (``vdm_python_path``); numpy, imported first, stays the stub's.
+        """
+        tag = "%d.%d" % sys.version_info[:2]
+        out = self.root / "stubenv" / f"py{tag}"
+        site_dir = f"lib/python{tag}/site-packages"
+
+        def make(tmp: Path) -> None:
+            (tmp / "bin").mkdir(parents=True)
+            base = Path(os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable))
+            for name in ("python3", f"python{tag}"):
+                os.symlink(base, tmp / "bin" / name)
+            (tmp / "pyvenv.cfg").write_text(f"home = {base.parent}\ninclude-system-site-packages = false\n"
+                                            f"version = {'.'.join(map(str, sys.version_info[:3]))}\n")
+            cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--only-binary", ":all:", "--quiet",
+                   "--disable-pip-version-check", "--no-compile", "--target", str(tmp / site_dir), _STUB_NUMPY]
+            _pip(cmd, f"pip install {_STUB_NUMPY} for the Python backend stub", timeout_s)
+
+        return _make_once(out, make, done=f"{site_dir}/numpy/__init__.py")
+
+
+_STUB_NUMPY = "numpy==1.26.4"  # the last numpy 1 (wheels for Python 3.9-3.12)
+
+
+def _pip(cmd: list[str], what: str, timeout_s: float) -> None:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise TritonServerUnavailable(f"{what} took over {timeout_s:.0f} s") from None
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        raise TritonServerUnavailable(f"{what} failed: {lines[-1] if lines else f'exit code {proc.returncode}'}")
+
+
+def _make_once(out: Path, make, *, done: str) -> Path:
+    """Build ``out`` with ``make(tmp)`` in a staging folder beside it and rename it into place, unless
+    ``out/done`` exists already (another process may win the race: its copy is kept)."""
+    if (out / done).exists():
         return out
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=_mkdir(out.parent)))
+    try:
+        make(tmp)
+        if out.exists() and not (out / done).exists():
+            shutil.rmtree(out)  # a folder left half-made by an older layout
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / done).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def _mkdir(p: Path) -> Path:
@@ -146,15 +199,10 @@ def fetch_tritonserver(version: str = PYTRITON_VERSION, *, cache_dir: str | os.P
     try:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
                "--only-binary", ":all:", "--dest", str(staging / "wheel"), f"nvidia-pytriton=={version}"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise TritonServerUnavailable(f"pip download nvidia-pytriton=={version} took over {timeout_s:.0f} s") from None
+        _pip(cmd, f"pip download nvidia-pytriton=={version}", timeout_s)
         wheels = sorted((staging / "wheel").glob("nvidia_pytriton-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
-            raise TritonServerUnavailable(f"pip download nvidia-pytriton=={version} failed: "
-                                          f"{lines[-1] if lines else f'exit code {proc.returncode}'}")
+        if not wheels:
+            raise TritonServerUnavailable(f"pip download nvidia-pytriton=={version} left no wheel in {staging}")
         unpacked = staging / "unpacked"
         with zipfile.ZipFile(wheels[0]) as zf:
             zf.extractall(unpacked)
@@ -273,6 +321,7 @@ class TritonServer:
             self.log_path = Path(tempfile.mkdtemp(prefix="tritonserver.")) / "server.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([str(dist.stub_environment() / "bin"), env.get("PATH", "")])
         env["LD_LIBRARY_PATH"] = os.pathsep.join(dist.library_path + [p for p in env.get("LD_LIBRARY_PATH", "").split(
             os.pathsep) if p])
         self._log = open(self.log_path, "wb")
