@@ -49,8 +49,8 @@ def mask_only_export(export_explainer, tmp_path_factory):
 
 #: Models of the session's Triton repository (vit-digits): the python-backend explainer, the
 #: ensemble's two models, and the same graph for the onnxruntime backend (loaded by its test only).
-TRITON_MODEL = "vdm_digits"
-TRITON_ORT_MODEL = "vdm_digits_onnxruntime"
+TRITON_MODEL = "vit-digits"
+TRITON_ORT_MODEL = "vit-digits_onnxruntime"
 
 
 @pytest.fixture(scope="session")

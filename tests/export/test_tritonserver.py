@@ -16,8 +16,8 @@ import pytest
 import torch
 
 # The models of the session's repository (tests/export/conftest.py: triton_server).
-TRITON_MODEL = "vdm_digits"
-TRITON_ORT_MODEL = "vdm_digits_onnxruntime"
+TRITON_MODEL = "vit-digits"
+TRITON_ORT_MODEL = "vit-digits_onnxruntime"
 ATOL = 1e-5
 OUTPUTS = ("logits", "patch_mask", "layer_masks")
 
@@ -224,17 +224,22 @@ def test_the_onnxruntime_repository_fails_only_for_its_missing_backend(triton_se
                         str(info.value)), str(info.value)
     index = {m["name"]: m for m in http.get_model_repository_index()}
     assert index[TRITON_ORT_MODEL]["state"] == "UNAVAILABLE" and missing in index[TRITON_ORT_MODEL]["reason"]
-    # The same load reaches Triton's config checks first: a broken copy fails with another message.
+    http.unload_model(TRITON_ORT_MODEL)  # a model that failed to load keeps the server not ready (strict readiness)
+    # Triton checks the config (fields, names, batching, instance groups, warmup) before it looks for
+    # the backend: a broken copy fails there, with another message, and the log says why.
     import shutil
 
     broken = triton_server.model_repository / f"{TRITON_ORT_MODEL}_broken"
     shutil.copytree(triton_server.model_repository / TRITON_ORT_MODEL, broken)
     text = (broken / "config.pbtxt").read_text().replace(f'name: "{TRITON_ORT_MODEL}"', f'name: "{broken.name}"')
-    (broken / "config.pbtxt").write_text(text.replace("preferred_batch_size: [ 4, 8, 16 ]", "preferred_batch_size: [ 64 ]"))
+    text, n = re.subn(r"preferred_batch_size: \[[^\]]*\]", "preferred_batch_size: [ 64 ]", text)
+    assert n == 1
+    (broken / "config.pbtxt").write_text(text)
     try:
-        with pytest.raises(InferenceServerException) as info:
+        with pytest.raises(InferenceServerException, match="failed to poll from model repository") as info:
             http.load_model(broken.name)
-        assert "preferred batch size" in str(info.value) and missing not in str(info.value), str(info.value)
+        assert missing not in str(info.value)
+        assert "preferred size must be <= max batch size" in triton_server.log_path.read_text()
     finally:
         shutil.rmtree(broken)
     assert http.is_server_ready() and http.is_model_ready(TRITON_MODEL)
@@ -304,3 +309,54 @@ def test_the_server_dies_with_the_process_that_started_it(tmp_path):
         time.sleep(0.2)
     os.kill(pid, 9)
     pytest.fail(f"tritonserver (pid {pid}) outlived the process that started it")
+
+
+def test_the_load_generator_drives_the_server(triton_server, digits_reference, tmp_path):
+    """benchmarks/serve_load.py's Triton target on the session's server, sized down: every request
+    answered, the batch counts read from Triton's statistics, the provenance from the model config."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    from PIL import Image
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load_under_test", path)
+    serve_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_load)
+    images, x, _, gates = digits_reference
+    pngs = []
+    for a in images[:6]:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    args = argparse.Namespace(model="vit-digits", onnx=None, out=str(tmp_path))
+    target = serve_load.TritonTarget(args, server=triton_server, name=TRITON_MODEL)
+    requests = {ep: serve_load.endpoint_requests(ep, pngs, x[:6]) for ep in ("oip", "oip-png")}
+    results = serve_load.run_load(target, endpoints=["oip", "oip-png"], concurrency=[1, 3], n_requests=6,
+                                  time_limit=60, warmup=0, requests=requests)
+    assert [(r["endpoint"], r["concurrency"]) for r in results] == [("oip", 1), ("oip", 3), ("oip-png", 1), ("oip-png", 3)]
+    for r in results:
+        assert (r["ok"], r["errors"], r["sent"]) == (6, 0, 6), r
+        assert 1.0 <= r["mean_batch_size"] <= 3.0 and r["batches"] <= 6, r
+    assert [r["mean_batch_size"] for r in results if r["concurrency"] == 1] == [1.0, 1.0]
+    described = target.describe()
+    assert described["backend"] == "python" and described["gates_sha256"] == gates.sha256
+    assert target.stop() is None and triton_server.proc.poll() is None  # a server it does not own keeps running
+
+
+def test_the_readme_client_runs_against_the_server(triton_server, monkeypatch, capsys):
+    """README "Serve with Triton Inference Server": the client block, pointed at this server, runs as
+    written from the repository root; the TritonServer block compiles (it would start a second server)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    section = (root / "README.md").read_text().split("\n## Serve with Triton Inference Server\n", 1)[1].split("\n## ", 1)[0]
+    start, client = re.findall(r"^```py\n(.*?)^```", section, flags=re.S | re.M)
+    compile(start, "README.md (TritonServer block)", "exec")
+    assert "127.0.0.1:8000" in client
+    monkeypatch.chdir(root)
+    exec(compile(client.replace("127.0.0.1:8000", triton_server.http_url), "README.md (client block)", "exec"),
+         {"__name__": "__readme__"})
+    printed = capsys.readouterr().out
+    assert printed.startswith("[6]"), printed  # docs/overlay/digit6.png
