@@ -110,7 +110,8 @@ def test_python_backend_repository_and_ensemble_parse(full_export, tmp_path):
     assert (first.model_name, dict(first.input_map), dict(first.output_map)) == (
         "tiny_decode", {"images": "images"}, {"pixel_values": "pixel_values"})
     assert second.model_name == "tiny" and dict(second.input_map) == {"pixel_values": "pixel_values"}
-    assert list(second.output_map) == [o.name for o in ens.output] == list(full_export.outputs)
+    assert dict(second.output_map) == {o: o for o in full_export.outputs}
+    assert [o.name for o in ens.output] == list(full_export.outputs)
 
 
 def test_default_python_path_has_this_environment_and_not_the_standard_library():

@@ -212,39 +212,6 @@ def test_the_ensemble_explains_png_bytes(http, digits_reference):
     _assert_rows({n: result.as_numpy(n) for n in OUTPUTS}, ref, slice(20, 23), "ensemble on PNG bytes")
 
 
-def test_the_onnxruntime_repository_fails_only_for_its_missing_backend(triton_server, http, tmp_path):
-    from tritonclient.utils import InferenceServerException
-
-    missing = "unable to find backend library for backend 'onnxruntime'"
-    with pytest.raises(InferenceServerException) as info:
-        http.load_model(TRITON_ORT_MODEL)
-    # The whole message: the version is UNAVAILABLE for this reason and no other.
-    assert re.fullmatch(rf"\[400\] load failed for model '{TRITON_ORT_MODEL}': version 1 is at UNAVAILABLE state: "
-                        rf"Invalid argument: {missing}, try specifying runtime on the model configuration\.;?\s*",
-                        str(info.value)), str(info.value)
-    index = {m["name"]: m for m in http.get_model_repository_index()}
-    assert index[TRITON_ORT_MODEL]["state"] == "UNAVAILABLE" and missing in index[TRITON_ORT_MODEL]["reason"]
-    http.unload_model(TRITON_ORT_MODEL)  # a model that failed to load keeps the server not ready (strict readiness)
-    # Triton checks the config (fields, names, batching, instance groups, warmup) before it looks for
-    # the backend: a broken copy fails there, with another message, and the log says why.
-    import shutil
-
-    broken = triton_server.model_repository / f"{TRITON_ORT_MODEL}_broken"
-    shutil.copytree(triton_server.model_repository / TRITON_ORT_MODEL, broken)
-    text = (broken / "config.pbtxt").read_text().replace(f'name: "{TRITON_ORT_MODEL}"', f'name: "{broken.name}"')
-    text, n = re.subn(r"preferred_batch_size: \[[^\]]*\]", "preferred_batch_size: [ 64 ]", text)
-    assert n == 1
-    (broken / "config.pbtxt").write_text(text)
-    try:
-        with pytest.raises(InferenceServerException, match="failed to poll from model repository") as info:
-            http.load_model(broken.name)
-        assert missing not in str(info.value)
-        assert "preferred size must be <= max batch size" in triton_server.log_path.read_text()
-    finally:
-        shutil.rmtree(broken)
-    assert http.is_server_ready() and http.is_model_ready(TRITON_MODEL)
-
-
 def test_a_server_that_cannot_start_reports_its_log(tmp_path):
     from vdm_engine.export.tritonserver import TritonServer, TritonServerUnavailable, fetch_tritonserver
 
@@ -360,3 +327,39 @@ def test_the_readme_client_runs_against_the_server(triton_server, monkeypatch, c
          {"__name__": "__readme__"})
     printed = capsys.readouterr().out
     assert printed.startswith("[6]"), printed  # docs/overlay/digit6.png
+
+
+def test_the_onnxruntime_repository_fails_only_for_its_missing_backend(triton_server, http, digits_reference):
+    from tritonclient.utils import InferenceServerException
+
+    missing = "unable to find backend library for backend 'onnxruntime'"
+    with pytest.raises(InferenceServerException) as info:
+        http.load_model(TRITON_ORT_MODEL)
+    # The whole message: the version is UNAVAILABLE for this reason and no other.
+    assert re.fullmatch(rf"\[400\] load failed for model '{TRITON_ORT_MODEL}': version 1 is at UNAVAILABLE state: "
+                        rf"Invalid argument: {missing}, try specifying runtime on the model configuration\.;?\s*",
+                        str(info.value)), str(info.value)
+    index = {m["name"]: m for m in http.get_model_repository_index()}
+    assert index[TRITON_ORT_MODEL]["state"] == "UNAVAILABLE" and missing in index[TRITON_ORT_MODEL]["reason"]
+    # Triton checks the config (fields, names, batching, instance groups, warmup) before it looks for
+    # the backend: a broken copy fails there, with another message, and the log says why.
+    import shutil
+
+    broken = triton_server.model_repository / f"{TRITON_ORT_MODEL}_broken"
+    shutil.copytree(triton_server.model_repository / TRITON_ORT_MODEL, broken)
+    text = (broken / "config.pbtxt").read_text().replace(f'name: "{TRITON_ORT_MODEL}"', f'name: "{broken.name}"')
+    text, n = re.subn(r"preferred_batch_size: \[[^\]]*\]", "preferred_batch_size: [ 64 ]", text)
+    assert n == 1
+    (broken / "config.pbtxt").write_text(text)
+    try:
+        with pytest.raises(InferenceServerException, match="failed to poll from model repository") as info:
+            http.load_model(broken.name)
+        assert missing not in str(info.value)
+        assert "preferred size must be <= max batch size" in triton_server.log_path.read_text()
+    finally:
+        shutil.rmtree(broken)
+    # Triton's strict readiness now reports the server not ready (a requested model is UNAVAILABLE, and
+    # unloading does not clear that): this test runs last. The server is live and still serves.
+    assert http.is_server_live() and http.is_model_ready(TRITON_MODEL)
+    _, x, ref, _ = digits_reference
+    _assert_rows(_http_infer(http, x[:3]), ref, slice(0, 3), "after the failed loads")
