@@ -132,6 +132,7 @@ class TritonServerDist:
             (tmp / "pyvenv.cfg").write_text(f"home = {base.parent}\ninclude-system-site-packages = false\n"
                                             f"version = {'.'.join(map(str, sys.version_info[:3]))}\n")
             cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--only-binary", ":all:", "--quiet",
+                   "--retries", "1", "--timeout", "30",
                    "--disable-pip-version-check", "--no-compile", "--target", str(tmp / site_dir), _STUB_NUMPY]
             _pip(cmd, f"pip install {_STUB_NUMPY} for the Python backend stub", timeout_s)
 
@@ -198,6 +199,7 @@ def fetch_tritonserver(version: str = PYTRITON_VERSION, *, cache_dir: str | os.P
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=home))
     try:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
+               "--retries", "1", "--timeout", "30",
                "--only-binary", ":all:", "--dest", str(staging / "wheel"), f"nvidia-pytriton=={version}"]
         _pip(cmd, f"pip download nvidia-pytriton=={version}", timeout_s)
         wheels = sorted((staging / "wheel").glob("nvidia_pytriton-*.whl"))

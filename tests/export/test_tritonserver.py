@@ -5,6 +5,7 @@ ensemble on PNG bytes, and the onnxruntime repository accepted up to the backend
 from __future__ import annotations
 
 import io
+import os
 import re
 import subprocess
 import sys
@@ -212,17 +213,13 @@ def test_the_ensemble_explains_png_bytes(http, digits_reference):
     _assert_rows({n: result.as_numpy(n) for n in OUTPUTS}, ref, slice(20, 23), "ensemble on PNG bytes")
 
 
-def test_a_server_that_cannot_start_reports_its_log(tmp_path):
-    from vdm_engine.export.tritonserver import TritonServer, TritonServerUnavailable, fetch_tritonserver
+def test_a_server_that_cannot_start_reports_its_log(tmp_path, tritonserver_dist):
+    from vdm_engine.export.tritonserver import TritonServer
 
-    try:
-        dist = fetch_tritonserver()
-    except TritonServerUnavailable as e:
-        pytest.skip(f"no tritonserver binary: {e}")
     repo = tmp_path / "repo"
     (repo / "bad" / "1").mkdir(parents=True)
     (repo / "bad" / "config.pbtxt").write_text('name: "bad"\nthis is not a config\n')
-    server = TritonServer(repo, dist=dist, log_path=tmp_path / "server.log")
+    server = TritonServer(repo, dist=tritonserver_dist, log_path=tmp_path / "server.log")
     with pytest.raises(RuntimeError, match="tritonserver exited with code"):
         server.start(timeout_s=60)
     assert server.proc.poll() is not None
@@ -230,14 +227,8 @@ def test_a_server_that_cannot_start_reports_its_log(tmp_path):
         TritonServer(tmp_path / "nowhere")
 
 
-def test_the_server_dies_with_the_process_that_started_it(tmp_path):
+def test_the_server_dies_with_the_process_that_started_it(tmp_path, tritonserver_dist):
     """PR_SET_PDEATHSIG: a SIGKILLed parent (a killed test session) leaves no server behind."""
-    from vdm_engine.export.tritonserver import TritonServerUnavailable, fetch_tritonserver
-
-    try:
-        fetch_tritonserver()
-    except TritonServerUnavailable as e:
-        pytest.skip(f"no tritonserver binary: {e}")
     (tmp_path / "repo").mkdir()
     import vdm_engine.export.tritonserver as module
 
@@ -257,7 +248,6 @@ def test_the_server_dies_with_the_process_that_started_it(tmp_path):
     finally:
         parent.kill()
         parent.wait()
-    import os
     import time
 
     deadline = time.monotonic() + 30
@@ -363,3 +353,26 @@ def test_the_onnxruntime_repository_fails_only_for_its_missing_backend(triton_se
     assert http.is_server_live() and http.is_model_ready(TRITON_MODEL)
     _, x, ref, _ = digits_reference
     _assert_rows(_http_infer(http, x[:3]), ref, slice(0, 3), "after the failed loads")
+
+
+def test_the_wheel_is_fetched_once_and_a_failed_fetch_is_one_line(tmp_path, monkeypatch):
+    """No network here: pip is replaced. A failure leaves no staging behind; a complete cache is used as is."""
+    from vdm_engine.export import tritonserver
+    from vdm_engine.export.tritonserver import TritonServerUnavailable, fetch_tritonserver
+
+    if not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"):
+        pytest.skip("the wheel is for Linux x86-64")
+    calls = []
+
+    def pip_fails(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "WARNING: Retrying (...)\nERROR: No matching distribution "
+                                                       "found for nvidia-pytriton==0.7.0\n")
+
+    monkeypatch.setattr(tritonserver.subprocess, "run", pip_fails)
+    with pytest.raises(TritonServerUnavailable, match=r"^pip download nvidia-pytriton==0\.7\.0 failed: ERROR: No matching"):
+        fetch_tritonserver(cache_dir=tmp_path)
+    assert "--no-deps" in calls[0] and "nvidia-pytriton==0.7.0" in calls[0] and list(tmp_path.iterdir()) == []
+    (tmp_path / "0.7.0").mkdir()
+    (tmp_path / "0.7.0" / ".complete").write_text("{}\n")
+    assert fetch_tritonserver(cache_dir=tmp_path).root == tmp_path / "0.7.0" and len(calls) == 1
