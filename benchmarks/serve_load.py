@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--num-cpus", type=float, default=1.0, help="Ray CPUs per replica")
+    p.add_argument("--intra-op-threads", type=int, default=0,
+                   help="--server triton: onnxruntime threads of the python-backend model (0: onnxruntime's default)")
     p.add_argument("--warmup", type=int, default=20, help="untimed requests before each endpoint's levels")
     p.add_argument("--url", default=None, help="drive a vdm-serve already running on loopback instead of starting one")
     p.add_argument("--out", default="benchmarks/results/serve-cpu", help="output folder")
@@ -206,7 +208,8 @@ def _oip_name(args) -> str:
 class TritonTarget:
     """tritonserver (``vdm_engine.export.tritonserver``) on a repository written here: the graph of
     ``--onnx``, or ``--model`` exported, with the python backend and the ensemble; dynamic batching
-    with ``--max-batch`` and ``--batch-wait-ms`` as ``vdm-serve`` batches. Stopped by its pid.
+    with ``--max-batch`` and ``--batch-wait-ms`` as ``vdm-serve`` batches (``--intra-op-threads``: the
+    model's onnxruntime threads). Stopped by its pid.
 
     ``server`` (a started ``TritonServer``) and ``name`` drive a server the caller owns instead."""
 
@@ -225,13 +228,12 @@ class TritonTarget:
             out = Path(args.out)
             repo = out / "triton-repo"
             shutil.rmtree(repo, ignore_errors=True)
-            options = dict(max_batch_size=args.max_batch, max_queue_delay_us=int(args.batch_wait_ms * 1000))
-            if args.onnx:
-                write_triton_repo(args.onnx, repo, name=self.oip_name, backend="python", ensemble=True, **options)
-            else:
-                main_export(args.model, out=out / f"{self.oip_name}.onnx", overwrite=True, providers="cpu",
-                            triton_repo=repo, triton_name=self.oip_name, triton_backend="python", triton_ensemble=True,
-                            triton_max_batch=args.max_batch, triton_queue_delay_us=options["max_queue_delay_us"])
+            options = dict(max_batch_size=args.max_batch, max_queue_delay_us=int(args.batch_wait_ms * 1000),
+                           intra_op_threads=args.intra_op_threads)
+            graph = args.onnx
+            if not graph:
+                graph = main_export(args.model, out=out / f"{self.oip_name}.onnx", overwrite=True, providers="cpu").path
+            write_triton_repo(graph, repo, name=self.oip_name, backend="python", ensemble=True, **options)
             self.server = TritonServer(repo, log_path=out / "server.log")
             self._own = True
         else:
@@ -255,6 +257,14 @@ class TritonTarget:
         """(executions, rows) of the explainer model so far (both endpoints end in its batches)."""
         (stats,) = _get_json(f"{self.url}/v2/models/{self.oip_name}/stats")["model_stats"]
         return int(stats["execution_count"]), int(stats["inference_count"])
+
+    def server_times(self) -> dict:
+        """The explainer model's cumulative statistics: successful requests, and nanoseconds spent
+        queued (waiting for the dynamic batcher and a free instance) and in the model's execute."""
+        (stats,) = _get_json(f"{self.url}/v2/models/{self.oip_name}/stats")["model_stats"]
+        st = stats["inference_stats"]
+        return {"count": int(st["success"]["count"]), "queue_ns": int(st["queue"]["ns"]),
+                "infer_ns": int(st["compute_infer"]["ns"])}
 
     def stop(self) -> int | None:
         if self._own:
@@ -324,10 +334,16 @@ def run_load(target, *, endpoints: Sequence[str], concurrency: Sequence[int], n_
             asyncio.run(_level(url, requests[ep], min(8, warmup), warmup, time_limit))
         for c in concurrency:
             b0, r0 = target.batch_counts(ep)
+            t0 = target.server_times() if hasattr(target, "server_times") else None
             res = asyncio.run(_level(url, requests[ep], c, n_requests, time_limit))
             b1, r1 = target.batch_counts(ep)
             batches, rows = b1 - b0, r1 - r0
             res.update(endpoint=ep, batches=batches, mean_batch_size=rows / batches if batches else None)
+            if t0 is not None:  # per request, as Triton measured it: waiting in its queue, and in execute
+                t1 = target.server_times()
+                n = max(t1["count"] - t0["count"], 1)
+                res.update(server_queue_ms=(t1["queue_ns"] - t0["queue_ns"]) / n / 1e6,
+                           server_infer_ms=(t1["infer_ns"] - t0["infer_ns"]) / n / 1e6)
             results.append(res)
             print(f"{ep:8s} c={c:3d}: {res['ok']:5d} ok, {res['errors']} errors, {res['throughput_rps']:8.1f} req/s, "
                   f"p50 {res['p50_ms']:7.2f} ms, p99 {res['p99_ms']:7.2f} ms, mean batch {res['mean_batch_size'] or 0:.2f}",
@@ -381,6 +397,7 @@ def _machine() -> dict:
 def markdown(doc: dict) -> str:
     m, cfg = doc["machine"], doc["config"]
     server = doc["server"].get("server", "vdm-serve")
+    timed = all("server_queue_ms" in r for r in doc["results"]) and bool(doc["results"])
     backend = f" ({doc['server']['backend']} backend)" if doc["server"].get("backend") else ""
     lines = [f"# {server}{backend} under load: {cfg['model']} on {cfg['device']}", "",
              f"{m['cpu_model']} ({m['cpu_count']} cores), {m['gpu'] or 'no GPU'}; torch {m['torch']}, ray {m['ray']}; "
@@ -388,12 +405,14 @@ def markdown(doc: dict) -> str:
              f"max batch {cfg['max_batch']}, batch wait {cfg['batch_wait_ms']} ms, {cfg['requests']} requests or "
              f"{cfg['time_limit']} s per level, one digit per request (PNG bytes; oip: its pixel_values tensor), "
              "client on the same machine.", "",
-             "| endpoint | concurrency | ok | errors | req/s | p50 ms | p95 ms | p99 ms | mean batch |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| endpoint | concurrency | ok | errors | req/s | p50 ms | p95 ms | p99 ms | mean batch |"
+             + (" server queue ms | server execute ms |" if timed else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if timed else "")]
     for r in doc["results"]:
         mb = f"{r['mean_batch_size']:.2f}" if r["mean_batch_size"] else "-"
         lines.append(f"| {r['endpoint']} | {r['concurrency']} | {r['ok']} | {r['errors']} | {r['throughput_rps']:.1f} | "
-                     f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {mb} |")
+                     f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {mb} |"
+                     + (f" {r['server_queue_ms']:.2f} | {r['server_infer_ms']:.2f} |" if timed else ""))
     if doc["summary"]:
         lines += ["", "| target | value | wanted | met |", "|---|---:|---|---|"]
         lines += [f"| {s['what']} | {s['value']:.2f} | {s['target']} | {'yes' if s['met'] else '**no**'} |"
@@ -465,7 +484,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     doc = {"config": {"server": args.server, "model": args.onnx or args.model, "device": args.device,
                       "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms, "requests": args.requests,
                       "time_limit": args.time_limit, "concurrency": concurrency, "endpoints": endpoints,
-                      "num_cpus_per_replica": args.num_cpus if args.server == "vdm-serve" else None},
+                      "num_cpus_per_replica": args.num_cpus if args.server == "vdm-serve" else None,
+                      "intra_op_threads": args.intra_op_threads if args.server == "triton" else None},
            "machine": _machine(), "server": described,
            "loadavg_before": load_before, "loadavg_after": list(os.getloadavg()),
            "server_exit_code": exit_code, "results": results, "summary": summary(results)}

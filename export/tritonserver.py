@@ -258,6 +258,8 @@ class TritonServer:
         dist: the unpacked wheel (default ``fetch_tritonserver()``).
         log_path: where the server's output goes (default: ``server.log`` in a temporary folder).
         exit_timeout_s: how long Triton waits for in-flight requests on SIGTERM.
+        stub_timeout_s: how long the Python backend waits for a model's stub to answer (its
+            ``stub-timeout-seconds``).
         extra_args: more ``tritonserver`` flags.
 
     Attributes:
@@ -267,7 +269,7 @@ class TritonServer:
 
     def __init__(self, model_repository: str | os.PathLike, *, models: Sequence[str] | None = None,
                  dist: TritonServerDist | None = None, log_path: str | os.PathLike | None = None,
-                 exit_timeout_s: int = 5, extra_args: Sequence[str] = ()):
+                 exit_timeout_s: int = 5, stub_timeout_s: int = 300, extra_args: Sequence[str] = ()):
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
             raise FileNotFoundError(f"no Triton model repository at {self.model_repository}")
@@ -275,6 +277,7 @@ class TritonServer:
         self.dist = dist
         self.log_path = Path(log_path) if log_path else None
         self.exit_timeout_s = int(exit_timeout_s)
+        self.stub_timeout_s = int(stub_timeout_s)
         self.extra_args = list(extra_args)
         self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
         self.proc: subprocess.Popen | None = None
@@ -300,7 +303,10 @@ class TritonServer:
                "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
                "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
                "--metrics-address", "127.0.0.1", "--metrics-port", str(self.metrics_port),
-               "--exit-timeout-secs", str(self.exit_timeout_s), "--log-verbose", "0"]
+               "--exit-timeout-secs", str(self.exit_timeout_s), "--log-verbose", "0",
+               # A model's stub must answer within this; 30 s by default, which importing torch can
+               # take on a busy CPU (the load then hangs instead of failing).
+               "--backend-config", f"python,stub-timeout-seconds={self.stub_timeout_s}"]
         if self.models is not None:
             cmd += ["--model-control-mode", "explicit"]
             for m in self.models:

@@ -296,6 +296,7 @@ def test_the_load_generator_drives_the_server(triton_server, digits_reference, t
     for r in results:
         assert (r["ok"], r["errors"], r["sent"]) == (6, 0, 6), r
         assert 1.0 <= r["mean_batch_size"] <= 3.0 and r["batches"] <= 6, r
+        assert r["server_queue_ms"] >= 0 and r["server_infer_ms"] > 0, r
     assert [r["mean_batch_size"] for r in results if r["concurrency"] == 1] == [1.0, 1.0]
     described = target.describe()
     assert described["backend"] == "python" and described["gates_sha256"] == gates.sha256
