@@ -370,7 +370,7 @@ def write_triton_repo(
     meta = read_metadata(onnx_path)
     if ensemble and meta.fixed_batch is not None:
         raise ValueError(f"an ensemble needs a dynamic-batch graph; {onnx_path} has a fixed batch of {meta.fixed_batch}")
-    text = triton_config_text(onnx_path, name, backend=backend, **config)  # every option checked before writing
+    triton_config_text(onnx_path, name, backend=backend, **config)  # every option checked before anything is written
     model_dir = Path(repo_dir) / name
     vdir = model_dir / str(int(version))
     vdir.mkdir(parents=True, exist_ok=True)
