@@ -7,6 +7,14 @@ request is one PNG digit (300 different test digits in turn). The server's own `
 read before and after each level, so the mean batch size is the one the server formed
 (rows / batches), not one guessed from the client.
 
+``--server triton`` drives a real Triton Inference Server instead (``vdm_engine.export.tritonserver``:
+the ``nvidia-pytriton`` wheel's ``tritonserver`` on loopback) serving the graph exported from
+``--model`` with the python backend and the ensemble, over the Open Inference Protocol: ``oip`` sends
+one digit as a binary ``pixel_values`` tensor to the explainer model, ``oip-png`` its PNG bytes as a
+``BYTES`` tensor to the ensemble (decode + explain, the work of ``/v1/explain``). ``vdm-serve`` takes
+``oip`` too (``/v2/models/{name}/infer``), so both servers can be driven with the same requests. The
+mean batch size then comes from Triton's statistics extension (rows / executions of the explainer).
+
 Writes ``serve_load.json`` (configuration, machine, load average, per-level results),
 ``serve_load.md`` (the table and the issue's two ratios) and ``serve_load.png`` (latency against
 throughput) into ``--out``. The client shares the machine with the server: on a 2-core CPU it takes
@@ -15,6 +23,7 @@ part of the time it measures, as perf_analyzer would.
 Example::
 
     python -m benchmarks.serve_load --requests 400 --time-limit 60 --out benchmarks/results/serve-cpu
+    python -m benchmarks.serve_load --server triton --out benchmarks/results/triton-cpu
 """
 
 from __future__ import annotations
@@ -38,23 +47,34 @@ from typing import Sequence
 import numpy as np
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-ENDPOINTS = ("predict", "explain")
+ENDPOINTS = ("predict", "explain", "oip", "oip-png")
+#: What each server answers, and its default endpoints.
+SERVER_ENDPOINTS = {"vdm-serve": ("predict", "explain", "oip"), "triton": ("oip", "oip-png")}
+DEFAULT_ENDPOINTS = {"vdm-serve": "predict,explain", "triton": "oip,oip-png"}
+#: OIP outputs asked for (binary): what /v1/explain returns per image.
+OIP_OUTPUTS = ("logits", "patch_mask")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.split("\n\n")[0])
+    p.add_argument("--server", default="vdm-serve", choices=sorted(SERVER_ENDPOINTS),
+                   help="vdm-serve (Ray Serve) or triton (tritonserver, python backend; default vdm-serve)")
     p.add_argument("--model", default="vit-digits", help="served model (default vit-digits)")
     p.add_argument("--onnx", default=None, help="serve this exported graph instead of --model")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--requests", type=int, default=400, help="requests per (endpoint, concurrency) level")
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds per level at most (default 60)")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated in-flight request counts")
-    p.add_argument("--endpoints", default="predict,explain", help="comma-separated: predict, explain")
+    p.add_argument("--endpoints", default=None,
+                   help="comma-separated: predict, explain, oip (vdm-serve); oip, oip-png (triton); "
+                        "default " + "; ".join(f"{k}: {v}" for k, v in DEFAULT_ENDPOINTS.items()))
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--num-cpus", type=float, default=1.0, help="Ray CPUs per replica")
+    p.add_argument("--intra-op-threads", type=int, default=0,
+                   help="--server triton: onnxruntime threads of the python-backend model (0: onnxruntime's default)")
     p.add_argument("--warmup", type=int, default=20, help="untimed requests before each endpoint's levels")
-    p.add_argument("--url", default=None, help="drive a server already running on loopback instead of starting one")
+    p.add_argument("--url", default=None, help="drive a vdm-serve already running on loopback instead of starting one")
     p.add_argument("--out", default="benchmarks/results/serve-cpu", help="output folder")
     return p
 
@@ -84,34 +104,61 @@ def _digit_pngs(n: int = 300) -> list[bytes]:
     return out
 
 
+def _digit_pixels(n: int, *, model: str, onnx: str | None) -> np.ndarray:
+    """The same digits as ``_digit_pngs``, preprocessed for the graph input: (n, 3, H, W) float32."""
+    from vdm_engine.data import digits_split
+
+    images = list(digits_split("test")[0][:n])
+    if onnx:
+        from vdm_engine.runtime import OnnxExplainer
+
+        return OnnxExplainer(onnx, providers="cpu").preprocess(images).numpy()
+    from vdm_engine import Explainer
+
+    return Explainer.from_pretrained(model).preprocess(images).numpy()
+
+
+def oip_request(name: str, datatype: str, array: np.ndarray, outputs: Sequence[str] = OIP_OUTPUTS) -> tuple[bytes, dict]:
+    """An Open Inference Protocol infer request with one binary input tensor and binary outputs, as
+    ``tritonclient.http`` sends it: (body, headers). ``BYTES`` elements are framed as Triton's binary
+    tensor extension does (a little-endian uint32 length before each)."""
+    if datatype == "BYTES":
+        raw = b"".join(len(b).to_bytes(4, "little") + b for b in array.reshape(-1))
+    else:
+        raw = np.ascontiguousarray(array).tobytes()
+    head = json.dumps({
+        "inputs": [{"name": name, "shape": list(array.shape), "datatype": datatype,
+                    "parameters": {"binary_data_size": len(raw)}}],
+        "outputs": [{"name": o, "parameters": {"binary_data": True}} for o in outputs],
+    }).encode()
+    return head + raw, {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
+
+
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_RAY_ROLES = (("ServeReplica", "replica"), ("ProxyActor", "proxy"), ("ServeController", "controller"))
 
 
 def _proc_cpu(pid: int) -> tuple[float, str, int] | None:
-    """(user + system CPU seconds, role, parent pid) of a live process from /proc; None when it is gone."""
+    """(user + system CPU seconds, role, parent pid) of a live process from /proc; None when it is gone.
+    The role is the Ray Serve actor it runs, "client" for this process, else its command name."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
     except OSError:
         return None
+    comm = stat[stat.index("(") + 1:stat.rindex(")")]
     fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
     ppid, cpu = int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
-    if "ServeReplica" in cmd:
-        role = "replica"
-    elif "ProxyActor" in cmd:
-        role = "proxy"
-    elif "ServeController" in cmd:
-        role = "controller"
-    elif pid == os.getpid():
-        role = "client"
-    else:
-        role = "ray and driver"  # gcs_server, raylet, idle workers, the vdm-serve process itself
+    role = next((r for key, r in _RAY_ROLES if key in cmd), None)
+    if role is None:
+        role = "client" if pid == os.getpid() else comm
     return cpu, role, ppid
 
 
 def cpu_by_role(root: int | None) -> dict[str, float]:
     """CPU seconds used so far by this process ("client") and every descendant of ``root`` grouped by
-    role (replica, proxy, controller, the rest); Linux /proc only, {} elsewhere."""
+    role (Ray Serve's replica, proxy, controller; other processes by name: raylet, gcs_server, python
+    for the vdm-serve driver, tritonserver, its backend stubs); Linux /proc only, {} elsewhere."""
     if not Path("/proc/self/stat").exists():
         return {}
     procs = {}
@@ -134,10 +181,21 @@ def cpu_by_role(root: int | None) -> dict[str, float]:
     return out
 
 
+def _server_pid(target) -> int | None:
+    """The root process of a server this run started (None for one it only drives)."""
+    proc = getattr(target, "proc", None) or getattr(getattr(target, "server", None), "proc", None)
+    return getattr(proc, "pid", None)
+
+
 class Server:
     """``vdm-serve`` in a subprocess (its own local Ray instance); stopped with SIGINT like Ctrl-C."""
 
-    def __init__(self, args):
+    def __init__(self, args, url: str | None = None):
+        self.oip_name = _oip_name(args)
+        self.returncode = None
+        if url is not None:  # a server already running: driven, never started or stopped here
+            self.url, self.proc = url.rstrip("/"), None
+            return
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "vdm_engine.cli.serve", "--host", "127.0.0.1", "--port", str(self.port),
@@ -150,6 +208,8 @@ class Server:
         self.returncode = None
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
+        if self.proc is None:
+            return
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -162,8 +222,22 @@ class Server:
             time.sleep(0.5)
         raise TimeoutError(f"vdm-serve not ready after {timeout_s:.0f} s; see {self.log.name}")
 
+    def path(self, endpoint: str) -> str:
+        return f"/v2/models/{self.oip_name}/infer" if endpoint == "oip" else f"/v1/{endpoint}"
+
+    def describe(self) -> dict:
+        ready = _get_json(f"{self.url}/readyz")
+        return {"server": "vdm-serve", **{k: ready.get(k) for k in ("model", "model_sha256", "gates_sha256")}}
+
+    def batch_counts(self, endpoint: str) -> tuple[int, int]:
+        """(batches, rows) the server formed so far for ``endpoint`` (OIP requests join explain's batches)."""
+        s = _get_json(f"{self.url}/v1/stats")["explain" if endpoint == "oip" else endpoint]
+        return s["batches"], s["rows"]
+
     def stop(self, timeout_s: float = 60.0) -> int | None:
         """Ctrl-C (SIGINT); SIGKILL only if it has not exited after ``timeout_s``. Returns the exit code."""
+        if self.proc is None:
+            return None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
@@ -176,21 +250,105 @@ class Server:
         return self.returncode
 
 
-async def _level(url: str, bodies: list[bytes], concurrency: int, n_requests: int, time_limit: float) -> dict:
+def _oip_name(args) -> str:
+    """The model's name in /v2/models/{name}: vdm-serve's rule (the --onnx file's stem, else --model)."""
+    import re
+
+    stem = Path(args.onnx).stem if args.onnx else Path(str(args.model)).name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._") or "vdm_explainer"
+
+
+class TritonTarget:
+    """tritonserver (``vdm_engine.export.tritonserver``) on a repository written here: the graph of
+    ``--onnx``, or ``--model`` exported, with the python backend and the ensemble; dynamic batching
+    with ``--max-batch`` and ``--batch-wait-ms`` as ``vdm-serve`` batches (``--intra-op-threads``: the
+    model's onnxruntime threads). Stopped by its pid.
+
+    ``server`` (a started ``TritonServer``) and ``name`` drive a server the caller owns instead."""
+
+    def __init__(self, args, server=None, name: str | None = None):
+        from vdm_engine.export.triton_repo import ensemble_model_names
+
+        self.oip_name = name or _oip_name(args)
+        self.ensemble = ensemble_model_names(self.oip_name)[1]
+        self.server, self.returncode = server, None
+        if server is None:  # write the repository and start a server
+            import shutil
+
+            from vdm_engine.export import main_export, write_triton_repo
+            from vdm_engine.export.tritonserver import TritonServer
+
+            out = Path(args.out)
+            repo = out / "triton-repo"
+            shutil.rmtree(repo, ignore_errors=True)
+            options = dict(max_batch_size=args.max_batch, max_queue_delay_us=int(args.batch_wait_ms * 1000),
+                           intra_op_threads=args.intra_op_threads)
+            graph = args.onnx
+            if not graph:
+                graph = main_export(args.model, out=out / f"{self.oip_name}.onnx", overwrite=True, providers="cpu").path
+            write_triton_repo(graph, repo, name=self.oip_name, backend="python", ensemble=True, **options)
+            self.server = TritonServer(repo, log_path=out / "server.log")
+            self._own = True
+        else:
+            self._own = False
+        self.url = f"http://{self.server.http_url}"
+
+    def wait_ready(self, timeout_s: float = 600.0) -> None:
+        if self._own:
+            self.server.start(timeout_s=timeout_s)
+
+    def path(self, endpoint: str) -> str:
+        return f"/v2/models/{self.ensemble if endpoint == 'oip-png' else self.oip_name}/infer"
+
+    def describe(self) -> dict:
+        cfg = _get_json(f"{self.url}/v2/models/{self.oip_name}/config")
+        params = {k: v.get("string_value") for k, v in (cfg.get("parameters") or {}).items()}
+        return {"server": "tritonserver", "model": params.get("vdm_backbone_id"), "backend": cfg.get("backend"),
+                "model_sha256": params.get("vdm_model_sha256"), "gates_sha256": params.get("vdm_gates_sha256")}
+
+    def batch_counts(self, endpoint: str) -> tuple[int, int]:
+        """(executions, rows) of the explainer model so far (both endpoints end in its batches)."""
+        (stats,) = _get_json(f"{self.url}/v2/models/{self.oip_name}/stats")["model_stats"]
+        return int(stats["execution_count"]), int(stats["inference_count"])
+
+    def server_times(self) -> dict:
+        """The explainer model's cumulative statistics: successful requests, and nanoseconds spent
+        queued (waiting for the dynamic batcher and a free instance) and in the model's execute."""
+        (stats,) = _get_json(f"{self.url}/v2/models/{self.oip_name}/stats")["model_stats"]
+        st = stats["inference_stats"]
+        return {"count": int(st["success"]["count"]), "queue_ns": int(st["queue"]["ns"]),
+                "infer_ns": int(st["compute_infer"]["ns"])}
+
+    def stop(self) -> int | None:
+        if self._own:
+            self.returncode = self.server.stop()
+        return self.returncode
+
+
+def endpoint_requests(endpoint: str, pngs: list[bytes], pixels: np.ndarray | None) -> list[tuple[bytes, dict]]:
+    """One request per digit for ``endpoint``: (body, headers)."""
+    if endpoint in ("predict", "explain"):
+        return [(png, {"Content-Type": "image/png"}) for png in pngs]
+    if endpoint == "oip-png":
+        return [oip_request("images", "BYTES", np.array([[png]], dtype=np.object_)) for png in pngs]
+    return [oip_request("pixel_values", "FP32", pixels[i:i + 1]) for i in range(len(pixels))]
+
+
+async def _level(url: str, bodies: list[tuple[bytes, dict]], concurrency: int, n_requests: int,
+                 time_limit: float) -> dict:
     """``concurrency`` workers send requests back to back until ``n_requests`` are done or time is up."""
     import aiohttp
 
     latencies, errors, statuses = [], 0, {}
     next_i = 0
     deadline = time.perf_counter() + time_limit
-    headers = {"Content-Type": "image/png"}
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout) as http:
 
         async def worker():
             nonlocal next_i, errors
             while next_i < n_requests and time.perf_counter() < deadline:
-                body = bodies[next_i % len(bodies)]
+                body, headers = bodies[next_i % len(bodies)]
                 next_i += 1
                 t0 = time.perf_counter()
                 try:
@@ -218,29 +376,37 @@ async def _level(url: str, bodies: list[bytes], concurrency: int, n_requests: in
             "stopped_by": "time limit" if next_i < n_requests else "request count"}
 
 
-def run_load(url: str, *, endpoints: Sequence[str], concurrency: Sequence[int], n_requests: int, time_limit: float,
-             warmup: int, bodies: list[bytes], server_pid: int | None = None) -> list[dict]:
-    """Every (endpoint, concurrency) level against ``url``; the server's mean batch size from ``/v1/stats``;
-    CPU milliseconds per request by process role (``server_pid``'s process tree and this client)."""
+def run_load(target, *, endpoints: Sequence[str], concurrency: Sequence[int], n_requests: int, time_limit: float,
+             warmup: int, requests: dict[str, list[tuple[bytes, dict]]]) -> list[dict]:
+    """Every (endpoint, concurrency) level against ``target`` (``Server`` or ``TritonTarget``); the mean
+    batch size from the server's own counters; CPU milliseconds per request by process role (the
+    server's process tree, when this run started it, and this client)."""
     results = []
+    pid = _server_pid(target)
     for ep in endpoints:
+        url = target.url + target.path(ep)
         if warmup:
-            asyncio.run(_level(f"{url}/v1/{ep}", bodies, min(8, warmup), warmup, time_limit))
+            asyncio.run(_level(url, requests[ep], min(8, warmup), warmup, time_limit))
         for c in concurrency:
-            before = _get_json(f"{url}/v1/stats")[ep]
-            cpu0 = cpu_by_role(server_pid)
-            res = asyncio.run(_level(f"{url}/v1/{ep}", bodies, c, n_requests, time_limit))
-            cpu1 = cpu_by_role(server_pid)
-            after = _get_json(f"{url}/v1/stats")[ep]
-            batches, rows = after["batches"] - before["batches"], after["rows"] - before["rows"]
+            b0, r0 = target.batch_counts(ep)
+            t0 = target.server_times() if hasattr(target, "server_times") else None
+            cpu0 = cpu_by_role(pid)
+            res = asyncio.run(_level(url, requests[ep], c, n_requests, time_limit))
+            cpu1 = cpu_by_role(pid)
+            b1, r1 = target.batch_counts(ep)
+            batches, rows = b1 - b0, r1 - r0
             cpu_ms = {k: 1000.0 * (v - cpu0.get(k, 0.0)) / max(res["sent"], 1) for k, v in sorted(cpu1.items())}
             res.update(endpoint=ep, batches=batches, mean_batch_size=rows / batches if batches else None,
                        cpu_ms_per_request=cpu_ms)
+            if t0 is not None:  # per request, as Triton measured it: waiting in its queue, and in execute
+                t1 = target.server_times()
+                n = max(t1["count"] - t0["count"], 1)
+                res.update(server_queue_ms=(t1["queue_ns"] - t0["queue_ns"]) / n / 1e6,
+                           server_infer_ms=(t1["infer_ns"] - t0["infer_ns"]) / n / 1e6)
             results.append(res)
             print(f"{ep:8s} c={c:3d}: {res['ok']:5d} ok, {res['errors']} errors, {res['throughput_rps']:8.1f} req/s, "
                   f"p50 {res['p50_ms']:7.2f} ms, p99 {res['p99_ms']:7.2f} ms, mean batch {res['mean_batch_size'] or 0:.2f}, "
-                  f"CPU ms/request " + ", ".join(f"{k} {v:.1f}" for k, v in cpu_ms.items()),
-                  file=sys.stderr)
+                  "CPU ms/request " + ", ".join(f"{k} {v:.1f}" for k, v in cpu_ms.items()), file=sys.stderr)
     return results
 
 
@@ -289,19 +455,34 @@ def _machine() -> dict:
 
 def markdown(doc: dict) -> str:
     m, cfg = doc["machine"], doc["config"]
-    lines = [f"# vdm-serve under load: {cfg['model']} on {cfg['device']}", "",
+    server = doc["server"].get("server", "vdm-serve")
+    timed = all("server_queue_ms" in r for r in doc["results"]) and bool(doc["results"])
+    backend = f" ({doc['server']['backend']} backend)" if doc["server"].get("backend") else ""
+    lines = [f"# {server}{backend} under load: {cfg['model']} on {cfg['device']}", "",
              f"{m['cpu_model']} ({m['cpu_count']} cores), {m['gpu'] or 'no GPU'}; torch {m['torch']}, ray {m['ray']}; "
              f"{m['date_utc']}; load average before {doc['loadavg_before'][0]:.2f}, after {doc['loadavg_after'][0]:.2f}.",
              f"max batch {cfg['max_batch']}, batch wait {cfg['batch_wait_ms']} ms, {cfg['requests']} requests or "
-             f"{cfg['time_limit']} s per level, one PNG digit per request, client on the same machine.", "",
-             "| endpoint | concurrency | ok | errors | req/s | p50 ms | p95 ms | p99 ms | mean batch | CPU ms/request |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"{cfg['time_limit']} s per level, one digit per request (PNG bytes; oip: its pixel_values tensor), "
+             "client on the same machine.", "",
+             "| endpoint | concurrency | ok | errors | req/s | p50 ms | p95 ms | p99 ms | mean batch |"
+             + (" server queue ms | server execute ms |" if timed else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if timed else "")]
     for r in doc["results"]:
         mb = f"{r['mean_batch_size']:.2f}" if r["mean_batch_size"] else "-"
-        cpu = r.get("cpu_ms_per_request") or {}
-        cpu_s = ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()) + (f" (total {sum(cpu.values()):.1f})" if cpu else "-")
         lines.append(f"| {r['endpoint']} | {r['concurrency']} | {r['ok']} | {r['errors']} | {r['throughput_rps']:.1f} | "
-                     f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {mb} | {cpu_s} |")
+                     f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {mb} |"
+                     + (f" {r['server_queue_ms']:.2f} | {r['server_infer_ms']:.2f} |" if timed else ""))
+    cpu_rows = [r for r in doc["results"] if r.get("cpu_ms_per_request")]
+    if cpu_rows:  # where the machine's time goes: CPU ms per request by process
+        lines += ["", "CPU milliseconds per request, by process (all cores together):", "",
+                  "| endpoint | concurrency | " + " | ".join(sorted({k for r in cpu_rows for k in r["cpu_ms_per_request"]}))
+                  + " | total |"]
+        roles = sorted({k for r in cpu_rows for k in r["cpu_ms_per_request"]})
+        lines.append("|---|---:|" + "---:|" * (len(roles) + 1))
+        for r in cpu_rows:
+            c = r["cpu_ms_per_request"]
+            lines.append(f"| {r['endpoint']} | {r['concurrency']} | "
+                         + " | ".join(f"{c.get(k, 0.0):.1f}" for k in roles) + f" | {sum(c.values()):.1f} |")
     if doc["summary"]:
         lines += ["", "| target | value | wanted | met |", "|---|---:|---|---|"]
         lines += [f"| {s['what']} | {s['value']:.2f} | {s['target']} | {'yes' if s['met'] else '**no**'} |"
@@ -309,14 +490,14 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, title: str = "vdm-serve") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for ep, color in zip(ENDPOINTS, ("tab:blue", "tab:red")):
+    for ep, color in zip(ENDPOINTS, ("tab:blue", "tab:red", "tab:green", "tab:purple")):
         rs = [r for r in results if r["endpoint"] == ep and r["ok"]]
         if not rs:
             continue
@@ -328,7 +509,7 @@ def plot(results: list[dict], path: Path) -> None:
                         textcoords="offset points", xytext=(4, 4))
     ax.set_xlabel("throughput (requests/s)")
     ax.set_ylabel("latency (ms)")
-    ax.set_title("vdm-serve: latency against throughput")
+    ax.set_title(f"{title}: latency against throughput")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -338,45 +519,49 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
-    endpoints = [e.strip() for e in args.endpoints.split(",") if e.strip()]
-    bad = [e for e in endpoints if e not in ENDPOINTS]
+    endpoints = [e.strip() for e in (args.endpoints or DEFAULT_ENDPOINTS[args.server]).split(",") if e.strip()]
+    allowed = SERVER_ENDPOINTS[args.server]
+    bad = [e for e in endpoints if e not in allowed]
     concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if bad or not endpoints:
-        raise SystemExit(f"serve_load: --endpoints must be among {ENDPOINTS}, got {args.endpoints!r}")
+        raise SystemExit(f"serve_load: --endpoints for --server {args.server} must be among {allowed}, "
+                         f"got {args.endpoints!r}")
     if not concurrency or min(concurrency) < 1 or args.requests < 1 or args.time_limit <= 0:
         raise SystemExit("serve_load: --concurrency, --requests and --time-limit must be positive")
     if args.url is not None:
         from urllib.parse import urlparse
 
+        if args.server != "vdm-serve":
+            raise SystemExit("serve_load: --url drives a running vdm-serve; --server triton starts its own server")
         if urlparse(args.url).hostname not in LOOPBACK:
             raise SystemExit(f"serve_load: --url {args.url}: only loopback servers may be driven (127.0.0.1)")
+    if args.server == "triton" and args.device != "cpu":
+        raise SystemExit("serve_load: --server triton runs the python backend on the CPU; drop --device")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bodies = _digit_pngs()
-    server = None
+    pngs = _digit_pngs()
+    pixels = _digit_pixels(len(pngs), model=args.model, onnx=args.onnx) if "oip" in endpoints else None
+    requests = {ep: endpoint_requests(ep, pngs, pixels) for ep in endpoints}
     load_before = list(os.getloadavg())
+    target = Server(args, url=args.url) if args.server == "vdm-serve" else TritonTarget(args)
     try:
-        if args.url is None:
-            server = Server(args)
-            server.wait_ready()
-            url = server.url
-        else:
-            url = args.url.rstrip("/")
-        ready = _get_json(f"{url}/readyz")
-        results = run_load(url, endpoints=endpoints, concurrency=concurrency, n_requests=args.requests,
-                           time_limit=args.time_limit, warmup=args.warmup, bodies=bodies,
-                           server_pid=server.proc.pid if server is not None else None)
+        target.wait_ready()
+        described = target.describe()
+        results = run_load(target, endpoints=endpoints, concurrency=concurrency, n_requests=args.requests,
+                           time_limit=args.time_limit, warmup=args.warmup, requests=requests)
     finally:
-        exit_code = server.stop() if server is not None else None
-    doc = {"config": {"model": args.onnx or args.model, "device": args.device, "max_batch": args.max_batch,
-                      "batch_wait_ms": args.batch_wait_ms, "requests": args.requests, "time_limit": args.time_limit,
-                      "concurrency": concurrency, "endpoints": endpoints, "num_cpus_per_replica": args.num_cpus},
-           "machine": _machine(), "server": {k: ready.get(k) for k in ("model", "model_sha256", "gates_sha256")},
+        exit_code = target.stop()
+    doc = {"config": {"server": args.server, "model": args.onnx or args.model, "device": args.device,
+                      "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms, "requests": args.requests,
+                      "time_limit": args.time_limit, "concurrency": concurrency, "endpoints": endpoints,
+                      "num_cpus_per_replica": args.num_cpus if args.server == "vdm-serve" else None,
+                      "intra_op_threads": args.intra_op_threads if args.server == "triton" else None},
+           "machine": _machine(), "server": described,
            "loadavg_before": load_before, "loadavg_after": list(os.getloadavg()),
            "server_exit_code": exit_code, "results": results, "summary": summary(results)}
     (out / "serve_load.json").write_text(json.dumps(doc, indent=1))
     (out / "serve_load.md").write_text(markdown(doc))
-    plot(results, out / "serve_load.png")
+    plot(results, out / "serve_load.png", title=described.get("server", args.server))
     print(markdown(doc))
     return doc
 

@@ -24,7 +24,7 @@ from vdm_engine.registry import registered_gates
 
 from .graph import DEFAULT_OUTPUTS, normalize_outputs
 from .onnx import DEFAULT_OPSET, ExportResult, check_export_options, export_onnx
-from .triton_repo import DEFAULT_MAX_BATCH_SIZE, write_triton_repo
+from .triton_repo import BACKENDS, DEFAULT_BACKEND, DEFAULT_MAX_BATCH_SIZE, DEFAULT_QUEUE_DELAY_US, write_triton_repo
 from .validate import time_onnx
 
 __all__ = ["main_export", "MainExportResult"]
@@ -146,6 +146,9 @@ def main_export(
     triton_repo: str | os.PathLike | None = None,
     triton_name: str | None = None,
     triton_max_batch: int = DEFAULT_MAX_BATCH_SIZE,
+    triton_backend: str = DEFAULT_BACKEND,
+    triton_ensemble: bool = False,
+    triton_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
     tensorrt: bool = False,
     status: Callable[[str], None] | None = None,
 ) -> MainExportResult:
@@ -167,7 +170,10 @@ def main_export(
             (``outputs`` default ``DEFAULT_OUTPUTS``: logits, patch_mask, layer_masks).
         triton_repo: also add the graph to this Triton model repository, as ``triton_name``
             (default: ``out``'s stem) with ``max_batch_size=triton_max_batch``, and a TensorRT
-            FP16 accelerator block with ``tensorrt``.
+            FP16 accelerator block with ``tensorrt``; ``triton_backend`` ``onnxruntime`` (GPU servers)
+            or ``python`` (``OnnxExplainer`` on the CPU, in this environment); ``triton_ensemble`` adds
+            the models that take PNG/JPEG bytes; ``triton_queue_delay_us``: the dynamic batcher's
+            ``max_queue_delay_microseconds``.
         status: called with progress lines (gates provenance, warnings); default: logged at INFO.
 
     Returns:
@@ -189,6 +195,14 @@ def main_export(
         raise ValueError("gates cannot be combined with random_weights (random weights get random gates)")
     if triton_repo is not None and triton_max_batch < 1:
         raise ValueError(f"triton_max_batch must be >= 1, got {triton_max_batch}")
+    if triton_backend not in BACKENDS:
+        raise ValueError(f"triton_backend must be one of {', '.join(BACKENDS)}, got {triton_backend!r}")
+    if triton_queue_delay_us < 0:
+        raise ValueError(f"triton_queue_delay_us must be >= 0, got {triton_queue_delay_us}")
+    if triton_backend == "python" and tensorrt:
+        raise ValueError("tensorrt needs triton_backend='onnxruntime' (the python backend runs on the CPU)")
+    if triton_ensemble and batch != "dynamic":
+        raise ValueError(f"triton_ensemble needs a dynamic batch, got batch={batch}")
     out = Path(out)
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; expected a file path such as {out / 'model.onnx'}")
@@ -212,6 +226,7 @@ def main_export(
     model_dir = None
     if triton_repo is not None:
         model_dir = write_triton_repo(
-            result.path, triton_repo, name=triton_name, max_batch_size=triton_max_batch, tensorrt=tensorrt
+            result.path, triton_repo, name=triton_name, max_batch_size=triton_max_batch, tensorrt=tensorrt,
+            backend=triton_backend, ensemble=triton_ensemble, max_queue_delay_us=triton_queue_delay_us,
         )
     return MainExportResult(export=result, provider=provider, timing_ms=timing, triton_model_dir=model_dir)

@@ -45,3 +45,54 @@ def mask_only_export(export_explainer, tmp_path_factory):
     finally:
         ex.ops = reference_ops()
     return result
+
+
+#: Models of the session's Triton repository (vit-digits): the python-backend explainer, the
+#: ensemble's two models, and the same graph for the onnxruntime backend (loaded by its test only).
+TRITON_MODEL = "vit-digits"
+TRITON_ORT_MODEL = "vit-digits_onnxruntime"
+
+
+@pytest.fixture(scope="session")
+def tritonserver_dist():
+    """The unpacked nvidia-pytriton wheel with this Python's backend stub and stub environment
+    (fetched with pip on the first run, cached after); skipped, with the reason, when they cannot be had."""
+    from vdm_engine.export.tritonserver import TritonServerUnavailable, fetch_tritonserver
+
+    try:
+        dist = fetch_tritonserver()
+        dist.backend_directory()
+        dist.stub_environment()
+    except TritonServerUnavailable as e:
+        pytest.skip(f"no tritonserver here: {e}")
+    return dist
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory, tritonserver_dist):
+    """A real tritonserver (from the nvidia-pytriton wheel, cached across runs) on free loopback ports,
+    serving vit-digits exported by ``main_export`` with the python backend and the ensemble; one per
+    session, stopped by its pid at the end (and with the session's process if that is killed).
+
+    Skipped, with the reason, only when the wheel cannot be fetched.
+    """
+    pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
+    from vdm_engine.export import main_export, write_triton_repo
+    from vdm_engine.export.triton_repo import ensemble_model_names
+    from vdm_engine.export.tritonserver import TritonServer
+
+    work = tmp_path_factory.mktemp("triton")
+    repo = work / "repo"
+    # 20 ms of queue delay: concurrent test requests reliably meet in one batch.
+    result = main_export("vit-digits", out=work / "vit-digits.onnx", providers="cpu", triton_repo=repo,
+                         triton_name=TRITON_MODEL, triton_backend="python", triton_ensemble=True,
+                         triton_queue_delay_us=20_000, triton_max_batch=16)
+    write_triton_repo(result.path, repo, name=TRITON_ORT_MODEL, instance_kind="KIND_CPU")
+    models = [TRITON_MODEL, *ensemble_model_names(TRITON_MODEL)]
+    server = TritonServer(repo, models=models, dist=tritonserver_dist, log_path=work / "server.log")
+    server.start(timeout_s=300)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -111,9 +111,16 @@ def test_bad_cli_input_exits_2_with_one_line(capsys, tmp_path, tiny_dirs):
     _bad_usage(capsys, ["--out", str(tmp_path), "--model", str(model), "--gates", str(gates)], "is a folder")
     _bad_usage(capsys, o + ["--model", "nonexistent"], "no such model 'nonexistent'")
     _bad_usage(capsys, o + ["--outputs", "logits,heatmap"], "invalid choice: 'heatmap'")
+    repo = ["--triton-repo", str(tmp_path / "repo")]
+    _bad_usage(capsys, o + ["--triton-backend", "python"], "--triton-backend needs --triton-repo DIR")
+    _bad_usage(capsys, o + ["--triton-ensemble"], "--triton-ensemble needs --triton-repo DIR")
+    _bad_usage(capsys, o + ["--triton-backend", "tensorflow"], "invalid choice: 'tensorflow'")
+    _bad_usage(capsys, o + repo + ["--triton-backend", "python", "--tensorrt"], "--tensorrt needs --triton-backend onnxruntime")
+    _bad_usage(capsys, o + repo + ["--triton-ensemble", "--batch-size", "2"], "--triton-ensemble needs a dynamic batch")
+    _bad_usage(capsys, o + repo + ["--triton-queue-delay-us", "-1"], "--triton-queue-delay-us must be >= 0")
     if embedded_model_dir("vit-digits") is None:
         _bad_usage(capsys, o, "embedded model 'vit-digits' is missing")
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "repo").exists()
 
 
 def test_validation_failure_exits_1(capsys, tmp_path, tiny_dirs, monkeypatch):

@@ -47,6 +47,10 @@ def test_options_are_checked_before_loading(tmp_path, monkeypatch):
         (dict(random_weights=True), "architecture name"),
         (dict(model="vit-tiny", random_weights=True, gates=str(tmp_path)), "gates cannot"),
         (dict(triton_repo=str(tmp_path / "repo"), triton_max_batch=0), "triton_max_batch"),
+        (dict(triton_repo=str(tmp_path / "repo"), triton_backend="tf"), "triton_backend"),
+        (dict(triton_repo=str(tmp_path / "repo"), triton_backend="python", tensorrt=True), "tensorrt"),
+        (dict(triton_repo=str(tmp_path / "repo"), triton_ensemble=True, batch=2), "dynamic batch"),
+        (dict(triton_repo=str(tmp_path / "repo"), triton_queue_delay_us=-1), "triton_queue_delay_us"),
     ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):

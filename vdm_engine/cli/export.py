@@ -23,7 +23,7 @@ PROG = "vdm-export"
 
 def _parser() -> argparse.ArgumentParser:
     from vdm_engine.export import DEFAULT_OPSET, DEFAULT_OUTPUTS, OUTPUTS, TOLERANCES
-    from vdm_engine.export.triton_repo import DEFAULT_MAX_BATCH_SIZE
+    from vdm_engine.export.triton_repo import BACKENDS, DEFAULT_BACKEND, DEFAULT_MAX_BATCH_SIZE, DEFAULT_QUEUE_DELAY_US
 
     p = CliParser(prog=PROG, description="Export a ViT and its DiffMask gates as one validated ONNX graph.")
     req = p.add_argument_group("required")
@@ -59,6 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--triton-name", default=None, help="Triton model name (default: the --out file's stem)")
     opt.add_argument("--triton-max-batch", type=int, default=DEFAULT_MAX_BATCH_SIZE, metavar="N",
                      help=f"Triton max_batch_size (default {DEFAULT_MAX_BATCH_SIZE})")
+    opt.add_argument("--triton-backend", default=DEFAULT_BACKEND, choices=BACKENDS,
+                     help=f"Triton backend: onnxruntime (GPU servers) or python (OnnxExplainer on the CPU, in this "
+                          f"Python environment) (default {DEFAULT_BACKEND})")
+    opt.add_argument("--triton-ensemble", action="store_true",
+                     help="also write NAME_decode and NAME_ensemble: PNG/JPEG bytes in (TYPE_STRING), the graph's "
+                          "outputs out (the decode step uses Triton's python backend)")
+    opt.add_argument("--triton-queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US, metavar="US",
+                     help=f"Triton dynamic batcher's max_queue_delay_microseconds (default {DEFAULT_QUEUE_DELAY_US})")
     opt.add_argument("--tensorrt", action="store_true", help="add a TensorRT FP16 accelerator block to the Triton config")
     opt.add_argument("-v", "--verbose", action="store_true", help="log per-output differences of every validation input")
     return p
@@ -83,6 +91,7 @@ def _check(args) -> None:
     """The checks that run before anything is loaded, worded in flags."""
     from vdm_engine.backbone import SHAPES
     from vdm_engine.export.onnx import MIN_OPSET
+    from vdm_engine.export.triton_repo import DEFAULT_BACKEND
 
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -94,6 +103,17 @@ def _check(args) -> None:
         raise UsageError(f"--opset must be >= {MIN_OPSET} (the dynamo exporter's oldest), got {args.opset}")
     if args.triton_max_batch < 1:
         raise UsageError(f"--triton-max-batch must be >= 1, got {args.triton_max_batch}")
+    if args.triton_queue_delay_us < 0:
+        raise UsageError(f"--triton-queue-delay-us must be >= 0, got {args.triton_queue_delay_us}")
+    if not args.triton_repo:
+        given = [flag for flag, on in (("--triton-backend", args.triton_backend != DEFAULT_BACKEND),
+                                       ("--triton-ensemble", args.triton_ensemble)) if on]
+        if given:
+            raise UsageError(f"{given[0]} needs --triton-repo DIR")
+    if args.tensorrt and args.triton_backend == "python":
+        raise UsageError("--tensorrt needs --triton-backend onnxruntime (the python backend runs on the CPU)")
+    if args.triton_ensemble and args.batch_size is not None:
+        raise UsageError("--triton-ensemble needs a dynamic batch; drop --batch-size")
     if args.random_weights:
         if args.model not in SHAPES:
             raise UsageError(f"--random-weights needs an architecture name for --model, one of {sorted(SHAPES)}; "
@@ -129,7 +149,9 @@ def _run(argv: Sequence[str] | None) -> int:
         batch="dynamic" if args.batch_size is None else args.batch_size, outputs=outputs,
         uint8_input=args.uint8_input, threshold=args.threshold, atol=args.atol, providers=args.providers,
         overwrite=args.overwrite, triton_repo=args.triton_repo, triton_name=args.triton_name,
-        triton_max_batch=args.triton_max_batch, tensorrt=args.tensorrt, status=_status,
+        triton_max_batch=args.triton_max_batch, triton_backend=args.triton_backend,
+        triton_ensemble=args.triton_ensemble, triton_queue_delay_us=args.triton_queue_delay_us, tensorrt=args.tensorrt,
+        status=_status,
     )
     print(result.summary())
     return 0
