@@ -65,10 +65,14 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="vit-b16")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="backbone dtype (gates stay fp32)")
     args = p.parse_args(argv)
-    backbone = random_backbone(BENCH_SHAPES.get(args.shape, args.shape), seed=0).to(args.device)
-    explainer = Explainer(backbone, random_gates(backbone).to(args.device), kernels="reference").eval()
-    pv = torch.randn(args.batch, 3, *backbone.image_size, device=args.device)
+    from benchmarks.conftest import DTYPES
+
+    dtype = DTYPES[args.dtype]
+    backbone = random_backbone(BENCH_SHAPES.get(args.shape, args.shape), seed=0).to(args.device, dtype)
+    explainer = Explainer(backbone, random_gates(backbone).to(args.device)).eval()  # auto: Triton on CUDA
+    pv = torch.randn(args.batch, 3, *backbone.image_size, device=args.device, dtype=dtype)
     cuda = args.device == "cuda"
 
     def plain():
@@ -81,7 +85,7 @@ def main(argv=None) -> int:
             return logits, masks.layer_masks(gate_probe_stacked(hidden, explainer.gates.probe_params()))
 
     weights = tensor_bytes(explainer)
-    row = {"shape": args.shape, "batch": args.batch, "device": args.device, "weights_bytes": weights}
+    row = {"shape": args.shape, "batch": args.batch, "device": args.device, "dtype": args.dtype, "weights_bytes": weights}
     for name, fn in (("plain", plain), ("explain", lambda: explainer.explain(pv)), ("explain_stacked", stacked)):
         fn()  # warm-up
         row[f"{name}_peak_call_bytes"] = peak_call_bytes(fn, cuda=cuda)

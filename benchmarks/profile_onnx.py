@@ -59,11 +59,12 @@ def profile_graph(path: Path, feed_x: np.ndarray, threads: int, runs: int, prefi
     name = sess.get_inputs()[0].name
     for _ in range(3):
         sess.run(None, {name: feed_x})
-    walls = []
+    walls, cpus = [], []
     for _ in range(runs):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         sess.run(None, {name: feed_x})
         walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
     trace = json.loads(Path(sess.end_profiling()).read_text())
     by_type: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
@@ -75,6 +76,7 @@ def profile_graph(path: Path, feed_x: np.ndarray, threads: int, runs: int, prefi
     calls = runs + 3
     return {
         "wall_ms_min": 1e3 * min(walls), "wall_ms_median": 1e3 * statistics.median(walls),
+        "cpu_ms_min": 1e3 * min(cpus), "cpu_ms_median": 1e3 * statistics.median(cpus),
         "op_ms": {k: v / calls for k, v in by_type.items()}, "op_nodes": {k: count[k] // calls for k in count},
     }
 
@@ -84,12 +86,17 @@ def summary(results: dict, shape: str, batch: int) -> str:
     lines = [f"# onnxruntime profile: {shape}, batch {batch}, fp32, CPU", "",
              f"CPU: {cpu_model_name()}, {os.cpu_count()} cores; onnxruntime {_ort_version()}; "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; 1-min load at the end {os.getloadavg()[0]:.1f}", "",
-             "| threads | plain ms (min / median) | explain ms (min / median) | explain/plain throughput (min) |",
-             "|---:|---:|---:|---:|"]
+             "Wall ms per call, and process CPU ms per call (all threads; less sensitive than wall time to "
+             "other work on the machine, and it shows threading overhead).", "",
+             "| threads | plain wall ms (min / median) | explain wall ms (min / median) | explain/plain throughput "
+             "(min wall) | plain CPU ms (min) | explain CPU ms (min) | explain/plain CPU (min) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for threads, r in sorted(results.items()):
         p, e = r["plain"], r["explain"]
+        cpu = (f"{p['cpu_ms_min']:.1f} | {e['cpu_ms_min']:.1f} | {e['cpu_ms_min'] / p['cpu_ms_min']:.3f}"
+               if "cpu_ms_min" in p else " | | ")
         lines.append(f"| {threads} | {p['wall_ms_min']:.1f} / {p['wall_ms_median']:.1f} | "
-                     f"{e['wall_ms_min']:.1f} / {e['wall_ms_median']:.1f} | {p['wall_ms_min'] / e['wall_ms_min']:.3f} |")
+                     f"{e['wall_ms_min']:.1f} / {e['wall_ms_median']:.1f} | {p['wall_ms_min'] / e['wall_ms_min']:.3f} | {cpu} |")
     for threads, r in sorted(results.items()):
         p, e = r["plain"], r["explain"]
         ops = sorted(set(p["op_ms"]) | set(e["op_ms"]), key=lambda k: -(e["op_ms"].get(k, 0) - p["op_ms"].get(k, 0)))

@@ -203,7 +203,8 @@ def _latency_table(results: dict[str, Result]) -> list[str]:
         v = (d or {}).get("peak_call_bytes")
         return f"{v / 2**20:.1f}" if isinstance(v, (int, float)) else ""
 
-    out = ["", "Latency per call (ms; p50/p90/p99 over the timed calls; peak MiB one call allocates, PyTorch only):", "",
+    out = ["", "Latency per call (ms; p50/p90/p99 over the timed calls; explain/plain are time ratios, lower is "
+                "better; peak MiB one call allocates, PyTorch only):", "",
            "| runtime | batch | plain p50 | p90 | p99 | explain p50 | p90 | p99 | explain/plain p50 | "
            "explain/plain min | peak MiB plain | explain | explain/plain peak |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

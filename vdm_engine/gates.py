@@ -114,15 +114,15 @@ def gate_probe_reference(h0: torch.Tensor, hs: torch.Tensor, probes: ProbeParams
     Returns:
         log_keep (B, T) float32: -softplus(offset - z_depth).
     """
-    B, T, D = hs.shape
+    D = hs.shape[-1]
     w1 = probes.w1[depth]  # (P, 2D): columns [0, D) act on h0, [D, 2D) on hs
     dt = w1.dtype
-    # Two matmuls into one accumulator instead of a (BT, 2D) concatenation of h0 and hs.
-    pre = torch.addmm(probes.b1[depth], h0.reshape(B * T, D).to(dt), w1[:, :D].t())
-    pre = torch.addmm(pre, hs.reshape(B * T, D).to(dt), w1[:, D:].t())  # (BT, P)
-    out = torch.tanh(pre) @ probes.w2[depth] + probes.b2[depth]  # (BT,)
-    z = probes.mul * torch.tanh(out) + probes.add[depth]
-    return (-F.softplus(probes.offset - z)).float().view(B, T)
+    # Two matmuls on the (B, T, D) states (no (BT, 2D) concatenation, no reshapes): in an ONNX graph
+    # every op here is repeated at each depth, so the formula is written with as few ops as it needs.
+    pre = torch.matmul(h0.to(dt), w1[:, :D].t()) + torch.matmul(hs.to(dt), w1[:, D:].t()) + probes.b1[depth]
+    out = torch.matmul(torch.tanh(pre), probes.w2[depth]) + probes.b2[depth]  # (B, T)
+    # -softplus(offset - z) == logsigmoid(z - offset), with z = mul * tanh(out) + add.
+    return F.logsigmoid(probes.mul * torch.tanh(out) + (probes.add[depth] - probes.offset)).float()
 
 
 def probe_depths(gate_probe, hidden_states, probes: ProbeParams) -> torch.Tensor:
