@@ -85,7 +85,10 @@ def _variants(runtime, request, cfg, explainer, pixels):
 @pytest.mark.parametrize("mode", ["plain", "explain"])
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("runtime", RUNTIMES)
-def test_latency(runtime, batch, mode, request, measure, kernels, bench_config, bench_explainer, latency_pixels):
+def test_latency(runtime, batch, mode, request, benchmark, measure, kernels, bench_config, bench_explainer,
+                 latency_pixels):
+    if not benchmark.enabled and batch == max(BATCHES):
+        pytest.skip("the largest batch runs only when timed (--benchmark-only), to keep the test command short")
     pixels = latency_pixels[batch]
     plain, explain, plain_args, explain_args = _variants(runtime, request, bench_config, bench_explainer, pixels)
     fn, args = (plain, plain_args) if mode == "plain" else (explain, explain_args)
