@@ -258,7 +258,7 @@ def render(machine: dict, configs: dict[tuple, dict[str, Result]], title: str | 
         runs = max(r.runs for r in results.values())
         note = f", best of {runs} runs" if runs > 1 else ""
         if all(c.startswith(_LATENCY) for c in results):
-            out += [f"### {model}, {device} ({device_name}), {dtype}: latency", ""] + _latency_table(results)[2:] + [""]
+            out += [f"### {model}, {device} ({device_name}), {dtype}: latency", ""] + _latency_table(results)[1:] + [""]
             continue
         out += [f"### {model}, batch {batch}, {device} ({device_name}), {dtype}", "",
                 f"images/s from the {stat} time per call{note}.", ""]
