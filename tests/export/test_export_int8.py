@@ -90,7 +90,11 @@ def model_dirs(tmp_path_factory, export_explainer):
     return ["--model", str(root / "model"), "--gates", str(root / "gates")]
 
 
-def test_cli_int8_errors_exit_2_in_one_line(capsys, tmp_path, model_dirs, monkeypatch):
+def test_cli_int8_errors_exit_2_in_one_line(capsys, tmp_path, model_dirs, monkeypatch, full_export):
+    import dataclasses
+    import shutil
+
+    import vdm_engine.export.main as export_main
     from vdm_engine.cli.export import main
     from vdm_engine.export import quantize
 
@@ -107,7 +111,13 @@ def test_cli_int8_errors_exit_2_in_one_line(capsys, tmp_path, model_dirs, monkey
         assert main(base + extra) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], (extra, err)
-    # A graph below the bar: exit 2, the figures in one line, nothing at --out.
+    # A graph below the bar: exit 2, the figures in one line, nothing at --out. The fp32 export is
+    # the session's graph of the same model (its own tests cover exporting); quantization is real.
+    def exported(explainer, path, **kw):
+        shutil.copy(full_export.path, path)
+        return dataclasses.replace(full_export, path=path)
+
+    monkeypatch.setattr(export_main, "export_onnx", exported)
     monkeypatch.setattr(quantize, "compare_int8", lambda *a, **k: Int8Report("static", 30, 0.5, 0.25, calibration="toy"))
     code = main(base + ["--quantize", "int8", "--calibration-data", "toy", "--calibration-images", "4",
                         "--held-out-images", "30"])
