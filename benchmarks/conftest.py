@@ -331,11 +331,14 @@ def measure(benchmark, bench_config) -> Callable:
     cfg = bench_config
 
     def run(case: str, fn: Callable, *args, warmup: tuple | None = None, budget_s: float | None = None,
-            min_rounds: int = 1):
+            min_rounds: int = 1, batch: int | None = None, percentiles: bool = False, memory: bool = False):
         """Time ``fn(*args)``.
 
         ``warmup``: args whose first item is a smaller batch, to warm up cheaply; ``budget_s``
         overrides ``--vdm-budget`` for this case; ``min_rounds`` holds even for very slow calls.
+        ``batch``: images per call when not ``--vdm-batch``. ``percentiles``: record p50/p90/p99
+        milliseconds per call. ``memory``: record the peak bytes one call allocates
+        (``peak_call_bytes``: CUDA allocator, or the PyTorch profiler's memory events on the CPU).
         """
 
         def timed(*call_args):
@@ -344,7 +347,8 @@ def measure(benchmark, bench_config) -> Callable:
                 torch.cuda.synchronize()
             return out
 
-        benchmark.extra_info.update(case=case, **cfg.info())
+        images = cfg.batch if batch is None else batch
+        benchmark.extra_info.update(case=case, **dict(cfg.info(), batch=images))
         if not benchmark.enabled:
             return benchmark.pedantic(timed)  # plain pytest: one untimed call
         if cfg.cuda:
@@ -356,15 +360,24 @@ def measure(benchmark, bench_config) -> Callable:
             estimate = time.perf_counter() - start
         else:
             timed(*warmup)
-            estimate = (time.perf_counter() - start) * cfg.batch / max(1, len(warmup[0]))
+            estimate = (time.perf_counter() - start) * images / max(1, len(warmup[0]))
         rounds = _rounds(estimate, budget_s or cfg.budget_s, min_rounds)
         result = benchmark.pedantic(timed, rounds=rounds, iterations=1)
         median = benchmark.stats.stats.median
-        benchmark.extra_info["images_per_s"] = cfg.batch / median if median > 0 else float("inf")
+        benchmark.extra_info["images_per_s"] = images / median if median > 0 else float("inf")
         benchmark.extra_info["rounds"] = rounds
         benchmark.extra_info["loadavg_1m"] = os.getloadavg()[0]  # how busy the (shared) machine was
         if cfg.cuda:
             benchmark.extra_info["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+        if percentiles:
+            import numpy as np
+
+            ms = 1e3 * np.asarray(benchmark.stats.stats.data)
+            benchmark.extra_info.update({f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)})
+        if memory:
+            from benchmarks.memory import peak_call_bytes
+
+            benchmark.extra_info["peak_call_bytes"] = peak_call_bytes(fn, *args, cuda=cfg.cuda)
         return result
 
     return run

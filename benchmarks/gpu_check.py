@@ -58,7 +58,7 @@ import torch  # noqa: E402
 from vdm_engine import Explainer, GateConfig, Gates  # noqa: E402
 from vdm_engine._io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from vdm_engine.backbone import patch_mask_reference, random_backbone  # noqa: E402
-from vdm_engine.gates import gate_probe_reference  # noqa: E402
+from vdm_engine.gates import gate_probe_reference, probe_depths  # noqa: E402
 from vdm_engine.kernels import mask_patches, probe_gates  # noqa: E402
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
@@ -162,7 +162,7 @@ def check_gate_probe(chk: Check, device, dims):
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         hs = torch.randn(S, B, T, D, device=device).to(dtype)
         with torch.no_grad():
-            got, ref = probe_gates(hs, probes), gate_probe_reference(hs, probes)
+            got, ref = probe_depths(probe_gates, hs, probes), probe_depths(gate_probe_reference, hs, probes)
         chk.correctness.append(dict(op="gate_probe", dtype=DT[dtype], shape=f"S={S} B={B} T={T} D={D}",
                                     out_err=max_err(got, ref), ok=within(got, ref, dtype)))
 
@@ -249,8 +249,8 @@ def time_kernels(chk: Check, device, dtype, batches, dims, compile_: bool):
         if compile_:
             providers.append(("torch.compile", compiled(gate_probe_reference, device)))
         with torch.no_grad():
-            for name, fn in providers:
-                ms = bench_ms(lambda fn=fn: fn(hs, probes), device)
+            for name, fn in providers:  # one launch per depth, as the explain path runs them
+                ms = bench_ms(lambda fn=fn: probe_depths(fn, hs, probes), device)
                 row = _kernel_row("gate_probe (L+2 probes)", name, B, None, dtype, ms, gp_bytes, chk.copy_gbps)
                 row["tflops"] = flops / (ms * 1e-3) / 1e12
                 chk.kernels.append(row)
@@ -280,7 +280,7 @@ def sweep_tiles(chk: Check, device, dtype, B: int, dims):
     """Time GPU tile choices (each checked against the fp32 reference) so the defaults can be tuned.
 
     The last gate_probe row runs the default tiles through the constexpr-bounds entry the
-    interpreter uses (``_gate_probe_kernel_static``), to see what specialising S, D, P costs or
+    interpreter uses (``_gate_probe_kernel_static``), to see what specialising D, P costs or
     gains. On the CPU dry run the rows are only checked, not timed.
     """
     import importlib
@@ -298,7 +298,7 @@ def sweep_tiles(chk: Check, device, dtype, B: int, dims):
         # References in fp32 on the same half inputs (a half-precision reference has its own
         # rounding error, as large as the tolerance): the probes are fp32, so gate_probe_reference
         # already computes in fp32; patch_mask's inputs are upcast.
-        ref_gp = gate_probe_reference(hs, probes)
+        ref_gp = probe_depths(gate_probe_reference, hs, probes)
         ref_pm = patch_mask_reference(x.float(), g, ph, cls.float(), pos.float())
     timed = device.type == "cuda"
     default_gp, default_pm, default_kernel = gp._block_sizes, pm._block_sizes, gp._kernel
@@ -320,9 +320,9 @@ def sweep_tiles(chk: Check, device, dtype, B: int, dims):
         for cfg, static in [(c, False) for c in GATE_PROBE_TILES] + [(GATE_PROBE_TILES[0], True)]:
             gp._block_sizes = lambda *_, cfg=cfg: cfg
             gp._kernel = (lambda interp: gp._gate_probe_kernel_static) if static else default_kernel
-            row = dict(op="gate_probe", B=B, K=None, tiles=str(cfg) + (" static S,D,P" if static else ""),
+            row = dict(op="gate_probe", B=B, K=None, tiles=str(cfg) + (" static D,P" if static else ""),
                        default="default" if cfg == gp_default and not static else "")
-            run(row, lambda: probe_gates(hs, probes), ref_gp)
+            run(row, lambda: probe_depths(probe_gates, hs, probes), ref_gp)
         gp._kernel = default_kernel
         for cfg in PATCH_MASK_TILES:
             pm._block_sizes = lambda *_, cfg=cfg: cfg

@@ -4,11 +4,14 @@
 # on the card, a profile of explain() vs plain inference, then gpu_check with the torch.compile
 # baselines. Optional, off by default to stay
 # inside ~5 minutes: TRAIN=1 adds a short CUDA training run, BENCH=1 the benchmark suite on CUDA.
+# LATENCY=1 (on by default) measures the latency group (batch 1/8/64; eager with the Triton kernels
+# and compiled with CUDA graphs, plain and explain side by side, p50/p90/p99 and peak memory) on
+# the ViT-B/16 shape in bf16, and the peak memory of explain vs plain at batch 64.
 # Every step has its own time limit, so a step that fails or runs out of time leaves the others.
 #
 # The device returns only a few files from $OUT, so this writes few: session.log (every step's
-# output, in order), gpu_check.md/.json (eager run), gpu_check_compile.md, and with BENCH=1
-# bench_b16_bf16.md/.json. Scratch output goes to a temporary directory.
+# output, in order), gpu_check.md/.json (eager run), gpu_check_compile.md, latency_b16_bf16.md/.json
+# and memory_b16_b64.json, and with BENCH=1 bench_b16_bf16.md/.json. Scratch output goes to a temporary directory.
 set -u
 OUT=${OUT:-benchmarks/results/gpu-session}
 mkdir -p "$OUT"
@@ -38,6 +41,12 @@ step pytest_gpu 100 python -m pytest -q -rs -p no:cacheprovider tests/kernels te
 step profile 60 python benchmarks/profile_explain.py --batch 256 --dtype bf16
 step check_compile 100 python benchmarks/gpu_check.py --no-sweep --out "$SCRATCH/compile"
 cp "$SCRATCH/compile/gpu_check.md" "$OUT/gpu_check_compile.md" 2>> "$LOG" || log "no gpu_check_compile.md"
+if [ "${LATENCY:-1}" = 1 ]; then
+  step latency_b16_bf16 240 python -m pytest benchmarks/test_bench_latency.py --benchmark-only -p no:cacheprovider \
+    --vdm-device cuda --vdm-model vit-b16 --vdm-dtype bf16 --vdm-budget 1 --benchmark-json "$OUT/latency_b16_bf16.json"
+  python -m benchmarks.report "$OUT/latency_b16_bf16.json" --out "$OUT/latency_b16_bf16.md" >> "$LOG" 2>&1
+  step memory_b16_b64 60 sh -c "python -m benchmarks.memory --device cuda --dtype bf16 --shape vit-b16 --batch 64 > '$OUT/memory_b16_b64.json'"
+fi
 if [ "${TRAIN:-0}" = 1 ]; then
   step train_cuda 60 vdm-train --model vit-digits --data digits --out "$SCRATCH/train_cuda" --steps 200 \
     --eval-interval 100 --checkpoint-interval 100 --device cuda --precision bf16 --no-register --no-progress

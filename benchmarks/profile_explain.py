@@ -4,7 +4,7 @@
 
 Prints, for plain inference and for ``explain()`` (kernels as ``VDM_KERNELS`` chooses), the
 operators with the most device time (CUDA) or CPU time, so the explain/plain gap can be split into
-the probes, the stacking of the hidden states and the rest. Works on the CPU with small shapes.
+the probes (one per depth, inside the layer loop) and the rest. Works on the CPU with small shapes.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CASES", "RATIOS", "STATS", "Result", "load_results", "merge", "paired_ratio", "ratio_rows",
+__all__ = ["CASES", "RATIOS", "STATS", "Result", "latency_rows", "load_results", "merge", "paired_ratio", "ratio_rows",
            "ratio_rows_paired", "render", "main"]
 
 #: case key -> (what it is, runtime), in table order.
@@ -38,6 +38,7 @@ CASES = {
     "baseline/ig50": ("Integrated Gradients, 50 steps (captum)", "PyTorch"),
     "train/step": ("one gate-training step", "PyTorch"),
 }
+_LATENCY = "latency/"  # latency/{plain|explain}/{runtime}/b{batch}: p50/p90/p99 ms and peak bytes in extra_info
 _PAIRED = "paired/round"  # one round of back-to-back calls; extra_info["paired_times"] = {case: [s, ...]}
 
 _ENGINE = "engine"  # placeholder in RATIOS for each PyTorch engine case present
@@ -110,7 +111,9 @@ def load_results(path: str | Path, stat: str = "median") -> tuple[dict, dict[tup
             continue
         seconds = float(stats[stat])
         ips = float(extra["batch"]) / seconds if seconds > 0 else float("inf")
-        configs.setdefault(_config_key(extra), {})[case] = Result(
+        # latency cases of every batch size share one table per model, device and dtype
+        key = _config_key(dict(extra, batch="latency") if case.startswith(_LATENCY) else extra)
+        configs.setdefault(key, {})[case] = Result(
             case, bench.get("name", case), float(stats["median"]), float(stats["min"]), ips,
             int(stats.get("rounds", 0)), extra,
         )
@@ -174,6 +177,48 @@ def ratio_rows_paired(results: dict[str, Result]) -> list[tuple[str, float | Non
     return rows
 
 
+def latency_rows(results: dict[str, Result]) -> list[dict]:
+    """One row per (runtime, batch) with plain and explain p50/p90/p99 ms and peak call bytes side by side."""
+    rows: dict[tuple[str, int], dict] = {}
+    for case, r in results.items():
+        if not case.startswith(_LATENCY):
+            continue
+        _, mode, runtime, b = case.split("/")
+        row = rows.setdefault((runtime, int(b.lstrip("b"))), {"runtime": runtime, "batch": int(b.lstrip("b"))})
+        row[mode] = {k: r.extra.get(k) for k in ("p50_ms", "p90_ms", "p99_ms", "peak_call_bytes")}
+        row[mode]["min_ms"] = r.min_s * 1e3
+    return [rows[k] for k in sorted(rows)]
+
+
+def _latency_table(results: dict[str, Result]) -> list[str]:
+    rows = latency_rows(results)
+    if not rows:
+        return []
+
+    def ms(d, k):
+        v = (d or {}).get(k)
+        return f"{v:.2f}" if isinstance(v, (int, float)) else ""
+
+    def mib(d):
+        v = (d or {}).get("peak_call_bytes")
+        return f"{v / 2**20:.1f}" if isinstance(v, (int, float)) else ""
+
+    out = ["", "Latency per call (ms; p50/p90/p99 over the timed calls; explain/plain are time ratios, lower is "
+                "better; peak MiB one call allocates, PyTorch only):", "",
+           "| runtime | batch | plain p50 | p90 | p99 | explain p50 | p90 | p99 | explain/plain p50 | "
+           "explain/plain min | peak MiB plain | explain | explain/plain peak |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        p, e = row.get("plain"), row.get("explain")
+        r50 = _ratio(e["p50_ms"] / p["p50_ms"]) if p and e and p.get("p50_ms") and e.get("p50_ms") else ""
+        rmin = _ratio(e["min_ms"] / p["min_ms"]) if p and e and p.get("min_ms") else ""
+        pb, eb = (p or {}).get("peak_call_bytes"), (e or {}).get("peak_call_bytes")
+        rmem = _ratio(eb / pb) if pb and eb else ""
+        out.append(f"| {row['runtime']} | {row['batch']} | {ms(p, 'p50_ms')} | {ms(p, 'p90_ms')} | {ms(p, 'p99_ms')} | "
+                   f"{ms(e, 'p50_ms')} | {ms(e, 'p90_ms')} | {ms(e, 'p99_ms')} | {r50} | {rmin} | {mib(p)} | {mib(e)} | {rmem} |")
+    return out
+
+
 def _fmt(x: float) -> str:
     if x >= 100:
         return f"{x:,.0f}"
@@ -212,6 +257,9 @@ def render(machine: dict, configs: dict[tuple, dict[str, Result]], title: str | 
     for (model, batch, device, device_name, dtype), results in configs.items():
         runs = max(r.runs for r in results.values())
         note = f", best of {runs} runs" if runs > 1 else ""
+        if all(c.startswith(_LATENCY) for c in results):
+            out += [f"### {model}, {device} ({device_name}), {dtype}: latency", ""] + _latency_table(results)[1:] + [""]
+            continue
         out += [f"### {model}, batch {batch}, {device} ({device_name}), {dtype}", "",
                 f"images/s from the {stat} time per call{note}.", ""]
         out += ["| case | runtime | ms / batch (median) | ms / batch (min) | images/s | rounds | load (1 min) |",
@@ -238,7 +286,8 @@ def render(machine: dict, configs: dict[tuple, dict[str, Result]], title: str | 
             decisive = pvalue if pvalue is not None else value
             met = "" if target is None else ("yes" if decisive >= target else "**no**")
             out.append(f"| {label} | {_ratio(value)} | {_ratio(pvalue)} | {t} | {met} |")
-        others = sorted(set(results) - set(CASES) - {_PAIRED})
+        out += _latency_table(results)
+        others = sorted(c for c in set(results) - set(CASES) - {_PAIRED} if not c.startswith(_LATENCY))
         if others:
             out += ["", "Other cases in the file (micro-benchmarks; ms per call):", "",
                     "| case | ms (median) | ms (min) | rounds |", "|---|---:|---:|---:|"]

@@ -1,4 +1,4 @@
-"""The L+2 gate probes over stacked hidden states: the PyTorch reference vs the fused Triton kernel.
+"""The L+2 gate probes, one launch per depth as the explain path runs them: PyTorch reference vs Triton.
 
 Hidden states come from the session backbone (``--vdm-model``, ``--vdm-batch``, ``--vdm-dtype``);
 the Triton cases run on CUDA only. Records achieved GB/s (hidden states read + log keep written).
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vdm_engine import GateConfig, Gates
-from vdm_engine.gates import gate_probe_reference
+from vdm_engine.gates import gate_probe_reference, probe_depths
 from vdm_engine.kernels import probe_gates
 
 
@@ -36,8 +36,8 @@ def test_gate_probe(provider, measure, benchmark, bench_config, probe_inputs):
         pytest.skip("the Triton kernel is timed on CUDA only (the CPU interpreter is not a performance model)")
     fn = probe_gates if provider == "triton" else gate_probe_reference
     with torch.no_grad():
-        got = measure(f"kernel/gate_probe-log_keep-{provider}", fn, hidden, probes)
-        expected = gate_probe_reference(hidden, probes)
+        got = measure(f"kernel/gate_probe-log_keep-{provider}", probe_depths, fn, hidden, probes)
+        expected = probe_depths(gate_probe_reference, hidden, probes)
     atol, rtol = bench_config.tolerance
     torch.testing.assert_close(got.float(), expected.float(), atol=atol, rtol=rtol)
     if benchmark.enabled:

@@ -83,3 +83,27 @@ def test_paired_ratios_are_medians_over_rounds(tmp_path):
     # The paired value decides "met" when it exists (0.50 separately, 0.95 paired).
     assert "| explain / plain, PyTorch (reference kernels) | 0.50 | 0.95 | >= 0.93 | yes |" in text
     assert "paired/round" not in text.split("Other cases")[-1] or "Other cases" not in text
+
+
+def test_latency_table_puts_plain_and_explain_side_by_side(tmp_path):
+    def lat(mode, runtime, b, p50, peak=None):
+        extra = {"p50_ms": p50, "p90_ms": p50 * 1.1, "p99_ms": p50 * 1.5}
+        if peak is not None:
+            extra["peak_call_bytes"] = peak
+        bench = _bench(f"latency/{mode}/{runtime}/b{b}", p50 / 1e3, **extra)
+        bench["extra_info"]["batch"] = b
+        return bench
+
+    path = _write(tmp_path, "l.json", [
+        lat("plain", "torch-eager", 1, 2.0, 2**20), lat("explain", "torch-eager", 1, 2.5, 2**21),
+        lat("plain", "onnxruntime-int8", 64, 40.0), lat("explain", "onnxruntime-int8", 64, 44.0),
+        _bench("plain/torch", 0.1),
+    ])
+    _, configs = report.load_results(path)
+    assert len(configs) == 2  # the latency cases of every batch share one table; plain/torch keeps its own
+    latency = next(r for k, r in configs.items() if k[1] == "latency")
+    rows = report.latency_rows(latency)
+    assert [(r["runtime"], r["batch"]) for r in rows] == [("onnxruntime-int8", 64), ("torch-eager", 1)]
+    text = report.render({}, configs)
+    assert "| torch-eager | 1 | 2.00 | 2.20 | 3.00 | 2.50 | 2.75 | 3.75 | 1.25 | 1.25 | 1.0 | 2.0 | 2.00 |" in text
+    assert "| onnxruntime-int8 | 64 | 40.00 | 44.00 | 60.00 | 44.00 | 48.40 | 66.00 | 1.10 | 1.10 |  |  |  |" in text

@@ -11,6 +11,7 @@ from .graph import DEFAULT_OUTPUTS, OUTPUTS, ExplainerGraph
 from vdm_engine.metadata import ExportMetadata, gates_sha256, read_metadata
 from .onnx import DEFAULT_OPSET, ExportError, ExportResult, export_onnx
 from .main import MainExportResult, main_export
+from .quantize import Int8Report, QuantizationError, export_int8, quantize_onnx
 from .triton_repo import write_triton_repo
 from .validate import TOLERANCES, ExportValidationError, check_onnx, validate_onnx
 
@@ -24,11 +25,15 @@ __all__ = [
     "ExportMetadata",
     "ExportResult",
     "ExportValidationError",
+    "Int8Report",
     "MainExportResult",
+    "QuantizationError",
     "check_onnx",
+    "export_int8",
     "export_onnx",
     "gates_sha256",
     "main_export",
+    "quantize_onnx",
     "read_metadata",
     "validate_onnx",
     "write_triton_repo",

@@ -2,7 +2,7 @@
 
 - ``mask_patches`` (module ``patch_mask``): blend patch embeddings with the placeholder under (B, N)
   or (B, K, N) gates.
-- ``probe_gates`` (module ``gate_probe``): all L+2 gate probes in one launch.
+- ``probe_gates`` (module ``gate_probe``): one depth's gate probe per launch, as each hidden state is produced.
 
 Importing this package never imports triton: the kernel functions load on first access, and the
 references work without triton. ``vdm_engine.ops.select_ops`` chooses the path per device, through

@@ -1,20 +1,20 @@
-"""Fused gate probes: log keep probabilities of every token at every depth in one launch.
+"""Fused gate probe of one depth: log keep probabilities of every token from one hidden state.
 
-For S = L+2 hidden states h_0..h_{S-1} (B, T, D) the DiffMask probes (De Cao et al. 2020; Vision
-DiffMask, Nalmpantis et al. 2023) compute per token
+For hidden states h_0 and h_s (B, T, D) the DiffMask probe of depth s (De Cao et al. 2020; Vision
+DiffMask, Nalmpantis et al. 2023) computes per token
 
     z_s = mul * tanh(w2_s . tanh(W1_s[:, :D] h_0 + W1_s[:, D:] h_s + b1_s) + b2_s) + add_s
     log_keep_s = -softplus(offset - z_s)
 
-Each program owns a tile of tokens and walks all depths: the two matmuls per depth (h_0 half and
-h_s half of W1) run on ``tl.dot`` with fp32 accumulation, and tanh, the w2 projection and the
-hard-concrete log keep probability stay in registers. A pass over D accumulates ``P_TILES`` P
-tiles (1 to 3) from each loaded (h_0, h_s) tile, so h_s (s >= 1) is read
-ceil(P / (P_TILES * BLOCK_P)) times per depth (once when the tiles cover P); h_0 is re-read at
-each depth and is served from cache. Inference only: there is no backward.
+The explain path launches it once per depth as the backbone produces h_s, so the L+2 hidden states
+are never stacked. Each program owns a tile of tokens: the two matmuls (h_0 half and h_s half of W1)
+run on ``tl.dot`` with fp32 accumulation, and tanh, the w2 projection and the hard-concrete log keep
+probability stay in registers. A pass over D accumulates ``P_TILES`` P tiles (1 to 3) from each
+loaded (h_0, h_s) tile, so h_s is read ceil(P / (P_TILES * BLOCK_P)) times (once when the tiles
+cover P). Inference only: there is no backward.
 
 Two entry points share the body ``_gate_probe_tile``: ``_gate_probe_kernel`` (GPU) takes the loop
-bounds S, D and P as runtime arguments (one compiled variant for every model);
+bounds D and P as runtime arguments (one compiled variant for every model);
 ``_gate_probe_kernel_static`` (used under the interpreter) takes them as ``tl.constexpr``, because
 Triton 3.6's interpreter turns a runtime loop bound into a Python int with ``int()`` of a
 1-element array, which NumPy >= 2.4 rejects ("only 0-dimensional arrays can be converted to Python
@@ -72,7 +72,7 @@ def _probe_proj(acc, b1_ptr, w2_ptr, p, p_ok):
 
 @triton.jit
 def _gate_probe_tile(
-    h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, add_ptr, out_ptr, S, R, T, D, P, mul, offset,
+    h0_ptr, hs_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, add_ptr, out_ptr, R, D, P, mul, offset,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -80,7 +80,7 @@ def _gate_probe_tile(
     BLOCK_P: tl.constexpr,
     P_TILES: tl.constexpr,
 ):  # fmt: skip
-    # One token tile through every depth; arguments as in _gate_probe_kernel.
+    # One token tile through one depth's probe; arguments as in _gate_probe_kernel.
     pid = tl.program_id(0)
     row0 = pid.to(tl.int64) * BLOCK_T  # first token of this tile
     local = tl.arange(0, BLOCK_T)
@@ -88,61 +88,56 @@ def _gate_probe_tile(
     row_ok = rows < R
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, BLOCK_P)
-    b = rows // T
-    t = rows - b * T
-    # int32 offset tiles inside this token tile / one probe's W1; the int64 bases are scalars.
+    # int32 offset tiles inside this token tile / the probe's W1; the int64 bases are scalars.
     h_tile = local[:, None] * D + offs_d[None, :]  # (BLOCK_T, BLOCK_D)
-    w_tile = offs_p[None, :] * (2 * D) + offs_d[:, None]  # (BLOCK_D, BLOCK_P) view of W1_s^T
-    h0_base = h_ptr + row0 * D
+    w_tile = offs_p[None, :] * (2 * D) + offs_d[:, None]  # (BLOCK_D, BLOCK_P) view of W1^T
+    h0_base = h0_ptr + row0 * D
+    hs_base = hs_ptr + row0 * D
     dot_ty = w1_ptr.dtype.element_ty
-    for s in range(S):
-        hs_base = h0_base + tl.cast(s, tl.int64) * R * D
-        w_s = w1_ptr + tl.cast(s, tl.int64) * P * 2 * D
-        proj = tl.zeros((BLOCK_T,), dtype=tl.float32)  # w2_s . tanh(pre)
-        # P_TILES P tiles share each loaded (h_0, h_s) tile; P_TILES * BLOCK_P >= P reads h_s once.
-        for p0 in range(0, P, BLOCK_P * P_TILES):
-            p_a = p0 + offs_p
-            p_b = p_a + BLOCK_P
-            p_c = p_b + BLOCK_P
-            acc_a = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)  # pre-activation tiles
-            acc_b = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
-            acc_c = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
-            pa_ok, pb_ok, pc_ok = p_a < P, p_b < P, p_c < P
-            for d0 in range(0, D, BLOCK_D):
-                d_ok = (d0 + offs_d) < D
-                h_ok = row_ok[:, None] & d_ok[None, :]
-                h0 = tl.load(h0_base + d0 + h_tile, mask=h_ok, other=0.0).to(dot_ty)
-                hs = tl.load(hs_base + d0 + h_tile, mask=h_ok, other=0.0).to(dot_ty)
-                w_off = w_tile + (p0 * 2 * D + d0)
-                acc_a = _probe_dot(acc_a, h0, hs, w_s, w_off, d_ok[:, None] & pa_ok[None, :], D, IEEE, UPCAST)
-                if P_TILES > 1:
-                    w_off += BLOCK_P * 2 * D
-                    acc_b = _probe_dot(acc_b, h0, hs, w_s, w_off, d_ok[:, None] & pb_ok[None, :], D, IEEE, UPCAST)
-                if P_TILES > 2:
-                    w_off += BLOCK_P * 2 * D
-                    acc_c = _probe_dot(acc_c, h0, hs, w_s, w_off, d_ok[:, None] & pc_ok[None, :], D, IEEE, UPCAST)
-            proj += _probe_proj(acc_a, b1_ptr + s * P, w2_ptr + s * P, p_a, pa_ok)
+    proj = tl.zeros((BLOCK_T,), dtype=tl.float32)  # w2 . tanh(pre)
+    # P_TILES P tiles share each loaded (h_0, h_s) tile; P_TILES * BLOCK_P >= P reads h_s once.
+    for p0 in range(0, P, BLOCK_P * P_TILES):
+        p_a = p0 + offs_p
+        p_b = p_a + BLOCK_P
+        p_c = p_b + BLOCK_P
+        acc_a = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)  # pre-activation tiles
+        acc_b = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
+        acc_c = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
+        pa_ok, pb_ok, pc_ok = p_a < P, p_b < P, p_c < P
+        for d0 in range(0, D, BLOCK_D):
+            d_ok = (d0 + offs_d) < D
+            h_ok = row_ok[:, None] & d_ok[None, :]
+            h0 = tl.load(h0_base + d0 + h_tile, mask=h_ok, other=0.0).to(dot_ty)
+            hs = tl.load(hs_base + d0 + h_tile, mask=h_ok, other=0.0).to(dot_ty)
+            w_off = w_tile + (p0 * 2 * D + d0)
+            acc_a = _probe_dot(acc_a, h0, hs, w1_ptr, w_off, d_ok[:, None] & pa_ok[None, :], D, IEEE, UPCAST)
             if P_TILES > 1:
-                proj += _probe_proj(acc_b, b1_ptr + s * P, w2_ptr + s * P, p_b, pb_ok)
+                w_off += BLOCK_P * 2 * D
+                acc_b = _probe_dot(acc_b, h0, hs, w1_ptr, w_off, d_ok[:, None] & pb_ok[None, :], D, IEEE, UPCAST)
             if P_TILES > 2:
-                proj += _probe_proj(acc_c, b1_ptr + s * P, w2_ptr + s * P, p_c, pc_ok)
-        z = mul * _tanh(proj + tl.load(b2_ptr + s)) + tl.load(add_ptr + s)
-        log_keep = -_softplus(offset - z)
-        tl.store(out_ptr + (b * S + s) * T + t, log_keep, mask=row_ok)
+                w_off += BLOCK_P * 2 * D
+                acc_c = _probe_dot(acc_c, h0, hs, w1_ptr, w_off, d_ok[:, None] & pc_ok[None, :], D, IEEE, UPCAST)
+        proj += _probe_proj(acc_a, b1_ptr, w2_ptr, p_a, pa_ok)
+        if P_TILES > 1:
+            proj += _probe_proj(acc_b, b1_ptr, w2_ptr, p_b, pb_ok)
+        if P_TILES > 2:
+            proj += _probe_proj(acc_c, b1_ptr, w2_ptr, p_c, pc_ok)
+    z = mul * _tanh(proj + tl.load(b2_ptr)) + tl.load(add_ptr)
+    log_keep = -_softplus(offset - z)
+    tl.store(out_ptr + rows, log_keep, mask=row_ok)
 
 
 @triton.jit
 def _gate_probe_kernel(
-    h_ptr,  # (S, R, D) hidden states, R = B*T tokens, contiguous
-    w1_ptr,  # (S, P, 2D) first probe layer in the dot dtype; columns [0, D) act on h_0, [D, 2D) on h_s
-    b1_ptr,  # (S, P) fp32
-    w2_ptr,  # (S, P) fp32 second probe layer
-    b2_ptr,  # (S,) fp32
-    add_ptr,  # (S,) fp32 learned offsets
-    out_ptr,  # (B, S, T) fp32 log keep per depth
-    S,
+    h0_ptr,  # (R, D) first hidden state, R = B*T tokens, contiguous
+    hs_ptr,  # (R, D) this depth's hidden state, same dtype (may be h0_ptr itself at depth 0)
+    w1_ptr,  # (P, 2D) the probe's first layer in the dot dtype; columns [0, D) act on h_0, [D, 2D) on h_s
+    b1_ptr,  # (P,) fp32
+    w2_ptr,  # (P,) fp32 second probe layer
+    b2_ptr,  # (1,) fp32
+    add_ptr,  # (1,) fp32 learned offset
+    out_ptr,  # (R,) fp32 log keep of each token
     R,
-    T,
     D,
     P,
     mul,
@@ -154,19 +149,17 @@ def _gate_probe_kernel(
     BLOCK_P: tl.constexpr,
     P_TILES: tl.constexpr,  # 1..3 P tiles accumulated per pass over D
 ):
-    # GPU entry: runtime loop bounds S, D, P (one compiled variant for every model).
+    # GPU entry: runtime loop bounds D, P (one compiled variant for every model).
     _gate_probe_tile(
-        h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, add_ptr, out_ptr, S, R, T, D, P, mul, offset,
+        h0_ptr, hs_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, add_ptr, out_ptr, R, D, P, mul, offset,
         IEEE, UPCAST, BLOCK_T, BLOCK_D, BLOCK_P, P_TILES,
     )  # fmt: skip
 
 
 @triton.jit
 def _gate_probe_kernel_static(
-    h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, add_ptr, out_ptr,
-    S: tl.constexpr,
+    h0_ptr, hs_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, add_ptr, out_ptr,
     R,
-    T,
     D: tl.constexpr,
     P: tl.constexpr,
     mul,
@@ -180,7 +173,7 @@ def _gate_probe_kernel_static(
 ):  # fmt: skip
     # Interpreter entry (same arguments, loop bounds constexpr): see the module docstring.
     _gate_probe_tile(
-        h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, add_ptr, out_ptr, S, R, T, D, P, mul, offset,
+        h0_ptr, hs_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, add_ptr, out_ptr, R, D, P, mul, offset,
         IEEE, UPCAST, BLOCK_T, BLOCK_D, BLOCK_P, P_TILES,
     )  # fmt: skip
 
@@ -221,29 +214,32 @@ def _dot_dtype(hidden_dtype: torch.dtype, w1_dtype: torch.dtype) -> torch.dtype:
     return w1_dtype if w1_dtype != torch.float32 else hidden_dtype
 
 
-def _check_args(hidden_states: torch.Tensor, probes: ProbeParams) -> None:
-    if hidden_states.dim() != 4:
-        raise ValueError(f"probe_gates: hidden_states must be (S, B, T, D), got shape {tuple(hidden_states.shape)}")
-    S, B, T, D = hidden_states.shape
-    w1, b1, w2, b2, add = probes.w1, probes.b1, probes.w2, probes.b2, probes.add
-    if w1.dim() != 3 or w1.shape[0] != S or w1.shape[2] != 2 * D:
+def _check_args(h0: torch.Tensor, hs: torch.Tensor, probes: ProbeParams, depth: int) -> None:
+    if hs.dim() != 3 or h0.shape != hs.shape:
         raise ValueError(
-            f"probe_gates: probes.w1 must be (S={S}, P, 2D={2 * D}) for hidden states {tuple(hidden_states.shape)}, "
-            f"got {tuple(w1.shape)}"
+            f"probe_gates: h0 and hs must both be (B, T, D), got shapes {tuple(h0.shape)} and {tuple(hs.shape)}"
         )
-    P = w1.shape[1]
+    if h0.dtype != hs.dtype:
+        raise ValueError(f"probe_gates: h0 and hs must share a dtype, got {h0.dtype} and {hs.dtype}")
+    B, T, D = hs.shape
+    w1, b1, w2, b2, add = probes.w1, probes.b1, probes.w2, probes.b2, probes.add
+    if w1.dim() != 3 or w1.shape[2] != 2 * D:
+        raise ValueError(f"probe_gates: probes.w1 must be (S, P, 2D={2 * D}) for hidden states {tuple(hs.shape)}, got {tuple(w1.shape)}")
+    S, P = w1.shape[:2]
+    if not 0 <= depth < S:
+        raise ValueError(f"probe_gates: depth must be in [0, {S}) for {S} probes, got {depth}")
     for name, t, shape in (("b1", b1, (S, P)), ("w2", w2, (S, P)), ("b2", b2, (S,)), ("add", add, (S,))):
         if tuple(t.shape) != shape:
             raise ValueError(f"probe_gates: probes.{name} must be {shape}, got {tuple(t.shape)}")
-    if hidden_states.dtype not in SUPPORTED_DTYPES or w1.dtype not in SUPPORTED_DTYPES:
+    if hs.dtype not in SUPPORTED_DTYPES or w1.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
-            f"probe_gates: hidden states and probes must be float32, float16 or bfloat16, got "
-            f"{hidden_states.dtype} and {w1.dtype}"
+            f"probe_gates: hidden states and probes must be float32, float16 or bfloat16, got {hs.dtype} and {w1.dtype}"
         )
 
 
 def gate_probe_forward(
-    hidden_states: torch.Tensor,
+    h0: torch.Tensor,
+    hs: torch.Tensor,
     w1: torch.Tensor,
     b1: torch.Tensor,
     w2: torch.Tensor,
@@ -252,21 +248,24 @@ def gate_probe_forward(
     mul: float,
     offset: float,
 ) -> torch.Tensor:
-    """Launch the probe kernel (no checks on shapes; see ``probe_gates``).
+    """Launch one depth's probe (no checks on shapes; see ``probe_gates``).
+
+    Args:
+        h0, hs: (B, T, D); w1 (P, 2D); b1, w2 (P,); b2, add (1,): this depth's probe.
 
     Returns:
-        log_keep (B, S, T) float32. fp32 hidden states use IEEE fp32 dots unless
+        log_keep (B, T) float32. fp32 hidden states use IEEE fp32 dots unless
         ``torch.set_float32_matmul_precision`` allows TF32.
     """
-    S, B, T, D = hidden_states.shape
-    P = w1.shape[1]
-    device = launch_device("probe_gates", "gate_probe_reference", hidden_states, w1, b1, w2, b2, add)
+    B, T, D = hs.shape
+    P = w1.shape[0]
+    device = launch_device("probe_gates", "gate_probe_reference", h0, hs, w1, b1, w2, b2, add)
     R = B * T
-    h = hidden_states.contiguous()
-    dot_dtype = _dot_dtype(h.dtype, w1.dtype)
+    h0c, hsc = h0.contiguous(), hs.contiguous()
+    dot_dtype = _dot_dtype(hsc.dtype, w1.dtype)
     w1c = w1.detach().to(dot_dtype).contiguous()
     b1c, w2c, b2c, addc = (t.detach().to(torch.float32).contiguous() for t in (b1, w2, b2, add))
-    out = _empty((B, S, T), device=device, dtype=torch.float32)
+    out = _empty((B, T), device=device, dtype=torch.float32)
     if out.numel() == 0:
         return out
     ieee = dot_dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
@@ -276,7 +275,7 @@ def gate_probe_forward(
         raise ValueError(f"probe_gates: P_TILES must be 1 to 3, got {p_tiles}")
     with device_guard(device):
         _kernel(interp)[(triton.cdiv(R, block_t),)](
-            h, w1c, b1c, w2c, b2c, addc, out, S, R, T, D, P, float(mul), float(offset),
+            h0c, hsc, w1c, b1c, w2c, b2c, addc, out, R, D, P, float(mul), float(offset),
             IEEE=ieee, UPCAST=dot_dtype == torch.bfloat16 and interp,
             BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_P=block_p, P_TILES=p_tiles, num_warps=warps, num_stages=stages,
         )  # fmt: skip
@@ -286,7 +285,8 @@ def gate_probe_forward(
 # torch.compile and CUDA graphs see the launcher as one opaque op with a shape-only fake kernel.
 @torch.library.custom_op("vdm_engine::gate_probe", mutates_args=())
 def _gate_probe_op(
-    hidden_states: torch.Tensor,
+    h0: torch.Tensor,
+    hs: torch.Tensor,
     w1: torch.Tensor,
     b1: torch.Tensor,
     w2: torch.Tensor,
@@ -295,26 +295,30 @@ def _gate_probe_op(
     mul: float,
     offset: float,
 ) -> torch.Tensor:
-    return gate_probe_forward(hidden_states, w1, b1, w2, b2, add, mul, offset)
+    return gate_probe_forward(h0, hs, w1, b1, w2, b2, add, mul, offset)
 
 
 @_gate_probe_op.register_fake
-def _(hidden_states, w1, b1, w2, b2, add, mul, offset):
-    S, B, T, _ = hidden_states.shape
-    return hidden_states.new_empty((B, S, T), dtype=torch.float32)
+def _(h0, hs, w1, b1, w2, b2, add, mul, offset):
+    B, T, _ = hs.shape
+    return hs.new_empty((B, T), dtype=torch.float32)
 
 
 # ----- public op ------------------------------------------------------------------------------
-def probe_gates(hidden_states: torch.Tensor, probes: ProbeParams) -> torch.Tensor:
-    """Triton twin of ``gate_probe_reference``: log keep probability of every token at every depth.
+def probe_gates(h0: torch.Tensor, hs: torch.Tensor, probes: ProbeParams, depth: int) -> torch.Tensor:
+    """Triton twin of ``gate_probe_reference``: log keep probability of every token at one depth.
 
     Args:
-        hidden_states: (S, B, T, D) stacked hidden states, S = L+2; float32, float16 or bfloat16.
-        probes: stacked probe weights (``Gates.probe_params()``).
+        h0: (B, T, D) the first hidden state; hs: (B, T, D) hidden state ``depth``, same dtype
+            (float32, float16 or bfloat16).
+        probes: stacked probe weights of all depths (``Gates.probe_params()``).
+        depth: which probe, 0 <= depth < S.
 
     Returns:
-        log_keep (B, S, T) float32. Inference only (no gradient).
+        log_keep (B, T) float32. Inference only (no gradient).
     """
-    _check_args(hidden_states, probes)
-    p = probes
-    return torch.ops.vdm_engine.gate_probe(hidden_states, p.w1, p.b1, p.w2, p.b2, p.add, float(p.mul), float(p.offset))
+    _check_args(h0, hs, probes, depth)
+    p, s = probes, int(depth)
+    return torch.ops.vdm_engine.gate_probe(
+        h0, hs, p.w1[s], p.b1[s], p.w2[s], p.b2[s : s + 1], p.add[s : s + 1], float(p.mul), float(p.offset)
+    )

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -43,6 +45,33 @@ def test_exactly_one_backbone_forward_per_explain(tiny_explainer, pixels):
         for h in hooks:
             h.remove()
     assert calls == {"proj": 1, "layers": b.num_layers, "head": 1}
+
+
+def test_probes_run_inside_the_layer_loop(tiny_explainer, pixels, monkeypatch):
+    """Each depth's probe runs right after its hidden state is produced; nothing stacks the L+2 states."""
+    b = tiny_explainer.backbone
+    events = []
+    probe = tiny_explainer.ops.gate_probe
+
+    def recording_probe(h0, hs, probes, depth):
+        events.append(("probe", depth, tuple(hs.shape)))
+        return probe(h0, hs, probes, depth)
+
+    monkeypatch.setattr(tiny_explainer, "ops", dataclasses.replace(probe_ops := tiny_explainer.ops, gate_probe=recording_probe))
+    assert probe_ops.gate_probe is probe
+    monkeypatch.setattr(type(b), "hidden_states", lambda *a: pytest.fail("the explain path stacked the hidden states"))
+    hooks = [layer.register_forward_hook(lambda m, i, o, k=k: events.append(("layer", k))) for k, layer in enumerate(b.layers)]
+    try:
+        ex = tiny_explainer.explain(pixels)
+    finally:
+        for h in hooks:
+            h.remove()
+    T, D = b.num_tokens, b.hidden_size
+    expected = [("probe", 0, (5, T, D)), ("probe", 1, (5, T, D))]
+    for k in range(b.num_layers):
+        expected += [("layer", k), ("probe", k + 2, (5, T, D))]
+    assert events == expected
+    assert ex.layer_masks.shape == (5, b.num_hidden_states, b.num_patches)
 
 
 def test_batch_equals_one_by_one(tiny_explainer, pixels, close):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vdm_engine import GateConfig, Gates
-from vdm_engine.gates import gate_probe_reference, hard_concrete_sample
+from vdm_engine.gates import gate_probe_reference, gate_probe_stacked, hard_concrete_sample, probe_depths
 
 
 def _naive_logits(gates: Gates, hs: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,28 @@ def test_vectorised_probes_match_per_depth_formula(S, B, T, D, close):
     offset = 0.2 * math.log(0.2)
     close(g.log_keep_prob(hs), torch.log(torch.sigmoid(z - offset)), 1e-5, 1e-5, "log keep")
     # list input equals stacked input
-    close(g.log_keep_prob(list(hs)), gate_probe_reference(hs, g.probe_params()), 0, 0, "list input")
+    close(g.log_keep_prob(list(hs)), gate_probe_stacked(hs, g.probe_params()), 0, 0, "list input")
+
+
+@pytest.mark.parametrize("S,B,T,D", [(4, 3, 17, 36), (3, 1, 2, 20), (5, 2, 197, 100)])
+def test_per_depth_reference_matches_stacked(S, B, T, D, close):
+    """The explain path's one-depth probe equals the training path's stacked probes, depth by depth."""
+    g = Gates(GateConfig(hidden_size=D, num_hidden_states=S, add_init=0.3))
+    with torch.no_grad():
+        g.w1.mul_(3.0)  # spread the keep probabilities away from saturation
+        g.add.copy_(torch.linspace(-6.0, 4.0, S))
+    hs = torch.randn(S, B, T, D)
+    p = g.probe_params()
+    with torch.no_grad():
+        stacked = gate_probe_stacked(hs, p)
+    assert stacked.min() < -1.0 and stacked.max() > -0.1, "probes too saturated for a meaningful check"
+    for s in range(S):
+        with torch.no_grad():
+            got = gate_probe_reference(hs[0], hs[s], p, s)
+        assert got.shape == (B, T) and got.dtype == torch.float32
+        close(got, stacked[:, s], 1e-5, 1e-5, f"depth {s}")
+    with torch.no_grad():
+        close(probe_depths(gate_probe_reference, list(hs), p), stacked, 1e-5, 1e-5, "all depths")
 
 
 def test_keep_probability_closed_form_matches_monte_carlo():

@@ -228,23 +228,36 @@ class Backbone(nn.Module):
         """Plain inference: (B, 3, H, W) -> (B, C) logits."""
         return self.head(self.encode(self._assemble(self.embed_patches(pixel_values))))
 
-    def hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward pass returning logits and the L+2 hidden states DiffMask reads.
+    def forward_states(self, pixel_values: torch.Tensor, on_state: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
+        """One forward pass that hands each of the L+2 hidden states to ``on_state`` as it is produced.
+
+        ``on_state(i, h_i)`` is called in depth order with h_i (B, T, D): h0 = [CLS; patch projections]
+        without position embeddings, h1..hL the inputs of each encoder layer, h(L+1) the last layer's
+        output before the final layer norm. Nothing is kept here, so a state is freed once the next
+        layer has read it (unless ``on_state`` keeps it).
 
         Returns:
-            logits (B, C) and hidden states (L+2, B, T, D): h0 = [CLS; patch projections] without
-            position embeddings, h1..hL the inputs of each encoder layer, h(L+1) the last layer's
-            output before the final layer norm.
+            logits (B, C).
         """
         patches = self.embed_patches(pixel_values)
         cls = self.model.vit.embeddings.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype)
-        states = [torch.cat([cls, patches], dim=1)]
+        on_state(0, torch.cat([cls, patches], dim=1))
         h = self._assemble(patches)
-        states.append(h)
-        for layer in self.layers:
+        on_state(1, h)
+        for i, layer in enumerate(self.layers, start=2):
             h = self._run_layer(layer, h)
-            states.append(h)
-        return self.head(h), torch.stack(states)
+            on_state(i, h)
+        return self.head(h)
+
+    def hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass returning logits and the L+2 hidden states stacked (the training path).
+
+        Returns:
+            logits (B, C) and hidden states (L+2, B, T, D) as described in ``forward_states``.
+        """
+        states: list[torch.Tensor] = []
+        logits = self.forward_states(pixel_values, lambda i, h: states.append(h))
+        return logits, torch.stack(states)
 
     def masked_logits_from_patches(
         self,

@@ -208,8 +208,30 @@ class Explainer(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> logits (B, C), log keep (B, L+2, T): one backbone pass and the probes. No checks."""
-        logits, hidden = self.backbone.hidden_states(pixel_values)
-        return logits, self.ops.gate_probe(hidden, self.gates.probe_params())
+        logits, _, log_keep = self.probe_pass(pixel_values)
+        return logits, log_keep
+
+    def probe_pass(self, pixel_values: torch.Tensor, ops: Ops | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One backbone pass with each depth's probe run as its hidden state is produced.
+
+        Only h0 is kept beyond its layer (every probe and the masked pass read it); no
+        (L+2, B, T, D) stack is built.
+
+        Returns:
+            logits (B, C), h0 (B, T, D), log keep per depth (B, L+2, T) float32.
+        """
+        ops = ops or self.ops
+        probes = self.gates.probe_params()
+        log_keep: list[torch.Tensor] = []  # (B, T) per depth, in depth order
+        first: list[torch.Tensor] = []  # [h0]
+
+        def on_state(i: int, h: torch.Tensor) -> None:
+            if i == 0:
+                first.append(h)
+            log_keep.append(ops.gate_probe(first[0], h, probes, i))
+
+        logits = self.backbone.forward_states(pixel_values, on_state)
+        return logits, first[0], torch.stack(log_keep, 1)
 
     def run(
         self,
@@ -220,6 +242,8 @@ class Explainer(nn.Module):
         ops: Ops | None = None,
     ) -> dict[str, torch.Tensor]:
         """The explain core shared by ``explain``, the ONNX graph and benchmarks; no input checks.
+
+        Each depth's probe runs as the backbone produces its hidden state (``probe_pass``).
 
         Args:
             pixel_values: (B, 3, H, W) on the backbone's device.
@@ -232,8 +256,7 @@ class Explainer(nn.Module):
             masked_logits (B, C), kl (B,).
         """
         ops = ops or self.ops
-        logits, hidden = self.backbone.hidden_states(pixel_values)
-        log_keep = ops.gate_probe(hidden, self.gates.probe_params())  # (B, L+2, T)
+        logits, h0, log_keep = self.probe_pass(pixel_values, ops)  # log_keep (B, L+2, T)
         out = {"logits": logits.float()}
         if "layer_masks" in outputs:
             out["layer_masks"] = masks.layer_masks(log_keep)
@@ -242,7 +265,7 @@ class Explainer(nn.Module):
             out["patch_mask"] = masks.patch_mask(log_keep)
         if "masked_logits" in outputs or "kl" in outputs:
             keep = masks.hard_mask(out["patch_mask"], threshold)
-            checked = masks.masked_pass(self.backbone, hidden[0, :, 1:], out["logits"], keep, self.gates.placeholder,
+            checked = masks.masked_pass(self.backbone, h0[:, 1:], out["logits"], keep, self.gates.placeholder,
                                         ops.patch_mask)
             out["masked_logits"], out["kl"] = checked.masked_logits, checked.kl
         return out
@@ -268,6 +291,26 @@ class Explainer(nn.Module):
             gates_source=self.gates.provenance.source,
             gates_sha256=self.gates.sha256,
         )
+
+    def compile(self, batch_sizes=(1, 2, 4, 8, 16, 32, 64), *, mode: str | None = None, backend: str = "inductor",
+                warmup: bool = False):
+        """``torch.compile`` explain and plain prediction once per batch bucket (``CompiledExplainer``).
+
+        A batch is padded to the smallest bucket that holds it and the outputs are sliced back;
+        batches above the largest bucket run in chunks. On CUDA the default ``mode`` is
+        ``reduce-overhead`` (CUDA graphs), elsewhere ``default``.
+
+        Args:
+            batch_sizes: the buckets (static shapes) to compile.
+            mode, backend: as ``torch.compile`` (``backend="aot_eager"`` traces without code generation).
+            warmup: compile every bucket now instead of on first use.
+
+        Returns:
+            ``CompiledExplainer`` with ``explain(pixel_values) -> Explanation`` and ``predict(pixel_values) -> logits``.
+        """
+        from .compiled import CompiledExplainer
+
+        return CompiledExplainer(self, batch_sizes, mode=mode, backend=backend, warmup=warmup)
 
     @torch.no_grad()
     def verify(self, pixel_values: torch.Tensor, explanation: Explanation, threshold: float = 0.5) -> Verification:

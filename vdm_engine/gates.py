@@ -25,7 +25,7 @@ from . import masks
 from ._io import atomic_path, atomic_write_json, dataclass_from_dict, sha256_file
 from .provenance import BackboneMismatchError, GatesProvenance, check_fingerprint, validation_figures
 
-__all__ = ["GateConfig", "Gates", "ProbeParams", "gate_probe_reference", "hard_concrete_sample", "GATES_WEIGHTS", "GATES_CONFIG"]
+__all__ = ["GateConfig", "Gates", "ProbeParams", "gate_probe_reference", "gate_probe_stacked", "probe_depths", "hard_concrete_sample", "GATES_WEIGHTS", "GATES_CONFIG"]
 
 GATES_WEIGHTS = "gates.safetensors"
 GATES_CONFIG = "gates_config.json"
@@ -100,15 +100,53 @@ class ProbeParams(NamedTuple):
     offset: float
 
 
-def gate_probe_reference(hidden_states: torch.Tensor, probes: ProbeParams) -> torch.Tensor:
-    """Log keep probability of every token at every depth.
+def gate_probe_reference(h0: torch.Tensor, hs: torch.Tensor, probes: ProbeParams, depth: int) -> torch.Tensor:
+    """Log keep probability of every token at one depth, from that depth's hidden state.
+
+    The explain path calls it as each hidden state is produced, so no (L+2, B, T, D) stack exists.
 
     Args:
-        hidden_states: (S, B, T, D) stacked hidden states, S = L+2; h0 = hidden_states[0].
+        h0: (B, T, D) the first hidden state (patch projections and CLS), read by every probe.
+        hs: (B, T, D) hidden state ``depth`` (``hs is h0`` at depth 0).
+        probes: stacked weights of all depths (see ``ProbeParams``); row ``depth`` is used.
+        depth: 0 <= depth < S = L+2.
+
+    Returns:
+        log_keep (B, T) float32: -softplus(offset - z_depth).
+    """
+    D = hs.shape[-1]
+    w1 = probes.w1[depth]  # (P, 2D): columns [0, D) act on h0, [D, 2D) on hs
+    dt = w1.dtype
+    # Two matmuls on the (B, T, D) states (no (BT, 2D) concatenation, no reshapes): in an ONNX graph
+    # every op here is repeated at each depth, so the formula is written with as few ops as it needs.
+    pre = torch.matmul(h0.to(dt), w1[:, :D].t()) + torch.matmul(hs.to(dt), w1[:, D:].t()) + probes.b1[depth]
+    out = torch.matmul(torch.tanh(pre), probes.w2[depth]) + probes.b2[depth]  # (B, T)
+    # -softplus(offset - z) == logsigmoid(z - offset), with z = mul * tanh(out) + add.
+    return F.logsigmoid(probes.mul * torch.tanh(out) + (probes.add[depth] - probes.offset)).float()
+
+
+def probe_depths(gate_probe, hidden_states, probes: ProbeParams) -> torch.Tensor:
+    """Run a per-depth probe op (``Ops.gate_probe``) over already stacked or listed hidden states.
+
+    Args:
+        gate_probe: ``gate_probe_reference`` or a twin with its signature.
+        hidden_states: (S, B, T, D) tensor or a list of S (B, T, D) tensors.
+
+    Returns:
+        log_keep (B, S, T) float32.
+    """
+    return torch.stack([gate_probe(hidden_states[0], h, probes, s) for s, h in enumerate(hidden_states)], 1)
+
+
+def gate_probe_stacked(hidden_states: torch.Tensor, probes: ProbeParams) -> torch.Tensor:
+    """All depths at once from stacked hidden states (the training path, which keeps them for gradients).
+
+    Args:
+        hidden_states: (S, B, T, D), S = L+2; h0 = hidden_states[0].
         probes: stacked weights (see ``ProbeParams``).
 
     Returns:
-        log_keep (B, S, T) float32: -softplus(offset - z).
+        log_keep (B, S, T): -softplus(offset - z), in the probes' dtype.
     """
     z = _probe_logits(hidden_states, probes)
     return -F.softplus(probes.offset - z)
@@ -190,7 +228,7 @@ class Gates(nn.Module):
 
     def log_keep_prob(self, hidden_states) -> torch.Tensor:
         """Per-depth log keep probability log P(g > 0): (L+2, B, T, D) -> (B, L+2, T)."""
-        return gate_probe_reference(self._stack(hidden_states), self.probe_params())
+        return gate_probe_stacked(self._stack(hidden_states), self.probe_params())
 
     def layer_masks(self, hidden_states) -> torch.Tensor:
         """Cumulative keep probabilities up to each depth, CLS dropped: (B, L+2, N)."""

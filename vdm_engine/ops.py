@@ -40,8 +40,8 @@ class Ops:
     """The functions the explain path calls, and why they were chosen.
 
     Attributes:
-        gate_probe: ``(hidden_states (S, B, T, D), ProbeParams) -> log_keep (B, S, T)`` float32
-            (signature of ``gates.gate_probe_reference``).
+        gate_probe: ``(h0 (B, T, D), hs (B, T, D), ProbeParams, depth) -> log_keep (B, T)`` float32,
+            one depth's probe (signature of ``gates.gate_probe_reference``).
         patch_mask: ``(x (B, N, D), gates (B, N) | (B, K, N), placeholder, cls_token, pos_embed)
             -> tokens (B*K, N+1, D)`` (signature of ``backbone.patch_mask_reference``).
         backend: ``reference`` or the provider's name (``triton``).

@@ -1,4 +1,4 @@
-"""Fused Triton gate probes vs ``gate_probe_reference``, on poisoned outputs (CPU interpreter here).
+"""Triton gate probe of one depth vs ``gate_probe_reference``, on poisoned outputs (CPU interpreter here).
 
 The reference computes in the probes' dtype (fp32) whatever the hidden states' dtype, so for half
 hidden states it is the exact value; the kernel runs its matmuls in the half dtype (weights rounded
@@ -35,11 +35,12 @@ def _probes(S: int, D: int, seed: int = 1):
 
 
 def _check(S, B, T, D, dtype, close):
+    """Every depth (depth 0 with hs = h0 itself) against the reference with the same arguments."""
     probes = _probes(S, D)
     hs = torch.randn(S, B, T, D, device=DEV).to(dtype)
     with torch.no_grad():
-        expected = gate_probe_reference(hs, probes)
-        got = probe_gates(hs, probes)
+        expected = torch.stack([gate_probe_reference(hs[0], hs[s], probes, s) for s in range(S)], 1)
+        got = torch.stack([probe_gates(hs[0], hs[0] if s == 0 else hs[s], probes, s) for s in range(S)], 1)
     assert expected.min() < -1.0 and expected.max() > -0.1, "probes too saturated for a meaningful check"
     atol, rtol = TOL[dtype]
     assert got.shape == (B, S, T) and got.dtype == torch.float32
@@ -78,7 +79,8 @@ def test_p_tiles_share_hidden_state_loads(block_p, p_tiles, monkeypatch, close, 
 def test_p_tiles_out_of_range(monkeypatch):
     monkeypatch.setattr(gp, "_block_sizes", lambda R, D, P, interpret, elem: (32, 16, 16, 4, 4, 2))
     with pytest.raises(ValueError, match=r"P_TILES must be 1 to 3, got 4"):
-        probe_gates(torch.zeros(3, 2, 5, 8, device=DEV), _probes(3, 8))
+        h = torch.zeros(2, 5, 8, device=DEV)
+        probe_gates(h, h, _probes(3, 8), 1)
 
 
 def test_one_patch_prime_batch(close, poison):
@@ -86,12 +88,13 @@ def test_one_patch_prime_batch(close, poison):
 
 
 def test_matches_gates_module(tiny_backbone, tiny_gates, pixels, close):
-    """Same numbers as the Gates methods the engine and trainer use on real hidden states."""
+    """Per depth, the same numbers as the stacked Gates method the trainer uses on real hidden states."""
     with torch.no_grad():
         _, hs = tiny_backbone.hidden_states(pixels)
         gates = copy.deepcopy(tiny_gates).to(DEV)
-        hs = hs.to(DEV)
-        close(probe_gates(hs, gates.probe_params()), gates.log_keep_prob(hs), 1e-5, 1e-5, "log_keep")
+        hs, p = hs.to(DEV), gates.probe_params()
+        got = torch.stack([probe_gates(hs[0], hs[s], p, s) for s in range(hs.shape[0])], 1)
+        close(got, gates.log_keep_prob(hs), 1e-5, 1e-5, "log_keep")
 
 
 def test_compiles_without_graph_breaks(close):
@@ -99,26 +102,38 @@ def test_compiles_without_graph_breaks(close):
     hs = torch.randn(3, 2, 17, 36, device=DEV)
     compiled = torch.compile(probe_gates, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
-        close(compiled(hs, probes), gate_probe_reference(hs, probes), 1e-5, 1e-5, "compiled log_keep")
+        close(compiled(hs[0], hs[2], probes, 2), gate_probe_reference(hs[0], hs[2], probes, 2), 1e-5, 1e-5,
+              "compiled log_keep")
 
 
 @pytest.mark.parametrize(
-    "hs_shape, field, value, match",
+    "hs_shape, h0_shape, depth, field, value, match",
     [
-        ((3, 2, 5, 8), None, None, None),
-        ((2, 5, 8), None, None, r"hidden_states must be \(S, B, T, D\)"),
-        ((3, 2, 5, 6), None, None, r"probes.w1 must be \(S=3, P, 2D=12\)"),
-        ((3, 2, 5, 8), "b1", torch.zeros(3, 5), r"probes.b1 must be \(3, 2\)"),
-        ((3, 2, 5, 8), "add", torch.zeros(2), r"probes.add must be \(3,\)"),
+        ((2, 5, 8), None, 1, None, None, None),
+        ((3, 2, 5, 8), None, 1, None, None, r"h0 and hs must both be \(B, T, D\)"),
+        ((2, 5, 8), (2, 4, 8), 1, None, None, r"h0 and hs must both be \(B, T, D\)"),
+        ((2, 5, 6), None, 1, None, None, r"probes.w1 must be \(S, P, 2D=12\)"),
+        ((2, 5, 8), None, 3, None, None, r"depth must be in \[0, 3\) for 3 probes, got 3"),
+        ((2, 5, 8), None, -1, None, None, r"depth must be in \[0, 3\)"),
+        ((2, 5, 8), None, 1, "b1", torch.zeros(3, 5), r"probes.b1 must be \(3, 2\)"),
+        ((2, 5, 8), None, 1, "add", torch.zeros(2), r"probes.add must be \(3,\)"),
     ],
 )
-def test_bad_arguments(hs_shape, field, value, match):
+def test_bad_arguments(hs_shape, h0_shape, depth, field, value, match):
     probes = Gates(GateConfig(8, 3, probe_size=2)).to(DEV).probe_params()
     if field is not None:
         probes = probes._replace(**{field: value.to(DEV)})
     hs = torch.zeros(hs_shape, device=DEV)
+    h0 = torch.zeros(h0_shape or hs_shape, device=DEV)
     if match is None:  # the valid baseline of this table
-        assert probe_gates(hs, probes).shape == (2, 3, 5)
+        assert probe_gates(h0, hs, probes, depth).shape == (2, 5)
         return
     with pytest.raises(ValueError, match=match):
-        probe_gates(hs, probes)
+        probe_gates(h0, hs, probes, depth)
+
+
+def test_mixed_dtypes_rejected():
+    probes = Gates(GateConfig(8, 3, probe_size=2)).to(DEV).probe_params()
+    h = torch.zeros(2, 5, 8, device=DEV)
+    with pytest.raises(ValueError, match=r"h0 and hs must share a dtype"):
+        probe_gates(h, h.half(), probes, 1)

@@ -64,15 +64,15 @@ def _compile_all() -> list[dict]:
     rows.append(build("patch_mask_bwd", pm._patch_mask_bwd_kernel, bwd_sig,
                       dict(K=8, HAS_PH=True, NEED_GX=True, NEED_GG=True, NEED_GPH=True, BLOCK_N=br, BLOCK_D=bd),
                       dict(num_warps=warps), 90, ("D",)))
-    # gate_probe: the GPU entry (runtime S, D, P) with the launcher's defaults for ViT-B/16 probes,
+    # gate_probe: the GPU entry (runtime D, P; one depth) with the launcher's defaults for ViT-B/16 probes,
     # plus variants the GPU sweep tries.
     gp_sig = dict(b1_ptr="*fp32", w2_ptr="*fp32", b2_ptr="*fp32", add_ptr="*fp32", out_ptr="*fp32",
-                  S="i32", R="i32", T="i32", D="i32", P="i32", mul="fp32", offset="fp32")
+                  R="i32", D="i32", P="i32", mul="fp32", offset="fp32")
     cases = [(dt, gp._block_sizes(256 * 197, 768, 192, False, elem), ccs, "default")
              for dt, elem, ccs in (("bf16", 2, (80, 90)), ("fp32", 4, (90,)))]
     cases += [("bf16", (64, 64, 64, 1, 4, 3), (90,), "sweep"), ("bf16", (64, 64, 64, 3, 4, 2), (90,), "sweep")]
     for dt, (bt, bd, bp, pt, warps, stages), ccs, kind in cases:
-        sig = dict(gp_sig, h_ptr=f"*{dt}", w1_ptr=f"*{dt}")
+        sig = dict(gp_sig, h0_ptr=f"*{dt}", hs_ptr=f"*{dt}", w1_ptr=f"*{dt}")
         consts = dict(IEEE=dt == "fp32", UPCAST=False, BLOCK_T=bt, BLOCK_D=bd, BLOCK_P=bp, P_TILES=pt)
         for cc in ccs:
             row = build(f"gate_probe_{dt}", gp._gate_probe_kernel, sig, consts,

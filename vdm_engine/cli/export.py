@@ -2,8 +2,8 @@
 
 The default model is the embedded ``vit-digits``, so ``vdm-export --out m.onnx`` works offline.
 An existing ``--out`` file is replaced only with ``--overwrite``. Exit codes: 0 written; 2 bad
-usage, unknown model, missing weights or gates, unwritable ``--out``; 1 export or validation
-failure; 130 Ctrl-C, 143 SIGTERM (nothing is left at ``--out``, nor staging files, in all of these).
+usage, unknown model, missing weights or gates, unwritable ``--out``, and an int8 graph
+(``--quantize int8``) below ``--min-agreement`` / ``--min-iou``; 1 export or validation failure; 130 Ctrl-C, 143 SIGTERM (nothing is left at ``--out``, nor staging files, in all of these).
 Everything it does is ``vdm_engine.export.main_export``, with the same defaults.
 """
 
@@ -68,6 +68,19 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--triton-queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US, metavar="US",
                      help=f"Triton dynamic batcher's max_queue_delay_microseconds (default {DEFAULT_QUEUE_DELAY_US})")
     opt.add_argument("--tensorrt", action="store_true", help="add a TensorRT FP16 accelerator block to the Triton config")
+    q = p.add_argument_group("int8 (CPU)")
+    q.add_argument("--quantize", choices=("int8",), default=None,
+                   help="write an int8 graph (onnxruntime.quantization) checked against the fp32 graph on held-out images")
+    q.add_argument("--calibration-data", default=None, metavar="SRC",
+                   help="static quantization calibrated on images of this source (toy, digits, imagefolder:PATH, "
+                        "hf:NAME); default: dynamic quantization")
+    q.add_argument("--calibration-images", type=int, default=64, metavar="N", help="calibration images (default 64)")
+    q.add_argument("--held-out-images", type=int, default=300, metavar="N",
+                   help="held-out images of the int8 check (default 300)")
+    q.add_argument("--min-agreement", type=float, default=0.99, metavar="X",
+                   help="fail below this prediction agreement with the fp32 graph (default 0.99)")
+    q.add_argument("--min-iou", type=float, default=0.95, metavar="X",
+                   help="fail below this mean kept-set IoU with the fp32 graph (default 0.95)")
     opt.add_argument("-v", "--verbose", action="store_true", help="log per-output differences of every validation input")
     return p
 
@@ -122,6 +135,7 @@ def _check(args) -> None:
             raise UsageError("--gates cannot be combined with --random-weights (random weights get random gates)")
     else:
         check_model(args.model, revision=args.revision)
+    _check_quantize(args)
     check_out_file(args.out, args.overwrite)
     if args.triton_repo:
         check_out_dir(args.triton_repo, flag="--triton-repo")
@@ -131,6 +145,26 @@ def _check(args) -> None:
         resolve_providers(args.providers)  # 'cuda' without onnxruntime-gpu is a ValueError
     except ImportError as e:  # onnxruntime is an extra; the message names the package to install
         raise UsageError(str(e)) from None
+
+
+def _check_quantize(args) -> None:
+    quant_flags = [f for f, v in (("--calibration-data", args.calibration_data),) if v is not None]
+    if args.quantize is None:
+        if quant_flags:
+            raise UsageError(f"{quant_flags[0]} needs --quantize int8")
+        return
+    if args.fp16:
+        raise UsageError("--quantize int8 starts from the fp32 graph; drop --fp16")
+    for flag, v in (("--min-agreement", args.min_agreement), ("--min-iou", args.min_iou)):
+        if not 0.0 <= v <= 1.0:
+            raise UsageError(f"{flag} must be in [0, 1], got {v}")
+    for flag, v in (("--calibration-images", args.calibration_images), ("--held-out-images", args.held_out_images)):
+        if v < 1:
+            raise UsageError(f"{flag} must be >= 1, got {v}")
+    if args.calibration_data is not None:
+        from vdm_engine.data import open_source
+
+        open_source(args.calibration_data)  # ValueError (exit 2) for an unknown spec
 
 
 def _run(argv: Sequence[str] | None) -> int:
@@ -151,7 +185,8 @@ def _run(argv: Sequence[str] | None) -> int:
         overwrite=args.overwrite, triton_repo=args.triton_repo, triton_name=args.triton_name,
         triton_max_batch=args.triton_max_batch, triton_backend=args.triton_backend,
         triton_ensemble=args.triton_ensemble, triton_queue_delay_us=args.triton_queue_delay_us, tensorrt=args.tensorrt,
-        status=_status,
+        quantize=args.quantize, calibration_data=args.calibration_data, calibration_images=args.calibration_images,
+        held_out_images=args.held_out_images, min_agreement=args.min_agreement, min_iou=args.min_iou, status=_status,
     )
     print(result.summary())
     return 0
