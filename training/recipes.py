@@ -44,6 +44,7 @@ __all__ = [
     "build",
     "evaluate_digits_gates",
     "evaluate_toy_gates",
+    "retrainer",
     "main",
 ]
 
@@ -247,6 +248,38 @@ def evaluate_toy_gates(explainer, n: int = 300, seed: int = 2026, threshold: flo
         "accuracy": float((e.labels.cpu() == torch.as_tensor(y)).float().mean()),
         "ground_truth_mask_agreement": float((truth.cpu() == e.labels.cpu()).float().mean()),
     }
+
+
+def retrainer(which: str, *, steps: int = 200, seed: int = 0):
+    """A ``retrain(explainer) -> Gates`` callable for the randomisation test (``vdm-eval``): fresh gates
+    trained for ``steps`` steps on ``explainer``'s backbone with the ``which`` recipe's gate data and
+    settings (one thread, no files kept, nothing registered)."""
+    if which not in RECIPES:
+        raise ValueError(f"unknown recipe {which!r}; expected one of {sorted(RECIPES)}")
+
+    def retrain(explainer):
+        import tempfile
+
+        from vdm_engine import Explainer
+
+        from .config import TrainConfig
+        from .loop import new_gates, train_gates
+
+        data = _data(which, replace(RECIPES[which], seed=seed))
+        bb = explainer.backbone
+        cfg = TrainConfig(seed=seed, **{**GATE_CONFIGS[which], "steps": steps, "eval_interval": max(1, steps // 4),
+                                        "checkpoint_interval": steps})
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with tempfile.TemporaryDirectory(prefix="vdm-retrain-") as tmp:
+                result = train_gates(Explainer(bb, new_gates(bb, cfg)), bb.preprocess(data["gate_train"]),
+                                     bb.preprocess(data["gate_val"]), cfg, out_dir=tmp, register=False, progress=False)
+        finally:
+            torch.set_num_threads(threads)
+        return result.gates.eval()
+
+    return retrain
 
 
 def build(which: str, out: str | Path, *, seed: int = 0, work: str | Path | None = None, progress: bool = True) -> dict:
