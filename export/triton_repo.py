@@ -67,7 +67,7 @@ def triton_config_text(
     S, N, C = m.num_hidden_states, m.patch_grid[0] * m.patch_grid[1], m.num_labels
     in_dims = (H, W, 3) if m.uint8_input else (3, H, W)
     in_type = _TYPES["uint8"] if m.uint8_input else _TYPES["float32"]
-    out_dims = {"logits": (C,), "patch_mask": (N,), "layer_masks": (S, N), "masked_logits": (C,), "kl": ()}
+    out_dims = {"logits": (C,), "patch_mask": (N,), "layer_masks": (S, N), "masked_logits": (C,), "kl": (), "patch_rank": (N,)}
     fixed = m.fixed_batch
     if instance_kind not in ("KIND_GPU", "KIND_CPU", "KIND_AUTO"):
         raise ValueError(f"instance_kind must be KIND_GPU, KIND_CPU or KIND_AUTO, got {instance_kind!r}")

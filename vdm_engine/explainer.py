@@ -20,7 +20,7 @@ from .registry import registered_gates, registry_home
 __all__ = ["Explainer", "Explanation", "Verification", "GatesNotFoundError", "kl_divergence", "EXPLAIN_OUTPUTS"]
 
 #: What ``Explainer.run`` can compute, in graph order (the ONNX graph's outputs).
-EXPLAIN_OUTPUTS = ("logits", "patch_mask", "layer_masks", "masked_logits", "kl")
+EXPLAIN_OUTPUTS = ("logits", "patch_mask", "layer_masks", "masked_logits", "kl", "patch_rank")
 
 
 class GatesNotFoundError(LookupError):
@@ -40,6 +40,8 @@ class Explanation:
         image_size: (H, W) of the model input.
         gates_source: where the gates came from (``shipped``, ``registry``, ``path``, ...).
         gates_sha256: sha256 of the gates' weights file (None for gates never saved).
+        patch_rank: (B, N) one-pass ranking of K-level gates (``masks.patch_rank``: higher = kept by
+            sparser levels); None for single-level gates.
     """
 
     logits: torch.Tensor
@@ -49,6 +51,7 @@ class Explanation:
     image_size: tuple[int, int]
     gates_source: str | None = None
     gates_sha256: str | None = None
+    patch_rank: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.logits.shape[0]
@@ -93,6 +96,7 @@ class Explanation:
             self.image_size,
             self.gates_source,
             self.gates_sha256,
+            None if self.patch_rank is None else self.patch_rank.to(device),
         )
 
     def cpu(self) -> "Explanation":
@@ -224,14 +228,18 @@ class Explainer(nn.Module):
         Args:
             pixel_values: (B, 3, H, W) on the backbone's device.
             outputs: names from ``EXPLAIN_OUTPUTS``; ``masked_logits`` / ``kl`` add the masked pass
-                with the hard mask (keep probability > ``threshold``), reusing h0's patch embeddings.
+                with the hard mask (keep probability > ``threshold``), reusing h0's patch embeddings;
+                ``patch_rank`` (K-level gates only) runs every level's probes on the same hidden states.
             ops: the ops to use (default ``self.ops``; the export passes ``reference_ops()``).
 
         Returns:
             float32 tensors: logits (B, C), patch_mask (B, N), and as asked layer_masks (B, L+2, N),
-            masked_logits (B, C), kl (B,).
+            masked_logits (B, C), kl (B,), patch_rank (B, N).
         """
         ops = ops or self.ops
+        K = self.gates.config.levels
+        if "patch_rank" in outputs and K < 2:
+            raise ValueError("patch_rank needs K-level gates (GateConfig.levels >= 2, see Gates.stack)")
         logits, hidden = self.backbone.hidden_states(pixel_values)
         log_keep = ops.gate_probe(hidden, self.gates.probe_params())  # (B, L+2, T)
         out = {"logits": logits.float()}
@@ -245,6 +253,11 @@ class Explainer(nn.Module):
             checked = masks.masked_pass(self.backbone, hidden[0, :, 1:], out["logits"], keep, self.gates.placeholder,
                                         ops.patch_mask)
             out["masked_logits"], out["kl"] = checked.masked_logits, checked.kl
+        if "patch_rank" in outputs:
+            main = self.gates.config.main_level
+            levels = [out["patch_mask"] if k == main else masks.patch_mask(ops.gate_probe(hidden, self.gates.probe_params(k)))
+                      for k in range(K)]
+            out["patch_rank"] = masks.patch_rank(torch.stack(levels, 1), threshold)
         return out
 
     @torch.no_grad()
@@ -255,10 +268,12 @@ class Explainer(nn.Module):
             pixel_values: (B, 3, H, W) float, as from ``preprocess``.
 
         Returns:
-            ``Explanation`` with logits (B, C), patch_mask (B, N), layer_masks (B, L+2, N).
+            ``Explanation`` with logits (B, C), patch_mask (B, N), layer_masks (B, L+2, N), and
+            patch_rank (B, N) for K-level gates.
         """
         self.backbone.check_pixels(pixel_values)
-        out = self.run(pixel_values.to(self.backbone.device))
+        outputs = ("logits", "patch_mask", "layer_masks") + (("patch_rank",) if self.gates.config.levels > 1 else ())
+        out = self.run(pixel_values.to(self.backbone.device), outputs)
         return Explanation(
             logits=out["logits"],
             patch_mask=out["patch_mask"],
@@ -267,6 +282,7 @@ class Explainer(nn.Module):
             image_size=self.backbone.image_size,
             gates_source=self.gates.provenance.source,
             gates_sha256=self.gates.sha256,
+            patch_rank=out.get("patch_rank"),
         )
 
     @torch.no_grad()

@@ -28,9 +28,13 @@ def _parser() -> argparse.ArgumentParser:
     opt = p.add_argument_group("optional")
     opt.add_argument("--model", default="vit-digits", help="embedded name, preset, hub id or local dir (default vit-digits)")
     opt.add_argument("--gates", default=None, metavar="DIR", help="gates directory (default: registry, then embedded)")
+    opt.add_argument("--path-gates", default=None, metavar="DIR",
+                     help="K-level gates for diffmask-path (default: the embedded model's gates-levels)")
     opt.add_argument("--allow-backbone-mismatch", action="store_true",
                      help="accept gates recorded for another backbone (a fine-tuned copy); warns and records it")
-    opt.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
+    opt.add_argument("--methods", default=None,
+                     help=f"comma-separated (default {DEFAULT_METHODS}, with diffmask-path first when K-level gates "
+                          "are shipped or given)")
     opt.add_argument("--metrics", default=",".join(METRICS),
                      help=f"comma-separated subset of {','.join(METRICS)} (default all)")
     opt.add_argument("--randomise-blocks", default=None, metavar="K,K,...",
@@ -93,6 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from vdm_engine.training.recipes import retrainer
 
             retrain = retrainer(args.data.strip(), steps=args.retrain_steps, seed=args.seed)
+        if args.methods is None:
+            from vdm_engine.models import embedded_levels_dir
+
+            has_path = args.path_gates is not None or embedded_levels_dir(args.model) is not None
+            args.methods = ("diffmask-path," if has_path else "") + DEFAULT_METHODS
         methods = [m for m in args.methods.split(",") if m.strip()]
         if "ig" in [m.strip().lower() for m in methods]:
             try:
@@ -112,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.model, args.data, methods, n=args.n, gates=args.gates, config=config, ig_steps=args.ig_steps,
             ig_baseline=args.ig_baseline, threshold=args.threshold, device=args.device,
             allow_backbone_mismatch=args.allow_backbone_mismatch, metrics=metrics, randomise_blocks=ks, retrain=retrain,
+            path_gates=args.path_gates,
         )
         written = write_report(results, args.out, examples, plots=not args.no_plots)
         rp = config.replacements[0]

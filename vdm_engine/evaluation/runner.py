@@ -440,6 +440,7 @@ def evaluate_model(
     metrics: Iterable[str] = DEFAULT_METRICS,
     randomise_blocks: Iterable[int] | None = None,
     retrain: Callable | None = None,
+    path_gates: str | None = None,
 ) -> tuple[dict, dict]:
     """Load a model with its gates and data, and run ``evaluate`` for the named methods.
 
@@ -448,6 +449,8 @@ def evaluate_model(
     trained gates reading the randomised model (``diffmask``) and, when ``retrain`` is given
     (``retrain(explainer_on_randomised_model) -> Gates``, e.g. a short ``vdm_engine.training`` run; the core
     does not import training itself), with gates retrained on it (``diffmask-retrained``).
+    ``diffmask-path`` reads K-level gates from ``path_gates`` (default: the embedded model's
+    ``gates-levels``).
 
     Returns:
         (results: JSON-serialisable dict with ``model``, ``data``, ``n``, ``seed``, checksums and
@@ -475,7 +478,18 @@ def evaluate_model(
     ).eval()
     bb = explainer.backbone
     options = {"ig": {"n_steps": ig_steps, "baseline": ig_baseline}, "random": {"seed": config.seed}}
-    fns = {m: get_method(m, explainer, **options.get(m, {})) for m in names}
+    path_explainer = None
+    if "diffmask-path" in names:
+        from ..models import embedded_levels_dir
+
+        where = path_gates or embedded_levels_dir(str(model))
+        if where is None:
+            raise ValueError(f"diffmask-path needs K-level gates: '{model}' ships none; pass path_gates=DIR (--path-gates)")
+        from ..gates import Gates
+
+        levels = Gates.from_pretrained(where, source="path" if path_gates else "shipped")
+        path_explainer = Explainer(bb, levels, allow_backbone_mismatch=allow_backbone_mismatch).eval()
+    fns = {m: get_method(m, path_explainer if m == "diffmask-path" else explainer, **options.get(m, {})) for m in names}
     ev = load_eval_data(data, n, preprocess=bb.preprocess, grid=bb.grid, seed=config.seed)
     kept = {"diffmask": (lambda s: s > threshold)} if "diffmask" in names else None
     curve_metrics = [m for m in metrics if m != "randomisation"]
@@ -486,8 +500,8 @@ def evaluate_model(
         res = {"n": int(ev.pixel_values.shape[0]), "config": {"steps": config.steps, "seed": config.seed,
                "replacements": list(config.replacements)}, "metrics": [], "methods": {m: {} for m in names}}
     if "randomisation" in metrics:
-        res["randomisation"] = _randomisation(explainer, names, options, ev.pixel_values, config, randomise_blocks,
-                                              retrain)
+        res["randomisation"] = _randomisation(explainer, fns, path_explainer, names, options, ev.pixel_values, config,
+                                              randomise_blocks, retrain)
         res["metrics"] = list(res["metrics"]) + ["randomisation"]
     res.update({
         "model": model,
@@ -498,6 +512,8 @@ def evaluate_model(
         "ig_steps": ig_steps if "ig" in names else None,
         "ig_baseline": ig_baseline if "ig" in names else None,
         "gates_sha256": explainer.gates.sha256,
+        **({"path_gates_sha256": path_explainer.gates.sha256, "path_gates_provenance": path_explainer.provenance.to_dict(),
+            "path_levels": path_explainer.gates.config.levels} if path_explainer is not None else {}),
         "gates_provenance": explainer.provenance.to_dict(),
         "environment": {
             "vdm_engine": __version__, "torch": torch.__version__, "device": str(bb.device),
@@ -517,7 +533,7 @@ def evaluate_model(
     return res, examples
 
 
-def _randomisation(explainer, names, options, pixel_values, config, ks, retrain) -> dict:
+def _randomisation(explainer, fns, path_explainer, names, options, pixel_values, config, ks, retrain) -> dict:
     """``randomisation_test`` for the named methods; DiffMask with the trained and, if asked, retrained gates."""
     import copy
     import warnings
@@ -531,15 +547,20 @@ def _randomisation(explainer, names, options, pixel_values, config, ks, retrain)
 
     def build(bb):
         if bb is trained:
-            return {m: get_method(m, explainer, **options.get(m, {})) for m in names}
+            return dict(fns)
         with warnings.catch_warnings():  # the trained gates on a randomised copy: another backbone, on purpose
             warnings.simplefilter("ignore", ProvenanceWarning)
             # a copy: accepting the mismatch marks the gates' provenance, and the trained explainer keeps its own
             on_random = Explainer(bb, copy.deepcopy(explainer.gates), allow_backbone_mismatch=True).eval()
-        fns = {m: get_method(m, on_random, **options.get(m, {})) for m in names}
+        made = {m: get_method(m, on_random, **options.get(m, {})) for m in names if m != "diffmask-path"}
+        if "diffmask-path" in names:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ProvenanceWarning)
+                path_on_random = Explainer(bb, copy.deepcopy(path_explainer.gates), allow_backbone_mismatch=True).eval()
+            made["diffmask-path"] = get_method("diffmask-path", path_on_random)
         if retrain is not None and "diffmask" in names:
-            fns["diffmask-retrained"] = get_method("diffmask", Explainer(bb, retrain(on_random)).eval())
-        return fns
+            made["diffmask-retrained"] = get_method("diffmask", Explainer(bb, retrain(on_random)).eval())
+        return made
 
     t0 = time.perf_counter()
     out = randomisation_test(trained, pixel_values, build, ks=ks, seed=config.seed, batch_size=config.batch_size,
