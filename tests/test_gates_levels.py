@@ -88,3 +88,22 @@ def test_onnx_patch_rank_output(tiny_backbone, pixels, tmp_path, close):
     export_onnx(ex, path, outputs=("logits", "patch_mask", "patch_rank"))
     got = OnnxExplainer(path).explain(pixels)
     close(got.patch_rank, ex.explain(pixels).patch_rank, 1e-4, 1e-4, "onnx patch_rank")
+
+
+def test_shipped_vit_digits_levels():
+    """The shipped K-level gates fit vit-digits (fingerprint checked), their main level is the shipped
+    single-level mask, and the levels get sparser in order on held-out digits."""
+    from vdm_engine.data import digits_split
+    from vdm_engine.models import ASSETS, embedded_levels_dir
+
+    single = Explainer.from_pretrained("vit-digits").eval()
+    d = embedded_levels_dir("vit-digits")
+    assert d == ASSETS / "vit-digits" / "gates-levels"
+    levels = Explainer(single.backbone, Gates.from_pretrained(d, single.backbone, source="shipped")).eval()
+    assert levels.gates.config.levels >= 2
+    pv = single.preprocess(digits_split("test")[0][:60])
+    e = levels.explain(pv)
+    torch.testing.assert_close(e.patch_mask, single.explain(pv).patch_mask)
+    _, hidden = single.backbone.hidden_states(pv)
+    kept = (levels.gates.level_masks(hidden) > 0.5).float().mean((0, 2))
+    assert (kept[1:] < kept[:-1]).all(), kept
