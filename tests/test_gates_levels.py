@@ -85,7 +85,7 @@ def test_onnx_patch_rank_output(tiny_backbone, pixels, tmp_path, close):
 
     ex = Explainer(tiny_backbone, Gates.stack(_levels(tiny_backbone, 2)).eval()).eval()
     path = tmp_path / "lv.onnx"
-    export_onnx(ex, path, outputs=("logits", "patch_mask", "patch_rank"))
+    export_onnx(ex, path, outputs=("logits", "patch_mask", "patch_rank"), validate=False)  # compared below
     got = OnnxExplainer(path).explain(pixels)
     close(got.patch_rank, ex.explain(pixels).patch_rank, 1e-4, 1e-4, "onnx patch_rank")
 
