@@ -53,7 +53,8 @@ class ExplainerGraph(nn.Module):
         threshold: keep-probability threshold of the hard mask used by ``masked_logits`` / ``kl``.
 
     Outputs (all float32): logits (B, C), patch_mask (B, N), layer_masks (B, L+2, N),
-    masked_logits (B, C), kl (B,).
+    masked_logits (B, C), kl (B,), patch_rank (B, N) (K-level gates: every level's probes on the same
+    hidden states, ``masks.patch_rank``).
     """
 
     def __init__(

@@ -113,7 +113,7 @@ def _io_dims(m: ExportMetadata) -> tuple[tuple, str, dict]:
     S, N, C = m.num_hidden_states, m.patch_grid[0] * m.patch_grid[1], m.num_labels
     in_dims = (H, W, 3) if m.uint8_input else (3, H, W)
     in_type = _TYPES["uint8"] if m.uint8_input else _TYPES["float32"]
-    out_dims = {"logits": (C,), "patch_mask": (N,), "layer_masks": (S, N), "masked_logits": (C,), "kl": ()}
+    out_dims = {"logits": (C,), "patch_mask": (N,), "layer_masks": (S, N), "masked_logits": (C,), "kl": (), "patch_rank": (N,)}
     return in_dims, in_type, {o: out_dims[o] for o in m.outputs}
 
 

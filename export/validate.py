@@ -138,7 +138,7 @@ def _reference(explainer: Explainer, pv: torch.Tensor, outputs: Sequence[str], o
     threshold cannot flip a patch between the two runs.
     """
     ex = explainer.explain(pv)
-    ref = {"logits": ex.logits, "patch_mask": ex.patch_mask, "layer_masks": ex.layer_masks}
+    ref = {"logits": ex.logits, "patch_mask": ex.patch_mask, "layer_masks": ex.layer_masks, "patch_rank": ex.patch_rank}
     if "masked_logits" in outputs or "kl" in outputs:
         pm = torch.as_tensor(ort_patch_mask).to(ex.patch_mask.device) if ort_patch_mask is not None else ex.patch_mask
         v = explainer.verify(pv, Explanation(ex.logits, pm, ex.layer_masks, ex.grid, ex.image_size), threshold)

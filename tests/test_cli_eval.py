@@ -27,7 +27,8 @@ def test_eval_writes_results_table_and_figures(tmp_path, model_and_gates, capsys
         pass
     out = tmp_path / "ev"
     rc = main(["--model", model, "--gates", gates, "--data", "toy", "--methods", methods, "--n", "7",
-               "--batch-size", "3", "--ig-steps", "4", "--out", str(out), "--seed", "3"])
+               "--batch-size", "3", "--ig-steps", "4", "--out", str(out), "--seed", "3", "--retrain-steps", "0",
+               "--randomise-blocks", "1"])
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
     assert res["n"] == 7 and res["model"] == model and res["data"] == "toy" and res["seed"] == 3
@@ -37,10 +38,14 @@ def test_eval_writes_results_table_and_figures(tmp_path, model_and_gates, capsys
             for o in ("positive", "negative"):
                 assert len(e[rp][o]["prob"]) == 11 and isinstance(e[rp][o]["auc_prob"], float)
         assert "topk" in e["localisation"]
+        assert len(e["insertion_deletion"]["noise"]["deletion"]["prob"]) == 17 and "road" in e
+        assert {"sparseness", "complexity", "intensity"} <= set(e)
     assert "own" in res["methods"]["diffmask"]["localisation"]
+    assert res["randomisation"]["ks"] == [1] and set(res["randomisation"]["methods"]) == set(methods.split(","))
     md = (out / "results.md").read_text()
     assert "| diffmask |" in md and "## Replacement: mean" in md and "Localisation" in md
-    for name in ("curves_noise.png", "curves_mean.png", "examples.png"):
+    assert "ROAD MoRF / LeRF" in md and "Model-randomisation" in md
+    for name in ("curves_noise.png", "curves_mean.png", "curves_road.png", "examples.png"):
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.size[0] > 100
     assert "wrote" in capsys.readouterr().out
@@ -53,6 +58,9 @@ def test_eval_writes_results_table_and_figures(tmp_path, model_and_gates, capsys
         (["--data", "mnist"], "unknown data source"),
         (["--n", "0"], "--n must be >= 1"),
         (["--replacements", "blur"], "replacements"),
+        (["--metrics", "road,lime"], "unknown metric 'lime'"),
+        (["--randomise-blocks", "a,b"], "--randomise-blocks must be comma-separated integers"),
+        (["--retrain-steps", "-1"], "--retrain-steps must be >= 0"),
     ],
 )
 def test_eval_usage_errors(tmp_path, model_and_gates, capsys, args, message):

@@ -178,4 +178,4 @@ def test_paired_difference_and_markdown():
     mean, se = paired_difference(res, "random", "diffmask", "noise", "positive")
     assert mean == pytest.approx(0.2) and se == pytest.approx(np.std([0.3, 0.1, 0.2], ddof=1) / np.sqrt(3))
     md = results_markdown(res)
-    assert "| random | noise | +0.2000 ± 0.0577 | +0.2000 ± 0.0577 |" in md
+    assert "| random | perturbation, noise | +0.2000 ± 0.0577 | +0.2000 ± 0.0577 |" in md

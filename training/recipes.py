@@ -44,6 +44,8 @@ __all__ = [
     "build",
     "evaluate_digits_gates",
     "evaluate_toy_gates",
+    "retrainer",
+    "train_levels",
     "main",
 ]
 
@@ -247,6 +249,77 @@ def evaluate_toy_gates(explainer, n: int = 300, seed: int = 2026, threshold: flo
         "accuracy": float((e.labels.cpu() == torch.as_tensor(y)).float().mean()),
         "ground_truth_mask_agreement": float((truth.cpu() == e.labels.cpu()).float().mean()),
     }
+
+
+def retrainer(which: str, *, steps: int = 200, seed: int = 0):
+    """A ``retrain(explainer) -> Gates`` callable for the randomisation test (``vdm-eval``): fresh gates
+    trained for ``steps`` steps on ``explainer``'s backbone with the ``which`` recipe's gate data and
+    settings (one thread, no files kept, nothing registered)."""
+    if which not in RECIPES:
+        raise ValueError(f"unknown recipe {which!r}; expected one of {sorted(RECIPES)}")
+
+    def retrain(explainer):
+        import tempfile
+
+        from vdm_engine import Explainer
+
+        from .config import TrainConfig
+        from .loop import new_gates, train_gates
+
+        data = _data(which, replace(RECIPES[which], seed=seed))
+        bb = explainer.backbone
+        cfg = TrainConfig(seed=seed, **{**GATE_CONFIGS[which], "steps": steps, "eval_interval": max(1, steps // 4),
+                                        "checkpoint_interval": steps})
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with tempfile.TemporaryDirectory(prefix="vdm-retrain-") as tmp:
+                result = train_gates(Explainer(bb, new_gates(bb, cfg)), bb.preprocess(data["gate_train"]),
+                                     bb.preprocess(data["gate_val"]), cfg, out_dir=tmp, register=False, progress=False)
+        finally:
+            torch.set_num_threads(threads)
+        return result.gates.eval()
+
+    return retrain
+
+
+def train_levels(which: str, model_dir: str | Path, eps: tuple[float, ...], *, steps: int = 600, seed: int = 0,
+                 progress: bool = False) -> list:
+    """Single-level gates for the ``which`` recipe's shipped backbone, one per KL budget in ``eps``
+    (a larger budget gives a sparser mask), trained with the recipe's gate settings and data.
+
+    ``vdm_engine.Gates.stack`` joins them into K-level gates for the one-pass ranking (``diffmask-path``).
+    Returns the trained ``Gates`` in the order of ``eps`` (each with its validation numbers in ``metrics``).
+    """
+    import tempfile
+
+    from vdm_engine import Explainer
+    from vdm_engine.backbone import load_backbone
+
+    from .config import TrainConfig
+    from .loop import new_gates, train_gates
+
+    if which not in RECIPES:
+        raise ValueError(f"unknown recipe {which!r}; expected one of {sorted(RECIPES)}")
+    data = _data(which, replace(RECIPES[which], seed=seed))
+    bb = load_backbone(str(model_dir))
+    out = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for e in eps:
+            cfg = TrainConfig(seed=seed, **{**GATE_CONFIGS[which], "steps": steps, "eps": float(e),
+                                            "eps_valid": 1.5 * float(e), "checkpoint_interval": steps})
+            with tempfile.TemporaryDirectory(prefix="vdm-levels-") as tmp:
+                r = train_gates(Explainer(bb, new_gates(bb, cfg)), bb.preprocess(data["gate_train"]),
+                                bb.preprocess(data["gate_val"]), cfg, out_dir=tmp, register=False, progress=progress)
+            g = r.gates.eval()
+            g.metrics = {"eps": float(e), "steps": steps, "selected": "best" if r.qualified else "last",
+                         "validation": r.best or r.last}
+            out.append(g)
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
 
 def build(which: str, out: str | Path, *, seed: int = 0, work: str | Path | None = None, progress: bool = True) -> dict:

@@ -20,7 +20,7 @@ from .registry import registered_gates, registry_home
 __all__ = ["Explainer", "Explanation", "Verification", "GatesNotFoundError", "kl_divergence", "EXPLAIN_OUTPUTS"]
 
 #: What ``Explainer.run`` can compute, in graph order (the ONNX graph's outputs).
-EXPLAIN_OUTPUTS = ("logits", "patch_mask", "layer_masks", "masked_logits", "kl")
+EXPLAIN_OUTPUTS = ("logits", "patch_mask", "layer_masks", "masked_logits", "kl", "patch_rank")
 
 
 class GatesNotFoundError(LookupError):
@@ -40,6 +40,8 @@ class Explanation:
         image_size: (H, W) of the model input.
         gates_source: where the gates came from (``shipped``, ``registry``, ``path``, ...).
         gates_sha256: sha256 of the gates' weights file (None for gates never saved).
+        patch_rank: (B, N) one-pass ranking of K-level gates (``masks.patch_rank``: higher = kept by
+            sparser levels); None for single-level gates.
     """
 
     logits: torch.Tensor
@@ -49,6 +51,7 @@ class Explanation:
     image_size: tuple[int, int]
     gates_source: str | None = None
     gates_sha256: str | None = None
+    patch_rank: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.logits.shape[0]
@@ -93,6 +96,7 @@ class Explanation:
             self.image_size,
             self.gates_source,
             self.gates_sha256,
+            None if self.patch_rank is None else self.patch_rank.to(device),
         )
 
     def cpu(self) -> "Explanation":
@@ -211,27 +215,34 @@ class Explainer(nn.Module):
         logits, _, log_keep = self.probe_pass(pixel_values)
         return logits, log_keep
 
-    def probe_pass(self, pixel_values: torch.Tensor, ops: Ops | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def probe_pass(self, pixel_values: torch.Tensor, ops: Ops | None = None, *, levels: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One backbone pass with each depth's probe run as its hidden state is produced.
 
         Only h0 is kept beyond its layer (every probe and the masked pass read it); no
         (L+2, B, T, D) stack is built.
 
+        Args:
+            levels: run the probes of every level of K-level gates on the same hidden states.
+
         Returns:
-            logits (B, C), h0 (B, T, D), log keep per depth (B, L+2, T) float32.
+            logits (B, C), h0 (B, T, D), log keep per depth (B, L+2, T) float32 of the main level,
+            or with ``levels`` of every level (B, K, L+2, T).
         """
         ops = ops or self.ops
-        probes = self.gates.probe_params()
-        log_keep: list[torch.Tensor] = []  # (B, T) per depth, in depth order
+        sets = self.gates.level_params() if levels else [self.gates.probe_params()]
+        log_keep: list[list[torch.Tensor]] = [[] for _ in sets]  # per level: (B, T) per depth, in depth order
         first: list[torch.Tensor] = []  # [h0]
 
         def on_state(i: int, h: torch.Tensor) -> None:
             if i == 0:
                 first.append(h)
-            log_keep.append(ops.gate_probe(first[0], h, probes, i))
+            for acc, probes in zip(log_keep, sets):
+                acc.append(ops.gate_probe(first[0], h, probes, i))
 
         logits = self.backbone.forward_states(pixel_values, on_state)
-        return logits, first[0], torch.stack(log_keep, 1)
+        per_level = [torch.stack(acc, 1) for acc in log_keep]
+        return logits, first[0], torch.stack(per_level, 1) if levels else per_level[0]
 
     def run(
         self,
@@ -248,15 +259,23 @@ class Explainer(nn.Module):
         Args:
             pixel_values: (B, 3, H, W) on the backbone's device.
             outputs: names from ``EXPLAIN_OUTPUTS``; ``masked_logits`` / ``kl`` add the masked pass
-                with the hard mask (keep probability > ``threshold``), reusing h0's patch embeddings.
+                with the hard mask (keep probability > ``threshold``), reusing h0's patch embeddings;
+                ``patch_rank`` (K-level gates only) runs every level's probes on the same hidden states.
             ops: the ops to use (default ``self.ops``; the export passes ``reference_ops()``).
 
         Returns:
             float32 tensors: logits (B, C), patch_mask (B, N), and as asked layer_masks (B, L+2, N),
-            masked_logits (B, C), kl (B,).
+            masked_logits (B, C), kl (B,), patch_rank (B, N).
         """
         ops = ops or self.ops
-        logits, h0, log_keep = self.probe_pass(pixel_values, ops)  # log_keep (B, L+2, T)
+        K = self.gates.config.levels
+        if "patch_rank" in outputs and K < 2:
+            raise ValueError("patch_rank needs K-level gates (GateConfig.levels >= 2, see Gates.stack)")
+        rank = "patch_rank" in outputs
+        logits, h0, log_keep = self.probe_pass(pixel_values, ops, levels=rank)  # (B, L+2, T) or (B, K, L+2, T)
+        level_keep = None
+        if rank:
+            level_keep, log_keep = log_keep, log_keep[:, self.gates.config.main_level]
         out = {"logits": logits.float()}
         if "layer_masks" in outputs:
             out["layer_masks"] = masks.layer_masks(log_keep)
@@ -268,6 +287,9 @@ class Explainer(nn.Module):
             checked = masks.masked_pass(self.backbone, h0[:, 1:], out["logits"], keep, self.gates.placeholder,
                                         ops.patch_mask)
             out["masked_logits"], out["kl"] = checked.masked_logits, checked.kl
+        if rank:
+            levels = [masks.patch_mask(level_keep[:, k]) for k in range(K)]
+            out["patch_rank"] = masks.patch_rank(torch.stack(levels, 1), threshold)
         return out
 
     @torch.no_grad()
@@ -278,10 +300,12 @@ class Explainer(nn.Module):
             pixel_values: (B, 3, H, W) float, as from ``preprocess``.
 
         Returns:
-            ``Explanation`` with logits (B, C), patch_mask (B, N), layer_masks (B, L+2, N).
+            ``Explanation`` with logits (B, C), patch_mask (B, N), layer_masks (B, L+2, N), and
+            patch_rank (B, N) for K-level gates.
         """
         self.backbone.check_pixels(pixel_values)
-        out = self.run(pixel_values.to(self.backbone.device))
+        outputs = ("logits", "patch_mask", "layer_masks") + (("patch_rank",) if self.gates.config.levels > 1 else ())
+        out = self.run(pixel_values.to(self.backbone.device), outputs)
         return Explanation(
             logits=out["logits"],
             patch_mask=out["patch_mask"],
@@ -290,6 +314,7 @@ class Explainer(nn.Module):
             image_size=self.backbone.image_size,
             gates_source=self.gates.provenance.source,
             gates_sha256=self.gates.sha256,
+            patch_rank=out.get("patch_rank"),
         )
 
     def compile(self, batch_sizes=(1, 2, 4, 8, 16, 32, 64), *, mode: str | None = None, backend: str = "inductor",

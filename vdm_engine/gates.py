@@ -44,6 +44,10 @@ class GateConfig:
         add_init: initial value of the learnable offset ``add_i``.
         beta, l, r: hard-concrete temperature and stretch interval.
         placeholder: learn a placeholder vector (else patches are replaced by zeros).
+        levels: K probe sets trained at K sparsity levels, ordered from the least to the most sparse
+            (``Gates.stack``); all read the same hidden states, and a patch's rank is the sparsest
+            level that keeps it (``masks.patch_rank``). 1 (default): plain single-level DiffMask.
+        main_level: the level whose mask is ``patch_mask`` (and whose placeholder the gates hold).
     """
 
     hidden_size: int
@@ -55,6 +59,8 @@ class GateConfig:
     l: float = -0.2  # noqa: E741
     r: float = 1.0
     placeholder: bool = True
+    levels: int = 1
+    main_level: int = 0
 
     def __post_init__(self):
         if self.hidden_size <= 0:
@@ -71,6 +77,10 @@ class GateConfig:
             raise ValueError(f"GateConfig needs l < 0 and r >= 1 (stretched interval), got l={self.l}, r={self.r}")
         if not self.mul > 0:
             raise ValueError(f"GateConfig.mul must be > 0, got {self.mul}")
+        if not isinstance(self.levels, int) or self.levels < 1:
+            raise ValueError(f"GateConfig.levels must be an integer >= 1, got {self.levels!r}")
+        if not 0 <= self.main_level < self.levels:
+            raise ValueError(f"GateConfig.main_level must be in [0, levels={self.levels}), got {self.main_level}")
 
     @property
     def log_keep_offset(self) -> float:
@@ -78,7 +88,10 @@ class GateConfig:
         return self.beta * math.log(-self.l / self.r)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.levels == 1:  # single-level files stay exactly as before
+            d.pop("levels"), d.pop("main_level")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "GateConfig":
@@ -187,7 +200,8 @@ class Gates(nn.Module):
     def __init__(self, config: GateConfig):
         super().__init__()
         self.config = config
-        S, D, P = config.num_hidden_states, config.hidden_size, config.probe_size
+        D, P = config.hidden_size, config.probe_size
+        S = config.num_hidden_states * config.levels  # K levels: level-major rows, level k = rows kS..(k+1)S-1
         bound1, bound2 = 1 / math.sqrt(2 * D), 1 / math.sqrt(P)
         self.w1 = nn.Parameter(torch.empty(S, P, 2 * D).uniform_(-bound1, bound1))
         self.b1 = nn.Parameter(torch.empty(S, P).uniform_(-bound1, bound1))
@@ -207,9 +221,55 @@ class Gates(nn.Module):
         self._verified_for: str | None = None  # fingerprint of the backbone last checked and accepted
 
     # ----- maths ------------------------------------------------------------------------------
-    def probe_params(self) -> ProbeParams:
+    def probe_params(self, level: int | None = None) -> ProbeParams:
+        """The stacked probes of one level (default ``config.main_level``): S = L+2 rows each."""
         c = self.config
-        return ProbeParams(self.w1, self.b1, self.w2, self.b2, self.add, float(c.mul), c.log_keep_offset)
+        k = c.main_level if level is None else level
+        if not 0 <= k < c.levels:
+            raise ValueError(f"level {level} out of range for gates with {c.levels} level(s)")
+        if c.levels == 1:
+            return ProbeParams(self.w1, self.b1, self.w2, self.b2, self.add, float(c.mul), c.log_keep_offset)
+        rows = slice(k * c.num_hidden_states, (k + 1) * c.num_hidden_states)
+        return ProbeParams(self.w1[rows], self.b1[rows], self.w2[rows], self.b2[rows], self.add[rows], float(c.mul),
+                           c.log_keep_offset)
+
+    def level_params(self) -> list[ProbeParams]:
+        """The K levels' probes, least sparse first."""
+        return [self.probe_params(k) for k in range(self.config.levels)]
+
+    def level_masks(self, hidden_states) -> torch.Tensor:
+        """Keep probability of each patch at each level, all depths aggregated: (L+2, B, T, D) -> (B, K, N)."""
+        hs = self._stack(hidden_states)
+        return torch.stack([masks.patch_mask(gate_probe_stacked(hs, p)) for p in self.level_params()], 1)
+
+    @classmethod
+    def stack(cls, levels: list["Gates"], *, main_level: int = 0) -> "Gates":
+        """Join single-level gates trained at increasing sparsity into K-level gates (one forward pass).
+
+        Args:
+            levels: K >= 2 single-level ``Gates`` of one shape, least sparse first.
+            main_level: the level whose mask and placeholder the joined gates use as ``patch_mask``.
+        """
+        if len(levels) < 2:
+            raise ValueError(f"stack needs at least 2 single-level gates, got {len(levels)}")
+        c0 = levels[0].config
+        for i, g in enumerate(levels):
+            c = g.config
+            if c.levels != 1:
+                raise ValueError(f"levels[{i}] already has {c.levels} levels; stack single-level gates")
+            if (c.hidden_size, c.num_hidden_states, c.probe_size, c.mul, c.beta, c.l, c.r, c.placeholder) != \
+                    (c0.hidden_size, c0.num_hidden_states, c0.probe_size, c0.mul, c0.beta, c0.l, c0.r, c0.placeholder):
+                raise ValueError(f"levels[{i}] has another shape or gate maths than levels[0]: {c} vs {c0}")
+        out = cls(GateConfig(**{**asdict(c0), "levels": len(levels), "main_level": main_level}))
+        with torch.no_grad():
+            for name in ("w1", "b1", "w2", "b2", "add"):
+                getattr(out, name).copy_(torch.cat([getattr(g, name).detach().float().cpu() for g in levels]))
+            out.placeholder.copy_(levels[main_level].placeholder.detach().float().cpu())
+        first = levels[0]
+        out.backbone_id, out.backbone_revision, out.backbone_fingerprint = \
+            first.backbone_id, first.backbone_revision, first.backbone_fingerprint
+        out.metrics = {"levels": [dict(g.metrics) for g in levels], "main_level": main_level}
+        return out
 
     def _stack(self, hidden_states) -> torch.Tensor:
         if isinstance(hidden_states, (list, tuple)):
@@ -249,6 +309,8 @@ class Gates(nn.Module):
         k = self._depth(upto)
         hs = self._stack(hidden_states)[: k + 1]
         c = self.config
+        if c.levels != 1:
+            raise ValueError("training samples single-level gates; train each level alone and join them with Gates.stack")
         p = self.probe_params()
         p = p._replace(w1=p.w1[: k + 1], b1=p.b1[: k + 1], w2=p.w2[: k + 1], b2=p.b2[: k + 1], add=p.add[: k + 1])
         z = _probe_logits(hs, p)  # (B, k+1, T)

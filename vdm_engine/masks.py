@@ -9,7 +9,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-__all__ = ["layer_masks", "patch_mask", "hard_mask", "kl_divergence", "MaskedPass", "masked_pass"]
+__all__ = ["layer_masks", "patch_mask", "patch_rank", "hard_mask", "kl_divergence", "MaskedPass", "masked_pass"]
 
 
 def layer_masks(log_keep: torch.Tensor) -> torch.Tensor:
@@ -23,6 +23,24 @@ def patch_mask(log_keep: torch.Tensor) -> torch.Tensor:
     Equals ``layer_masks(log_keep)[:, -1]`` without materialising the other depths.
     """
     return log_keep.float().sum(1)[:, 1:].exp()
+
+
+def patch_rank(level_masks: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """One-pass ranking from K nested masks (the "mask path"): (B, K, N) keep probabilities, least sparse
+    level first -> (B, N) float32 rank scores, higher = more relevant.
+
+    A patch's rank is r + 1 where r is the sparsest level that keeps it (keep probability > threshold;
+    r = -1 when no level keeps it). Ties within a rank are broken by the keep probability at the level
+    that dropped it (level r + 1; the sparsest level for patches every level keeps), which lies in
+    [0, 1) below the next rank.
+    """
+    K = level_masks.shape[1]
+    p = level_masks.float()
+    kept = p > threshold
+    levels = torch.arange(K, device=p.device).view(1, K, 1)
+    r = torch.where(kept, levels, torch.full_like(levels, -1)).amax(1)  # (B, N) sparsest keeping level
+    tie = p.gather(1, (r + 1).clamp(max=K - 1).unsqueeze(1)).squeeze(1)
+    return (r + 1).float() + tie.clamp(max=1.0 - 1e-6)
 
 
 def hard_mask(keep_prob: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

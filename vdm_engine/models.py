@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["ASSETS", "EMBEDDED_MODELS", "PRESETS", "embedded_model_dir", "resolve_preset"]
+__all__ = ["ASSETS", "EMBEDDED_MODELS", "PRESETS", "embedded_model_dir", "embedded_levels_dir", "resolve_preset"]
 
 #: Folder of the embedded demo models (``<name>/backbone``, ``<name>/gates``).
 ASSETS = Path(__file__).parent / "assets"
@@ -25,6 +25,12 @@ def embedded_model_dir(name: str) -> Path | None:
         d = ASSETS / name
         return d if d.is_dir() else None
     return None
+
+
+def embedded_levels_dir(name: str) -> Path | None:
+    """Folder of the K-level gates shipped with an embedded model (``<name>/gates-levels``), or None."""
+    d = embedded_model_dir(name)
+    return d / "gates-levels" if d is not None and (d / "gates-levels").is_dir() else None
 
 
 def resolve_preset(model: str) -> str:

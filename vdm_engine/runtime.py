@@ -227,6 +227,7 @@ class OnnxExplainer:
             "layer_masks": (B, self.num_hidden_states, self.num_patches),
             "masked_logits": (B, self.num_labels),
             "kl": (B,),
+            "patch_rank": (B, self.num_patches),
         }[name]
 
     def _run_cuda(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -257,7 +258,7 @@ class OnnxExplainer:
         Returns:
             ``Explanation`` with logits (B, C), patch_mask (B, N) and layer_masks (B, L+2, N); the
             graph must have been exported with the ``logits`` and ``patch_mask`` outputs.
-            ``layer_masks`` is None unless the graph has that output.
+            ``layer_masks`` (and ``patch_rank``, K-level gates) is None unless the graph has that output.
         """
         missing = [o for o in ("logits", "patch_mask") if o not in self.output_names]
         if missing:
@@ -271,6 +272,7 @@ class OnnxExplainer:
             image_size=self.image_size,
             gates_source=self.metadata.gates_source or None,
             gates_sha256=self.metadata.gates_sha256 or None,
+            patch_rank=out.get("patch_rank"),
         )
 
     def __call__(self, x) -> Explanation:

@@ -392,34 +392,63 @@ def _pyplot():
     return plt
 
 
-def plot_curves(results: dict, path, *, replacement: str = "noise", title: str = "") -> None:
-    """Plot perturbation curves (probability and KL, positive and negative) of every method to a PNG.
+def _panels(results: dict, replacement: str | None) -> list:
+    """(x %, title, {method: (curve, auc)}) for every curve family present in ``results``."""
+    methods = results["methods"]
+    out = []
+    if replacement is None:  # ROAD: imputation, not a replacement setting
+        x = np.asarray(results.get("road_fractions", [])) * 100
+        for order, label in (("positive", "ROAD most relevant first: P(class)  (lower better)"),
+                             ("negative", "ROAD least relevant first: P(class)  (higher better)")):
+            out.append((x, label, {m: (e["road"][order]["prob"], e["road"][order]["auc"])
+                                   for m, e in methods.items() if "road" in e}))
+        return out
+    x = np.asarray(results.get("fractions", [])) * 100
+    for order, key, label in [("positive", "prob", "positive: P(original class)  (lower better)"),
+                              ("negative", "prob", "negative: P(original class)  (higher better)"),
+                              ("positive", "kl", "positive: KL(orig || perturbed)  (higher better)"),
+                              ("negative", "kl", "negative: KL(orig || perturbed)  (lower better)")]:
+        curves = {m: (e[replacement][order][key], e[replacement][order]["auc_" + key])
+                  for m, e in methods.items() if replacement in e}
+        if curves:
+            out.append((x, label, curves))
+    for game, label in (("deletion", "deletion, one patch a step: P(class)  (lower better)"),
+                        ("insertion", "insertion, one patch a step: P(class)  (higher better)")):
+        curves = {m: (e["insertion_deletion"][replacement][game]["prob"], e["insertion_deletion"][replacement][game]["auc"])
+                  for m, e in methods.items() if replacement in e.get("insertion_deletion", {})}
+        if curves:
+            n = len(next(iter(curves.values()))[0]) - 1
+            out.append((np.arange(n + 1) / n * 100, label, curves))
+    return out
+
+
+def plot_curves(results: dict, path, *, replacement: str | None = "noise", title: str = "") -> None:
+    """Plot the curves of every method to a PNG: perturbation (probability and KL, positive and
+    negative) and insertion/deletion for one replacement, or ROAD's two orders (``replacement=None``).
 
     Args:
         results: the dict returned by ``vdm_engine.evaluation.evaluate`` (or read from results.json).
         path: output PNG path (written atomically).
-        replacement: which replacement setting to plot.
+        replacement: which replacement setting to plot; None for the ROAD curves.
+
+    Raises:
+        ValueError: ``results`` holds no curves for that setting.
     """
     from ._io import atomic_path
 
+    panels = _panels(results, replacement)
+    if not panels:
+        raise ValueError(f"no curves to plot for replacement {replacement!r}")
     plt = _pyplot()
-    x = np.asarray(results["fractions"]) * 100
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    panels = [("positive", "prob", "positive: P(original class)  (lower better)"),
-              ("negative", "prob", "negative: P(original class)  (higher better)"),
-              ("positive", "kl", "positive: KL(orig || perturbed)  (higher better)"),
-              ("negative", "kl", "negative: KL(orig || perturbed)  (lower better)")]
-    for ax, (order, key, label) in zip(axes, panels):
-        for name, entry in results["methods"].items():
-            if replacement not in entry:
-                continue
-            d = entry[replacement][order]
-            ax.plot(x, d[key], marker="o", ms=3, label=f"{name} ({d['auc_' + key]:.3g})")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.2), squeeze=False)
+    for ax, (x, label, curves) in zip(axes[0], panels):
+        for name, (curve, area) in curves.items():
+            ax.plot(x, curve, marker="o", ms=2 if len(x) > 12 else 3, label=f"{name} ({area:.3g})")
         ax.set_title(label, fontsize=9)
-        ax.set_xlabel("patches removed (%)")
+        ax.set_xlabel("patches removed (%)" if "insertion" not in label else "patches inserted (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, title="method (AUC)", title_fontsize=7)
-    fig.suptitle(title or f"perturbation curves, {replacement} replacement")
+    fig.suptitle(title or (f"curves, {replacement} replacement" if replacement else "ROAD curves"))
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")

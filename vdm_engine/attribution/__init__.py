@@ -3,6 +3,7 @@
 Every method maps ``pixel_values (B, 3, H, W)`` to patch scores ``(B, N)`` (higher = more relevant):
 
 - ``diffmask``: the trained gates' keep probabilities (one forward pass);
+- ``diffmask-path``: the one-pass ranking of K-level gates (sparsest level keeping each patch);
 - ``rollout``: attention rollout, lowest attentions discarded per image;
 - ``gradcam``: Grad-CAM on the last block's input tokens;
 - ``chefer``: gradient-weighted attention relevance (Chefer et al., 2021);
@@ -18,6 +19,7 @@ from .methods import (
     Attribution,
     CheferAttribution,
     DiffMaskAttribution,
+    DiffMaskPathAttribution,
     GradCamAttribution,
     IntegratedGradientsAttribution,
     RandomAttribution,
@@ -29,6 +31,7 @@ __all__ = [
     "Attribution",
     "CheferAttribution",
     "DiffMaskAttribution",
+    "DiffMaskPathAttribution",
     "GradCamAttribution",
     "IntegratedGradientsAttribution",
     "RandomAttribution",
@@ -39,6 +42,7 @@ __all__ = [
 
 METHODS = {
     "diffmask": DiffMaskAttribution,
+    "diffmask-path": DiffMaskPathAttribution,
     "rollout": RolloutAttribution,
     "gradcam": GradCamAttribution,
     "chefer": CheferAttribution,
@@ -62,8 +66,8 @@ def get_method(name: str, explainer=None, *, backbone=None, **options) -> Attrib
 
     Args:
         name: one of ``METHODS``.
-        explainer: a ``vdm_engine.Explainer``; required for ``diffmask``, and its backbone serves
-            the other methods.
+        explainer: a ``vdm_engine.Explainer``; required for ``diffmask`` (and ``diffmask-path``,
+            with K-level gates), and its backbone serves the other methods.
         backbone: a ``vdm_engine.Backbone`` for the baselines when no explainer is given.
         options: method-specific keyword arguments (e.g. ``n_steps`` for ``ig``, ``discard_ratio``
             for ``rollout``, ``seed`` for ``random``).
@@ -74,10 +78,10 @@ def get_method(name: str, explainer=None, *, backbone=None, **options) -> Attrib
     key = str(name).strip().lower()
     if key not in METHODS:
         raise ValueError(f"unknown attribution method {name!r}; expected one of {', '.join(METHODS)}")
-    if key == "diffmask":
+    if key in ("diffmask", "diffmask-path"):
         if explainer is None:
-            raise ValueError("the 'diffmask' method needs an Explainer (trained gates); pass explainer=")
-        return DiffMaskAttribution(explainer, **options)
+            raise ValueError(f"the {key!r} method needs an Explainer (trained gates); pass explainer=")
+        return METHODS[key](explainer, **options)
     if backbone is None:
         if explainer is None:
             raise ValueError(f"the {key!r} method needs an explainer or a backbone")

@@ -21,6 +21,7 @@ __all__ = [
     "CheferAttribution",
     "IntegratedGradientsAttribution",
     "DiffMaskAttribution",
+    "DiffMaskPathAttribution",
 ]
 
 
@@ -252,3 +253,23 @@ class DiffMaskAttribution(Attribution):
 
     def _scores(self, pixel_values, target):
         return self.explainer.explain(pixel_values).patch_mask
+
+
+class DiffMaskPathAttribution(Attribution):
+    """DiffMask's one-pass ranking from K-level gates: ``explainer.explain(pixel_values).patch_rank``
+    (B, N), the sparsest level that keeps each patch, ties by keep probability (``masks.patch_rank``).
+
+    The explainer's gates must have ``levels >= 2``; ``target`` is ignored.
+    """
+
+    name = "diffmask-path"
+
+    def __init__(self, explainer):
+        if explainer.gates.config.levels < 2:
+            raise ValueError("the 'diffmask-path' method needs K-level gates (levels >= 2); pass gates built "
+                             "with Gates.stack, e.g. the shipped gates-levels of vit-digits")
+        super().__init__(explainer.backbone)
+        self.explainer = explainer
+
+    def _scores(self, pixel_values, target):
+        return self.explainer.explain(pixel_values).patch_rank

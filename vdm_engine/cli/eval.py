@@ -1,6 +1,7 @@
-"""``vdm-eval --model MODEL --data SRC --methods diffmask,rollout,... [--n 500] [--out DIR]``.
+"""``vdm-eval --model MODEL --data SRC --methods diffmask,rollout,... [--metrics ...] [--n 500] [--out DIR]``.
 
-Perturbation faithfulness (and, on toy data, localisation) of DiffMask and the baselines; writes
+Faithfulness metrics (perturbation, insertion/deletion, ROAD, sparseness, complexity, intensity,
+model randomisation; on toy data also localisation) of DiffMask and the baselines; writes
 results.json, results.md and PNG curves into DIR.
 """
 
@@ -19,15 +20,28 @@ DEFAULT_METHODS = "diffmask,rollout,gradcam,chefer,ig,random"
 
 
 def _parser() -> argparse.ArgumentParser:
+    from vdm_engine.evaluation.runner import METRICS
+
     p = CliParser(prog=PROG, description="Faithfulness evaluation of DiffMask and baseline attributions.")
     req = p.add_argument_group("required")
     req.add_argument("--data", required=True, help="toy, digits, imagefolder:PATH or hf:NAME[:SPLIT]")
     opt = p.add_argument_group("optional")
     opt.add_argument("--model", default="vit-digits", help="embedded name, preset, hub id or local dir (default vit-digits)")
     opt.add_argument("--gates", default=None, metavar="DIR", help="gates directory (default: registry, then embedded)")
+    opt.add_argument("--path-gates", default=None, metavar="DIR",
+                     help="K-level gates for diffmask-path (default: the embedded model's gates-levels)")
     opt.add_argument("--allow-backbone-mismatch", action="store_true",
                      help="accept gates recorded for another backbone (a fine-tuned copy); warns and records it")
-    opt.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
+    opt.add_argument("--methods", default=None,
+                     help=f"comma-separated (default {DEFAULT_METHODS}, with diffmask-path first when K-level gates "
+                          "are shipped or given)")
+    opt.add_argument("--metrics", default=",".join(METRICS),
+                     help=f"comma-separated subset of {','.join(METRICS)} (default all)")
+    opt.add_argument("--randomise-blocks", default=None, metavar="K,K,...",
+                     help="randomisation test: numbers of top blocks re-initialised (default 1..L)")
+    opt.add_argument("--retrain-steps", type=int, default=200,
+                     help="randomisation test on digits/toy: steps of the gates retrained on each randomised "
+                          "model (default 200; 0 = only the trained gates)")
     opt.add_argument("--n", type=int, default=500, help="images to evaluate (default 500; digits has 300 held out)")
     opt.add_argument("--out", default="eval-results", metavar="DIR", help="output folder (default ./eval-results)")
     opt.add_argument("--replacements", default="noise,mean", help="noise and/or mean (default noise,mean)")
@@ -59,6 +73,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.n < 1:
             raise UsageError(f"--n must be >= 1, got {args.n}")
+        from vdm_engine.evaluation import check_metrics
+
+        try:
+            metrics = check_metrics(args.metrics.split(","))
+        except ValueError as e:
+            raise UsageError(f"--metrics: {e}") from None
+        if args.retrain_steps < 0:
+            raise UsageError(f"--retrain-steps must be >= 0, got {args.retrain_steps}")
+        ks = None
+        if args.randomise_blocks is not None:
+            try:
+                ks = [int(k) for k in args.randomise_blocks.split(",") if k.strip()]
+            except ValueError:
+                raise UsageError(f"--randomise-blocks must be comma-separated integers, got {args.randomise_blocks!r}") from None
+            if not ks or min(ks) < 0:
+                raise UsageError(f"--randomise-blocks must list block counts >= 0, got {args.randomise_blocks!r}")
+        if "road" in metrics:
+            try:
+                import scipy.sparse.linalg  # noqa: F401
+            except ImportError:
+                raise UsageError("the 'road' metric needs scipy (pip install 'vdm-engine[eval]'); or leave road out of --metrics") from None
+        retrain = None
+        if "randomisation" in metrics and args.retrain_steps and args.data.strip() in ("digits", "toy"):
+            from vdm_engine.training.recipes import retrainer
+
+            retrain = retrainer(args.data.strip(), steps=args.retrain_steps, seed=args.seed)
+        if args.methods is None:
+            from vdm_engine.models import embedded_levels_dir
+
+            has_path = args.path_gates is not None or embedded_levels_dir(args.model) is not None
+            args.methods = ("diffmask-path," if has_path else "") + DEFAULT_METHODS
         methods = [m for m in args.methods.split(",") if m.strip()]
         if "ig" in [m.strip().lower() for m in methods]:
             try:
@@ -86,14 +131,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         results, examples = evaluate_model(
             args.model, args.data, methods, n=args.n, gates=args.gates, config=config, ig_steps=args.ig_steps,
             ig_baseline=args.ig_baseline, threshold=args.threshold, device=args.device,
-            allow_backbone_mismatch=args.allow_backbone_mismatch, diffmask_from=stored,
+            allow_backbone_mismatch=args.allow_backbone_mismatch, diffmask_from=stored, metrics=metrics,
+            randomise_blocks=ks, retrain=retrain, path_gates=args.path_gates,
         )
         written = write_report(results, args.out, examples, plots=not args.no_plots)
         rp = config.replacements[0]
         print(f"{PROG}: {GatesProvenance(**results['gates_provenance']).describe()}", file=sys.stderr)
         print(f"{results['data_description']}: AUC of P(original class), {rp} replacement")
         for m, e in results["methods"].items():
-            line = f"  {m:9s} positive {e[rp]['positive']['auc_prob']:.4f}  negative {e[rp]['negative']['auc_prob']:.4f}"
+            line = f"  {m:9s}"
+            if rp in e:
+                line += f" positive {e[rp]['positive']['auc_prob']:.4f}  negative {e[rp]['negative']['auc_prob']:.4f}"
+            if rp in e.get("insertion_deletion", {}):
+                d = e["insertion_deletion"][rp]
+                line += f"  deletion {d['deletion']['auc']:.4f}  insertion {d['insertion']['auc']:.4f}"
+            if "road" in e:
+                line += f"  ROAD MoRF {e['road']['positive']['auc']:.4f}  LeRF {e['road']['negative']['auc']:.4f}"
             if "localisation" in e:
                 loc = e["localisation"]
                 line += f"  top-k F1 {loc['topk']['f1']:.3f}" + (f"  own F1 {loc['own']['f1']:.3f}" if "own" in loc else "")

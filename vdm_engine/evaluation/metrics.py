@@ -35,6 +35,11 @@ __all__ = [
     "perturbed_logits_pixels",
     "localisation_counts",
     "prf",
+    "insertion_deletion_gates",
+    "gini",
+    "entropy",
+    "spearman",
+    "patch_intensity",
 ]
 
 REPLACEMENTS = ("noise", "mean")
@@ -227,3 +232,109 @@ def _topk_mask(scores: torch.Tensor, k: torch.Tensor, generator: torch.Generator
     order_gates = removal_gates(scores, scores.shape[1], "positive", generator)  # step j removes j patches
     B = scores.shape[0]
     return order_gates[torch.arange(B), k.cpu().long()].to(scores.device) < 0.5
+
+
+# ----- one patch at a time -----------------------------------------------------------------------
+def insertion_deletion_gates(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Keep gates of the deletion and insertion games, one patch per step (all N steps).
+
+    Deletion removes the most relevant patch first from the full image; insertion starts from the
+    fully replaced image and restores the most relevant patch first. Both share one tie-breaking.
+
+    Args:
+        scores: (B, N) relevance.
+        generator: breaks ties at random (see ``removal_gates``).
+
+    Returns:
+        (B, 2, N+1, N) float gates: [:, 0] deletion (step k: the k most relevant removed), [:, 1]
+        insertion (step k: only the k most relevant kept).
+    """
+    deletion = removal_gates(scores, scores.shape[1], "positive", generator)
+    return torch.stack([deletion, 1.0 - deletion], dim=1)
+
+
+# ----- properties of the scores ------------------------------------------------------------------
+def _magnitudes(scores) -> np.ndarray:
+    a = np.abs(np.asarray(torch.as_tensor(scores).detach().cpu().double()))
+    if a.ndim != 2:
+        raise ValueError(f"scores must be (B, N), got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError("scores contain NaN or Inf")
+    return a
+
+
+def gini(scores) -> np.ndarray:
+    """Sparseness: Gini index of each image's absolute patch scores (Chalasani et al. 2020).
+
+    (B, N) -> (B,) in [0, 1 - 1/N]: 0 when every patch scores the same, 1 - 1/N when one patch holds
+    all the mass. An all-zero row gives 0. With sorted magnitudes a_(1) <= ... <= a_(N):
+    G = sum_k (2k - N - 1) a_(k) / (N sum_k a_(k)).
+    """
+    a = np.sort(_magnitudes(scores), axis=1)
+    N = a.shape[1]
+    k = np.arange(1, N + 1, dtype=np.float64)
+    total = a.sum(1)
+    num = ((2 * k - N - 1) * a).sum(1)
+    return np.divide(num, N * total, out=np.zeros_like(total), where=total > 0)
+
+
+def entropy(scores) -> np.ndarray:
+    """Complexity: Shannon entropy (nats) of each image's absolute scores as a distribution over patches
+    (Bhatt et al. 2020). (B, N) -> (B,) in [0, log N]; an all-zero row counts as uniform (log N)."""
+    a = _magnitudes(scores)
+    total = a.sum(1, keepdims=True)
+    p = np.where(total > 0, a / np.where(total > 0, total, 1.0), 1.0 / a.shape[1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, -p * np.log(p), 0.0)
+    return terms.sum(1)
+
+
+def _ranks(a: np.ndarray) -> np.ndarray:
+    """Average ranks (1..N) along the last axis, ties sharing the mean of their positions."""
+    order = np.argsort(a, axis=-1, kind="stable")
+    s = np.take_along_axis(a, order, -1)
+    B, N = s.shape
+    ranks = np.empty_like(s, dtype=np.float64)
+    for b in range(B):  # tie groups differ per row; N is the patch count, so this is cheap
+        _, start, counts = np.unique(s[b], return_index=True, return_counts=True)
+        avg = start + (counts + 1) / 2.0
+        ranks[b, order[b]] = np.repeat(avg, counts)
+    return ranks
+
+
+def spearman(a, b) -> np.ndarray:
+    """Spearman rank correlation of each row of ``a`` with the same row of ``b``.
+
+    (B, N), (B, N) -> (B,) float64; ties get average ranks; a row constant in either input has no
+    defined correlation and gives NaN.
+    """
+    x = np.asarray(torch.as_tensor(a).detach().cpu().double())
+    y = np.asarray(torch.as_tensor(b).detach().cpu().double())
+    if x.shape != y.shape or x.ndim != 2:
+        raise ValueError(f"spearman needs two (B, N) arrays of one shape, got {x.shape} and {y.shape}")
+    rx, ry = _ranks(x), _ranks(y)
+    rx -= rx.mean(1, keepdims=True)
+    ry -= ry.mean(1, keepdims=True)
+    den = np.sqrt((rx * rx).sum(1) * (ry * ry).sum(1))
+    return np.divide((rx * ry).sum(1), den, out=np.full(den.shape, np.nan), where=den > 0)
+
+
+def patch_intensity(pixel_values: torch.Tensor, patch_size, kind: str = "mean") -> torch.Tensor:
+    """Per-patch input statistics, for what the scores key on.
+
+    Args:
+        pixel_values: (B, C, H, W) normalised pixels (a per-channel affine map of the raw ones).
+        patch_size: (ph, pw); pixels beyond the last full patch are ignored, as the patch embedding does.
+        kind: ``"mean"`` (brightness: mean over the patch's pixels and channels) or ``"std"`` (contrast).
+
+    Returns:
+        (B, N) float32, patches row-major over the grid.
+    """
+    if kind not in ("mean", "std"):
+        raise ValueError(f"kind must be 'mean' or 'std', got {kind!r}")
+    B, C, H, W = pixel_values.shape
+    ph, pw = patch_size
+    gh, gw = H // ph, W // pw
+    x = pixel_values[:, :, : gh * ph, : gw * pw].float().reshape(B, C, gh, ph, gw, pw)
+    x = x.permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * ph * pw)
+    return x.mean(-1) if kind == "mean" else x.std(-1)

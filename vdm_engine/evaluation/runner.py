@@ -24,15 +24,24 @@ from .metrics import (
     REPLACEMENTS,
     _topk_mask,
     auc,
+    entropy,
+    gini,
+    insertion_deletion_gates,
     localisation_counts,
+    patch_intensity,
     perturbed_logits,
     prf,
     removal_counts,
     removal_gates,
     replacement_pixels,
+    spearman,
 )
+from .road import ROAD_NOISE, road_logits
 
 __all__ = [
+    "METRICS",
+    "DEFAULT_METRICS",
+    "check_metrics",
     "PerturbationConfig",
     "evaluate",
     "EvalData",
@@ -40,6 +49,23 @@ __all__ = [
     "load_eval_data",
     "evaluate_model",
 ]
+
+
+#: What ``evaluate`` can measure. ``randomisation`` needs to rebuild the methods on other models, so
+#: ``evaluate_model`` runs it (``randomisation.randomisation_test``), not ``evaluate``.
+METRICS = ("perturbation", "insertion-deletion", "road", "sparseness", "complexity", "intensity", "randomisation")
+DEFAULT_METRICS = METRICS
+
+
+def check_metrics(metrics: Iterable[str]) -> tuple[str, ...]:
+    """Normalise and validate metric names; raise ``ValueError`` naming the first unknown one."""
+    names = tuple(dict.fromkeys(m.strip().lower() for m in metrics if m.strip()))
+    if not names:
+        raise ValueError(f"no metrics given; expected a comma-separated subset of {','.join(METRICS)}")
+    bad = [m for m in names if m not in METRICS]
+    if bad:
+        raise ValueError(f"unknown metric {bad[0]!r}; expected one of {', '.join(METRICS)}")
+    return names
 
 
 @dataclass(frozen=True)
@@ -52,6 +78,7 @@ class PerturbationConfig:
         seed: seeds the noise (per image, shared by all methods) and the random tie-breaking.
         batch_size: images per attribution batch.
         max_rows: perturbed images per masked forward pass (bounds memory).
+        road_noise: standard deviation of ROAD's imputation noise (normalised pixel units).
     """
 
     steps: int = 10
@@ -59,6 +86,7 @@ class PerturbationConfig:
     seed: int = 0
     batch_size: int = 32
     max_rows: int = 512
+    road_noise: float = ROAD_NOISE
 
     def __post_init__(self):
         if self.steps < 1:
@@ -72,6 +100,8 @@ class PerturbationConfig:
             raise ValueError(f"PerturbationConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.max_rows < 1:
             raise ValueError(f"PerturbationConfig.max_rows must be >= 1, got {self.max_rows}")
+        if not self.road_noise >= 0:
+            raise ValueError(f"PerturbationConfig.road_noise must be >= 0, got {self.road_noise}")
 
 
 # ----- the evaluation loop -----------------------------------------------------------------------
@@ -108,6 +138,42 @@ def _curves(backbone, pv, repl, target, orig_logits, score_sets: Mapping[str, to
     return out
 
 
+def _target_prob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, K, C) logits, (B,) classes -> (B, K) probability of each image's class."""
+    B, K = logits.shape[:2]
+    return logits.float().softmax(-1).gather(2, target.view(B, 1, 1).expand(B, K, 1)).squeeze(-1).cpu()
+
+
+def _masked_probs(backbone, pv, x, r, gates, target, max_rows, mask_fn) -> torch.Tensor:
+    """Probability of the target class for (B, K, N) keep gates, K rows per image in chunks: (B, K)."""
+    B, K = gates.shape[:2]
+    chunk = max(1, max_rows // K)
+    logits = torch.cat([
+        perturbed_logits(backbone, pv[i : i + chunk], None, gates[i : i + chunk].to(x.device), patches=x[i : i + chunk],
+                         replacement_patches=r[i : i + chunk], mask_fn=mask_fn)
+        for i in range(0, B, chunk)
+    ])
+    return _target_prob(logits, target)
+
+
+def _area(curves: list, x) -> dict:
+    """Per-image curves (list of (B, K)) -> mean curve, mean AUC, its standard error and per-image AUCs."""
+    c = np.concatenate(curves)
+    areas = auc(c, x)
+    M = c.shape[0]
+    return {"prob": c.mean(0).tolist(), "auc": float(areas.mean()),
+            "auc_sem": float(areas.std(ddof=1) / math.sqrt(M)) if M > 1 else 0.0,
+            "auc_per_image": [round(float(a), 6) for a in areas]}
+
+
+def _per_image(values: list) -> dict:
+    v = np.concatenate(values).astype(np.float64)
+    ok = v[np.isfinite(v)]
+    return {"mean": float(ok.mean()) if ok.size else float("nan"),
+            "sem": float(ok.std(ddof=1) / math.sqrt(ok.size)) if ok.size > 1 else 0.0,
+            "n": int(ok.size), "per_image": [round(float(a), 6) if np.isfinite(a) else None for a in v]}
+
+
 def evaluate(
     methods: Mapping[str, Callable],
     backbone,
@@ -119,8 +185,9 @@ def evaluate(
     progress: bool = True,
     mask_fn: Callable | None = None,
     precomputed: Mapping[str, torch.Tensor] | None = None,
+    metrics: Iterable[str] = ("perturbation",),
 ) -> dict:
-    """Run the perturbation test (and, with ground truth, the localisation test) for several methods.
+    """Run the faithfulness metrics (and, with ground truth, the localisation test) for several methods.
 
     Args:
         methods: name -> attribution callable ``(pixel_values (B, 3, H, W), target (B,)) -> (B, N)``.
@@ -135,10 +202,19 @@ def evaluate(
         mask_fn: the patch-masking op of the perturbed passes (``Ops.patch_mask``); default the reference.
         precomputed: optional name -> (M, N) scores used for that method instead of calling it (masks
             from a bulk run); its ``seconds_per_image`` is then 0.
+        metrics: names from ``METRICS`` but ``randomisation``: ``perturbation`` (the curves above, in
+            ``config.steps`` steps), ``insertion-deletion`` (one patch at a time, all N steps, per
+            replacement), ``road`` (noisy linear imputation, most/least relevant first, removed
+            fractions 0..(steps-1)/steps: removing everything leaves nothing to impute from),
+            ``sparseness`` (Gini), ``complexity`` (entropy), ``intensity`` (Spearman of the scores
+            with the patches' mean input intensity).
 
     Returns:
-        A JSON-serialisable dict: ``fractions`` (K,), ``n``, ``config`` and per method:
-        ``{replacement: {order: {prob: (K,), kl: (K,), auc_prob, auc_kl, auc_prob_sem, auc_kl_sem}}}``,
+        A JSON-serialisable dict: ``fractions`` (K,), ``n``, ``config``, ``metrics`` and per method:
+        ``{replacement: {order: {prob: (K,), kl: (K,), auc_prob, auc_kl, auc_prob_sem, auc_kl_sem}}}``
+        (perturbation), ``insertion_deletion: {replacement: {deletion|insertion: {prob, auc, auc_sem,
+        auc_per_image}}}``, ``road: {positive|negative: {...}}`` (with top-level ``road_fractions``),
+        ``sparseness`` / ``complexity`` / ``intensity``: ``{mean, sem, n, per_image}``,
         ``seconds_per_image`` (attribution time), and ``localisation`` when ``relevant`` is given.
     """
     from tqdm.auto import tqdm
@@ -151,11 +227,19 @@ def evaluate(
             raise ValueError(f"relevant must be (M={M}, N={N}) bool, got {tuple(relevant.shape)}")
     if not methods:
         raise ValueError("no methods to evaluate")
+    metrics = tuple(m for m in check_metrics(metrics) if m != "randomisation")
+    if not metrics:
+        raise ValueError("evaluate measures every metric but 'randomisation' (evaluate_model runs that one)")
     steps = config.steps
     fractions = np.array(removal_counts(N, steps), dtype=np.float64) / N
     names = list(methods)
     # per method / replacement / order: lists of per-image curves
     curves = {m: {rp: {o: {"prob": [], "kl": []} for o in ORDERS} for rp in config.replacements} for m in names}
+    games = ("deletion", "insertion")
+    ins_del = {m: {rp: {g: [] for g in games} for rp in config.replacements} for m in names}
+    road = {m: {o: [] for o in ORDERS} for m in names}
+    road_counts = removal_counts(N, steps)[:-1]
+    props = {m: {p: [] for p in ("sparseness", "complexity", "intensity")} for m in names}
     loc = {m: {"topk": []} for m in names}
     for m in (kept_masks or {}):
         if m in loc:
@@ -184,13 +268,41 @@ def evaluate(
             scores[m] = s
         for rp in config.replacements:
             repl = replacement_pixels(pv, rp, backbone.image_spec, [config.seed * 1_000_003 + i for i in idx])
-            res = _curves(backbone, pv, repl, target, orig, scores, steps, ("ties", config.seed, start), config.max_rows,
-                          mask_fn)
+            if "perturbation" in metrics:
+                res = _curves(backbone, pv, repl, target, orig, scores, steps, ("ties", config.seed, start),
+                              config.max_rows, mask_fn)
+                for m in names:
+                    for o in ORDERS:
+                        prob, kl = res[m][o]
+                        curves[m][rp][o]["prob"].append(prob.numpy())
+                        curves[m][rp][o]["kl"].append(kl.numpy())
+            if "insertion-deletion" in metrics:
+                with torch.no_grad():
+                    x, r = backbone.embed_patches(pv), backbone.embed_patches(repl)
+                    for m in names:
+                        g = insertion_deletion_gates(scores[m], _generator("one-by-one", config.seed, start, m))
+                        prob = _masked_probs(backbone, pv, x, r, g.flatten(1, 2), target, config.max_rows, mask_fn)
+                        for j, game in enumerate(games):
+                            ins_del[m][rp][game].append(prob[:, j * (N + 1) : (j + 1) * (N + 1)].numpy())
+        if "road" in metrics:
+            seeds = [config.seed * 1_000_003 + i for i in idx]
             for m in names:
-                for o in ORDERS:
-                    prob, kl = res[m][o]
-                    curves[m][rp][o]["prob"].append(prob.numpy())
-                    curves[m][rp][o]["kl"].append(kl.numpy())
+                gen = _generator("road", config.seed, start, m)
+                g = torch.cat([removal_gates(scores[m], steps, o, gen)[:, :-1] for o in ORDERS], dim=1)
+                logits = road_logits(backbone, pv, g, noise=config.road_noise, seeds=seeds, max_rows=config.max_rows)
+                prob = _target_prob(logits, target)
+                K = len(road_counts)
+                for j, o in enumerate(ORDERS):
+                    road[m][o].append(prob[:, j * K : (j + 1) * K].numpy())
+        if "intensity" in metrics:
+            intensity = patch_intensity(pv, backbone.patch_size)
+        for m in names:
+            if "sparseness" in metrics:
+                props[m]["sparseness"].append(gini(scores[m]))
+            if "complexity" in metrics:
+                props[m]["complexity"].append(entropy(scores[m]))
+            if "intensity" in metrics:
+                props[m]["intensity"].append(spearman(scores[m], intensity))
         if relevant is not None:
             rel = relevant[start : start + B].to(device)
             k = rel.sum(-1)
@@ -203,9 +315,11 @@ def evaluate(
     bar.close()
 
     results = {}
+    one_by_one = np.arange(N + 1, dtype=np.float64) / N
+    road_fractions = np.array(road_counts, dtype=np.float64) / N
     for m in names:
         entry = {}
-        for rp in config.replacements:
+        for rp in (config.replacements if "perturbation" in metrics else ()):
             entry[rp] = {}
             for o in ORDERS:
                 d = {}
@@ -217,6 +331,14 @@ def evaluate(
                     d[f"auc_{key}_sem"] = float(areas.std(ddof=1) / math.sqrt(M)) if M > 1 else 0.0
                     d[f"auc_{key}_per_image"] = [round(float(a), 6) for a in areas]
                 entry[rp][o] = d
+        if "insertion-deletion" in metrics:
+            entry["insertion_deletion"] = {rp: {g: _area(ins_del[m][rp][g], one_by_one) for g in games}
+                                           for rp in config.replacements}
+        if "road" in metrics:
+            entry["road"] = {o: _area(road[m][o], road_fractions) for o in ORDERS}
+        for p in ("sparseness", "complexity", "intensity"):
+            if p in metrics:
+                entry[p] = _per_image(props[m][p])
         entry["seconds_per_image"] = timing[m] / M
         if relevant is not None:
             entry["localisation"] = {kind: prf(torch.cat(v).numpy()) for kind, v in loc[m].items()}
@@ -224,7 +346,10 @@ def evaluate(
     return {
         "n": int(M),
         "fractions": fractions.tolist(),
-        "config": {"steps": steps, "replacements": list(config.replacements), "seed": config.seed},
+        "config": {"steps": steps, "replacements": list(config.replacements), "seed": config.seed,
+                   "road_noise": config.road_noise},
+        "metrics": list(metrics),
+        **({"road_fractions": road_fractions.tolist()} if "road" in metrics else {}),
         "methods": results,
     }
 
@@ -324,9 +449,21 @@ def evaluate_model(
     allow_backbone_mismatch: bool = False,
     num_examples: int = 6,
     progress: bool = True,
+    metrics: Iterable[str] = DEFAULT_METRICS,
+    randomise_blocks: Iterable[int] | None = None,
+    retrain: Callable | None = None,
+    path_gates: str | None = None,
     diffmask_from=None,
 ) -> tuple[dict, dict]:
     """Load a model with its gates and data, and run ``evaluate`` for the named methods.
+
+    ``metrics`` selects from ``METRICS``. ``randomisation`` runs ``randomisation_test`` on the same
+    images for the top ``randomise_blocks`` blocks (default 1..L); DiffMask is scored there with the
+    trained gates reading the randomised model (``diffmask``) and, when ``retrain`` is given
+    (``retrain(explainer_on_randomised_model) -> Gates``, e.g. a short ``vdm_engine.training`` run; the core
+    does not import training itself), with gates retrained on it (``diffmask-retrained``).
+    ``diffmask-path`` reads K-level gates from ``path_gates`` (default: the embedded model's
+    ``gates-levels``).
 
     ``diffmask_from``: DiffMask masks made earlier (a bulk run's ``read_masks``: ``masks`` {id: (N,)},
     ``grid``, ``gates_sha256``), used instead of recomputing them; matched to the images by id and
@@ -353,21 +490,42 @@ def evaluate_model(
     if unknown:
         raise ValueError(f"unknown attribution method {unknown[0]!r}; expected one of {', '.join(METHODS)}")
     check_data_spec(data)
+    metrics = check_metrics(metrics)
     explainer = Explainer.from_pretrained(
         model, gates=gates, device=device, allow_backbone_mismatch=allow_backbone_mismatch
     ).eval()
     bb = explainer.backbone
     options = {"ig": {"n_steps": ig_steps, "baseline": ig_baseline}, "random": {"seed": config.seed}}
-    fns = {m: get_method(m, explainer, **options.get(m, {})) for m in names}
+    path_explainer = None
+    if "diffmask-path" in names:
+        from ..models import embedded_levels_dir
+
+        where = path_gates or embedded_levels_dir(str(model))
+        if where is None:
+            raise ValueError(f"diffmask-path needs K-level gates: '{model}' ships none; pass path_gates=DIR (--path-gates)")
+        from ..gates import Gates
+
+        levels = Gates.from_pretrained(where, source="path" if path_gates else "shipped")
+        path_explainer = Explainer(bb, levels, allow_backbone_mismatch=allow_backbone_mismatch).eval()
+    fns = {m: get_method(m, path_explainer if m == "diffmask-path" else explainer, **options.get(m, {})) for m in names}
     ev = load_eval_data(data, n, preprocess=bb.preprocess, grid=bb.grid, seed=config.seed)
     kept = {"diffmask": (lambda s: s > threshold)} if "diffmask" in names else None
     pre = None
     if diffmask_from is not None:
         pre = {"diffmask": _stored_masks(diffmask_from, ev, explainer, names)}
-    res = evaluate(fns, bb, ev.pixel_values, relevant=ev.relevant, config=config, kept_masks=kept, progress=progress,
-                   mask_fn=explainer.ops.patch_mask, precomputed=pre)
+    curve_metrics = [m for m in metrics if m != "randomisation"]
+    if curve_metrics:
+        res = evaluate(fns, bb, ev.pixel_values, relevant=ev.relevant, config=config, kept_masks=kept,
+                       progress=progress, mask_fn=explainer.ops.patch_mask, metrics=curve_metrics, precomputed=pre)
+    else:
+        res = {"n": int(ev.pixel_values.shape[0]), "config": {"steps": config.steps, "seed": config.seed,
+               "replacements": list(config.replacements)}, "metrics": [], "methods": {m: {} for m in names}}
     if pre is not None:
         res["diffmask_from"] = str(getattr(diffmask_from, "source", "") or "") or None
+    if "randomisation" in metrics:
+        res["randomisation"] = _randomisation(explainer, fns, path_explainer, names, options, ev.pixel_values, config,
+                                              randomise_blocks, retrain)
+        res["metrics"] = list(res["metrics"]) + ["randomisation"]
     res.update({
         "model": model,
         "data": data,
@@ -377,12 +535,15 @@ def evaluate_model(
         "ig_steps": ig_steps if "ig" in names else None,
         "ig_baseline": ig_baseline if "ig" in names else None,
         "gates_sha256": explainer.gates.sha256,
+        **({"path_gates_sha256": path_explainer.gates.sha256, "path_gates_provenance": path_explainer.provenance.to_dict(),
+            "path_levels": path_explainer.gates.config.levels} if path_explainer is not None else {}),
         "gates_provenance": explainer.provenance.to_dict(),
         "environment": {
             "vdm_engine": __version__, "torch": torch.__version__, "device": str(bb.device),
             "cpu": platform.processor() or platform.machine(),
         },
     })
+    res.setdefault("fractions", [])
     k = min(num_examples, len(ev.images))
     examples = {"images": ev.images[:k], "scores": {}, "labels": []}
     if k:
@@ -419,3 +580,40 @@ def _stored_masks(stored, ev: EvalData, explainer, names: list[str]) -> torch.Te
         raise ValueError(f"{len(missing)} of {len(ev.ids)} images have no stored mask (first: {missing[0]!r}); "
                          "explain the same images in the bulk run")
     return torch.from_numpy(np.stack([stored.masks[i] for i in ev.ids])).float()
+
+
+def _randomisation(explainer, fns, path_explainer, names, options, pixel_values, config, ks, retrain) -> dict:
+    """``randomisation_test`` for the named methods; DiffMask with the trained and, if asked, retrained gates."""
+    import copy
+    import warnings
+
+    from ..attribution import get_method
+    from ..explainer import Explainer
+    from ..provenance import ProvenanceWarning
+    from .randomisation import randomisation_test
+
+    trained = explainer.backbone
+
+    def build(bb):
+        if bb is trained:
+            return dict(fns)
+        with warnings.catch_warnings():  # the trained gates on a randomised copy: another backbone, on purpose
+            warnings.simplefilter("ignore", ProvenanceWarning)
+            # a copy: accepting the mismatch marks the gates' provenance, and the trained explainer keeps its own
+            on_random = Explainer(bb, copy.deepcopy(explainer.gates), allow_backbone_mismatch=True).eval()
+        made = {m: get_method(m, on_random, **options.get(m, {})) for m in names if m != "diffmask-path"}
+        if "diffmask-path" in names:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ProvenanceWarning)
+                path_on_random = Explainer(bb, copy.deepcopy(path_explainer.gates), allow_backbone_mismatch=True).eval()
+            made["diffmask-path"] = get_method("diffmask-path", path_on_random)
+        if retrain is not None and "diffmask" in names:
+            made["diffmask-retrained"] = get_method("diffmask", Explainer(bb, retrain(on_random)).eval())
+        return made
+
+    t0 = time.perf_counter()
+    out = randomisation_test(trained, pixel_values, build, ks=ks, seed=config.seed, batch_size=config.batch_size,
+                             reference={"diffmask-retrained": "diffmask"})
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    out["retrained"] = retrain is not None and "diffmask" in names
+    return out

@@ -1,0 +1,109 @@
+"""K-level gates and the one-pass ranking (``levels=K``, ``patch_rank``), issue 17 part 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vdm_engine import Explainer, GateConfig, Gates, masks
+from vdm_engine.attribution import get_method
+
+from conftest import make_tiny_gates
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+def _levels(backbone, k=3):
+    out = []
+    for i in range(k):
+        g = make_tiny_gates(backbone)
+        with torch.no_grad():
+            g.add.add_(-1.5 * i)  # sparser with every level
+            g.w1.mul_(1 + 0.3 * i)
+            g.placeholder.add_(i)
+        out.append(g)
+    return out
+
+
+def test_patch_rank_hand_worked():
+    # 3 levels (least sparse first), 4 patches, threshold 0.5
+    p = torch.tensor([[[0.9, 0.9, 0.2, 0.6],
+                       [0.8, 0.3, 0.1, 0.7],
+                       [0.6, 0.2, 0.05, 0.4]]])
+    # patch 0 kept by all -> 3 + p[2] = 3.6; patch 1 kept by level 0 only -> 1 + p[1] = 1.3;
+    # patch 2 kept by none -> 0 + p[0] = 0.2; patch 3 kept by levels 0,1 -> 2 + p[2] = 2.4
+    torch.testing.assert_close(masks.patch_rank(p), torch.tensor([[3.6, 1.3, 0.2, 2.4]]))
+    # not nested: kept by level 2 only still ranks as level 2
+    q = torch.tensor([[[0.1], [0.2], [0.7]]])
+    torch.testing.assert_close(masks.patch_rank(q), torch.tensor([[3.7]]))
+
+
+def test_config_levels_and_single_level_files_unchanged(tiny_backbone):
+    with pytest.raises(ValueError, match="levels"):
+        GateConfig(36, 4, levels=0)
+    with pytest.raises(ValueError, match="main_level"):
+        GateConfig(36, 4, levels=2, main_level=2)
+    assert "levels" not in GateConfig(36, 4).to_dict()
+    assert GateConfig.from_dict(GateConfig(36, 4, levels=3, main_level=1).to_dict()).levels == 3
+
+
+def test_stack_runs_every_level_in_one_pass(tiny_backbone, pixels, tmp_path, close):
+    levels = _levels(tiny_backbone)
+    stacked = Gates.stack(levels, main_level=1).eval()
+    assert stacked.config.levels == 3 and stacked.w1.shape[0] == 3 * tiny_backbone.num_hidden_states
+    ex = Explainer(tiny_backbone, stacked).eval()
+    e = ex.explain(pixels)
+    _, hidden = tiny_backbone.hidden_states(pixels)
+    per_level = torch.stack([g.patch_mask(hidden) for g in levels], 1)  # each level on its own
+    close(stacked.level_masks(hidden), per_level, 1e-6, 1e-6, "level masks")
+    close(e.patch_mask, per_level[:, 1], 1e-6, 1e-6, "main level mask")
+    close(e.patch_rank, masks.patch_rank(per_level), 1e-6, 1e-6, "patch rank")
+    assert torch.equal(stacked.placeholder, levels[1].placeholder)
+    # one by one equals the batch
+    one = torch.cat([ex.explain(pixels[i : i + 1]).patch_rank for i in range(pixels.shape[0])])
+    close(one, e.patch_rank, 1e-6, 1e-6, "batch vs one by one")
+    # saved and loaded with its levels; the method reads the rank
+    stacked.save_pretrained(tmp_path / "lv", backbone=tiny_backbone)
+    assert json.loads((tmp_path / "lv" / "gates_config.json").read_text())["config"]["levels"] == 3
+    back = Explainer(tiny_backbone, Gates.from_pretrained(tmp_path / "lv")).eval()
+    close(get_method("diffmask-path", back)(pixels), e.patch_rank, 1e-6, 1e-6, "diffmask-path")
+    with pytest.raises(ValueError, match="K-level gates"):
+        get_method("diffmask-path", Explainer(tiny_backbone, levels[0]))
+    with pytest.raises(ValueError, match="single-level"):
+        stacked.sample(hidden, -1)
+
+
+def test_onnx_patch_rank_output(tiny_backbone, pixels, tmp_path, close):
+    pytest.importorskip("onnxruntime")
+    from vdm_engine.export import export_onnx
+    from vdm_engine.runtime import OnnxExplainer
+
+    ex = Explainer(tiny_backbone, Gates.stack(_levels(tiny_backbone, 2)).eval()).eval()
+    path = tmp_path / "lv.onnx"
+    export_onnx(ex, path, outputs=("logits", "patch_mask", "patch_rank"), validate=False)  # compared below
+    got = OnnxExplainer(path).explain(pixels)
+    close(got.patch_rank, ex.explain(pixels).patch_rank, 1e-4, 1e-4, "onnx patch_rank")
+
+
+def test_shipped_vit_digits_levels():
+    """The shipped K-level gates fit vit-digits (fingerprint checked), their main level is the shipped
+    single-level mask, and the levels get sparser in order on held-out digits."""
+    from vdm_engine.data import digits_split
+    from vdm_engine.models import ASSETS, embedded_levels_dir
+
+    single = Explainer.from_pretrained("vit-digits").eval()
+    d = embedded_levels_dir("vit-digits")
+    assert d == ASSETS / "vit-digits" / "gates-levels"
+    levels = Explainer(single.backbone, Gates.from_pretrained(d, single.backbone, source="shipped")).eval()
+    assert levels.gates.config.levels >= 2
+    pv = single.preprocess(digits_split("test")[0][:60])
+    e = levels.explain(pv)
+    torch.testing.assert_close(e.patch_mask, single.explain(pv).patch_mask)
+    _, hidden = single.backbone.hidden_states(pv)
+    kept = (levels.gates.level_masks(hidden) > 0.5).float().mean((0, 2))
+    assert (kept[1:] < kept[:-1]).all(), kept
