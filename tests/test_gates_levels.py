@@ -10,7 +10,7 @@ import torch
 from vdm_engine import Explainer, GateConfig, Gates, masks
 from vdm_engine.attribution import get_method
 
-from conftest import make_tiny_gates
+from tests.conftest import make_tiny_gates
 
 
 @pytest.fixture(autouse=True)
