@@ -188,7 +188,8 @@ def test_explain_and_eval_clis_proceed_with_the_override_and_record_it(tmp_path,
     assert record["gates_source"] == "path" and record["gates_sha256"] == Gates.from_pretrained(TOY_GATES).sha256
     assert record["backbone_mismatch"] is True
     assert eval_cli.main(["--data", "digits", "--gates", str(TOY_GATES), "--n", "4", "--methods", "diffmask",
-                          "--replacements", "noise", "--no-plots", "--out", str(tmp_path / "e"), flag]) == 0
+                          "--replacements", "noise", "--metrics", "perturbation", "--no-plots", "--out", str(tmp_path / "e"),
+                          flag]) == 0
     results = json.loads((tmp_path / "e" / "results.json").read_text())
     assert results["gates_provenance"]["backbone_mismatch"] is True
 

@@ -248,10 +248,23 @@ def _wait_for_staging(proc, folder, timeout=240.0):
     pytest.fail("no staging files appeared")
 
 
+@pytest.fixture(scope="module")
+def signalled_exports(tmp_path_factory):
+    """Two slow exports started side by side (one per core), for the SIGTERM and the SIGKILL test:
+    {"term"|"kill": (process, its tmp folder, its exports folder)}."""
+    started = {}
+    for name in ("term", "kill"):
+        tmp = tmp_path_factory.mktemp(f"export_{name}")
+        started[name] = (_start_export(tmp, tmp / "exports" / "m.onnx"), tmp, tmp / "exports")
+    yield started
+    for proc, _, _ in started.values():
+        proc.kill()
+        proc.communicate()
+
+
 @pytest.mark.slow
-def test_sigterm_cleans_staging_and_exits_in_one_line(tmp_path):
-    folder = tmp_path / "exports"
-    proc = _start_export(tmp_path, folder / "m.onnx")
+def test_sigterm_cleans_staging_and_exits_in_one_line(signalled_exports):
+    proc, _, folder = signalled_exports["term"]
     try:
         _wait_for_staging(proc, folder)
         proc.send_signal(signal.SIGTERM)
@@ -267,11 +280,10 @@ def test_sigterm_cleans_staging_and_exits_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_staging_left_by_sigkill_is_removed_by_the_next_export(tmp_path, export_explainer):
+def test_staging_left_by_sigkill_is_removed_by_the_next_export(signalled_exports, export_explainer):
     from vdm_engine.export import export_onnx
 
-    folder = tmp_path / "exports"
-    proc = _start_export(tmp_path, folder / "m.onnx")
+    proc, _, folder = signalled_exports["kill"]
     try:
         _wait_for_staging(proc, folder)
         proc.send_signal(signal.SIGKILL)
