@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from .config import DEFAULT_MAX_BODY_BYTES, ServeConfig
 
-__all__ = ["ServeConfig", "DEFAULT_MAX_BODY_BYTES", "build_app", "VdmServer", "start", "stop", "serve_forever",
+__all__ = ["ServeConfig", "DEFAULT_MAX_BODY_BYTES", "build_app", "deployment", "VdmServer", "start", "stop", "serve_forever",
            "wait_ready", "BulkConfig", "explain_dataset", "read_results", "read_masks"]
 
-_LAZY = {"build_app": "app", "VdmServer": "app", "start": "runner", "stop": "runner", "serve_forever": "runner",
+_LAZY = {"build_app": "app", "deployment": "app", "VdmServer": "app", "start": "runner", "stop": "runner", "serve_forever": "runner",
          "wait_ready": "runner", "BulkConfig": "bulk", "explain_dataset": "bulk", "read_results": "bulk_output",
          "read_masks": "bulk_output"}
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from .bulk_output import complete_shards, summarize, write_shard
 from .bulk_sources import BulkSource, open_bulk_source
+from .config import check_field
 
 __all__ = ["BulkConfig", "explain_dataset", "RUN_FIELDS"]
 
@@ -79,8 +80,7 @@ class BulkConfig:
 
     def __post_init__(self):
         def need(ok: bool, field: str, what: str):
-            if not ok:
-                raise ValueError(f"BulkConfig.{field} {what}, got {getattr(self, field)!r}")
+            check_field(self, ok, field, what)
 
         if self.onnx is not None and self.gates is not None:
             raise ValueError("BulkConfig.gates applies to model; an exported graph (onnx) carries its gates")

@@ -6,9 +6,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ServeConfig", "DEFAULT_MAX_BODY_BYTES"]
+__all__ = ["ServeConfig", "DEFAULT_MAX_BODY_BYTES", "check_field"]
 
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024  # 20 MB
+
+
+def check_field(config, ok: bool, field: str, what: str) -> None:
+    """``ValueError`` naming ``Class.field``, the rule and the value when ``ok`` is false."""
+    if not ok:
+        raise ValueError(f"{type(config).__name__}.{field} {what}, got {getattr(config, field)!r}")
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,7 @@ class ServeConfig:
 
     def __post_init__(self):
         def need(ok: bool, field: str, what: str):
-            if not ok:
-                raise ValueError(f"ServeConfig.{field} {what}, got {getattr(self, field)!r}")
+            check_field(self, ok, field, what)
 
         if self.onnx is not None and self.gates is not None:
             raise ValueError("ServeConfig.gates applies to model; an exported graph (onnx) carries its gates")
