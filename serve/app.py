@@ -208,7 +208,8 @@ class VdmServer:
         """This replica's batching so far: batches formed, rows, mean and largest batch size, per endpoint."""
         out = {"replica": serve.get_replica_context().replica_tag, "pid": os.getpid(),
                "uptime_s": time.time() - self.started, "max_batch": self.config.max_batch,
-               "batch_wait_ms": self.config.batch_wait_ms, "requests_ok": self.requests["ok"]}
+               "batch_wait_ms": self.config.batch_wait_ms, "requests_ok": self.requests["ok"],
+               "compiled_batch_sizes": list(self.model.compiled.buckets) if self.model.compiled else None}
         for k, s in self.stats.items():
             out[k] = {**s, "mean_batch_size": s["rows"] / s["batches"] if s["batches"] else None}
         return out

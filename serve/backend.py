@@ -93,6 +93,12 @@ class ServingModel:
             self.device = impl.backbone.device
         self.impl = impl
         self.onnx = bool(config.onnx)
+        self.compiled = None
+        if config.compile:
+            self.compiled = impl.compile(batch_sizes=config.compile_buckets, backend=config.compile_backend)
+            print(f"{prog}: compiling explain and predict for batch sizes {list(self.compiled.buckets)} "
+                  f"({config.compile_backend}, mode {self.compiled.mode}) ...", file=sys.stderr)
+            self.compiled.warmup()
         self.image_size = (H, W)
         spec = self.image_spec
         self.model_size = tuple(spec.size) if spec is not None and spec.do_resize else None
@@ -129,7 +135,8 @@ class ServingModel:
                 res["agree"] = masked.argmax(-1) == res["logits"].argmax(-1)
                 res["masked_kept"] = (res["patch_mask"] > self.config.threshold).float().mean(-1)
             return res
-        exp = self.impl.explain(x.to(self.device))
+        run = self.compiled.explain if self.compiled is not None else self.impl.explain
+        exp = run(x.to(self.device))
         res = {"logits": exp.logits.float().cpu(), "patch_mask": exp.patch_mask.float().cpu()}
         if layer_masks:
             res["layer_masks"] = exp.layer_masks.float().cpu()
@@ -156,6 +163,8 @@ class ServingModel:
         if self.onnx:
             return self.impl.run(x.to(self.device))["logits"].float().cpu()
         self.impl.backbone.check_pixels(x)
+        if self.compiled is not None:
+            return self.compiled.predict(x.to(self.device)).float().cpu()
         return self.impl.backbone(x.to(self.device)).float().cpu()
 
     def check_input(self, x: torch.Tensor) -> torch.Tensor:

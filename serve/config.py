@@ -41,6 +41,10 @@ class ServeConfig:
         max_images: most images in one JSON request.
         max_pixels: pixel limit per image, checked before decoding (None: ``resolve_max_pixels()``).
         top_k, threshold: as ``vdm-explain``.
+        compile: run explain and predict through ``Explainer.compile`` (``model`` only): one static
+            shape per batch bucket (``compile_buckets``), CUDA graphs on a GPU; every bucket is
+            compiled before the replica reports ready.
+        compile_backend: the ``torch.compile`` backend (``aot_eager`` traces without code generation).
     """
 
     model: str = "vit-digits"
@@ -61,6 +65,8 @@ class ServeConfig:
     max_pixels: int | None = None
     top_k: int = 5
     threshold: float = 0.5
+    compile: bool = False
+    compile_backend: str = "inductor"
 
     def __post_init__(self):
         def need(ok: bool, field: str, what: str):
@@ -82,6 +88,9 @@ class ServeConfig:
         need(self.max_pixels is None or self.max_pixels >= 1, "max_pixels", "must be >= 1")
         need(self.top_k >= 1, "top_k", "must be >= 1")
         need(0.0 <= self.threshold < 1.0, "threshold", "must be in [0, 1)")
+        if self.compile and self.onnx is not None:
+            raise ValueError("ServeConfig.compile applies to model (torch.compile); an exported graph (onnx) is "
+                             "already compiled by onnxruntime")
         if self.model_name is not None:
             need(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.model_name)) and not self.model_name.startswith("."),
                  "model_name", "must use letters, digits, '_', '-' or '.' and not start with '.'")
@@ -102,6 +111,12 @@ class ServeConfig:
     def ongoing(self) -> int:
         """``max_ongoing_requests`` per replica: default twice ``max_batch`` (one batch running, one filling)."""
         return self.max_ongoing_requests if self.max_ongoing_requests is not None else 2 * self.max_batch
+
+    @property
+    def compile_buckets(self) -> tuple[int, ...]:
+        """The batch sizes compiled: powers of two below ``max_batch``, and ``max_batch``."""
+        powers = (1 << k for k in range(self.max_batch.bit_length()))
+        return tuple(sorted({b for b in powers if b < self.max_batch} | {self.max_batch}))
 
     @property
     def gpus_per_replica(self) -> float:

@@ -73,8 +73,11 @@ class CompiledExplainer:
         if warmup:
             self.warmup()
 
-    def warmup(self, rounds: int = 3) -> None:
-        """Compile (and on CUDA record the graphs of) every bucket now, instead of on first use."""
+    def warmup(self, rounds: int | None = None) -> None:
+        """Compile (and on CUDA record the graphs of) every bucket now, instead of on first use;
+        ``rounds`` calls per bucket (default 3 on CUDA, where graphs are recorded on a later call, else 1)."""
+        if rounds is None:
+            rounds = 3 if self.explainer.backbone.device.type == "cuda" else 1
         H, W = self.explainer.backbone.image_size
         b = self.explainer.backbone
         for size in self.buckets:

@@ -36,6 +36,7 @@ def no_ray(monkeypatch):
     (["--max-queued", "0"], "--max-queued must be >= 1"),
     (["--model", "vit-digits", "--onnx", "x.onnx"], "not allowed with argument"),
     (["--frobnicate"], "unrecognized arguments"),
+    (["--onnx", "x.onnx", "--compile"], "--compile applies to --model"),
     (["--route-prefix", "digits"], "--route-prefix must start with '/'"),
     (["--app-name", "a b"], "--app-name must use letters"),
     (["--metrics-port", "0"], "--metrics-port must be 1..65535"),

@@ -80,3 +80,23 @@ def test_deployment_reserves_what_the_config_asks():
     assert d.ray_actor_options["runtime_env"] == {"env_vars": {"VDM_KERNELS": "off"}}
     assert deployment(ServeConfig(device="cuda"), env={}).ray_actor_options["num_gpus"] == 1.0
     assert deployment(ServeConfig(), env={}).ray_actor_options["num_gpus"] == 0.0
+
+
+@pytest.mark.slow
+def test_compiled_backend_equals_eager(digits_model, images, close):
+    """--compile: every bucket compiled at load (aot_eager on the CPU); a batch of 3 runs as a full 2
+    bucket and a padded one, and answers as the eager replica does; verify stays on the eager masked pass."""
+    model = ServingModel(ServeConfig(model="vit-digits", max_batch=2, compile=True, compile_backend="aot_eager"))
+    assert model.compiled.buckets == (1, 2)
+    x = model.preprocess(images[:3])
+    out = model.explain_batch(x, [False, True, False])
+    ref = digits_model.explain_batch(x, [False, True, False])
+    for name in ("logits", "patch_mask"):
+        close(out[name], ref[name], 1e-5, 1e-5, name)
+    close(out["kl"][1], ref["kl"][1], 1e-5, 1e-4, "kl")
+    close(model.predict_batch(x), digits_model.predict_batch(x), 1e-5, 1e-5, "predict logits")
+
+
+def test_compile_needs_the_pytorch_model(tmp_path):
+    with pytest.raises(ValueError, match="compile applies to model"):
+        ServeConfig(onnx=str(tmp_path / "m.onnx"), compile=True)

@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     opt = p.add_argument_group("model")
     add_model_source_args(opt)
     opt.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
+    opt.add_argument("--compile", action="store_true",
+                     help="torch.compile explain and predict once per batch size (powers of two up to "
+                          "--max-batch; CUDA graphs on a GPU); each replica compiles before it is ready")
     opt.add_argument("--model-name", default=None,
                      help="name in /v2/models/{name} (default: the --onnx file's stem or the --model name)")
     srv = p.add_argument_group("serving")
@@ -80,7 +83,8 @@ def _config(args):
     flags = {"max_batch": "--max-batch", "batch_wait_ms": "--batch-wait-ms", "replicas": "--replicas",
              "num_cpus": "--num-cpus", "num_gpus": "--num-gpus", "max_ongoing_requests": "--max-ongoing",
              "max_queued_requests": "--max-queued", "max_images": "--max-images", "max_pixels": "--max-pixels",
-             "top_k": "--top-k", "threshold": "--threshold", "model_name": "--model-name", "gates": "--gates"}
+             "top_k": "--top-k", "threshold": "--threshold", "model_name": "--model-name", "gates": "--gates",
+             "compile": "--compile"}
     try:
         return ServeConfig(
             model=args.model or "vit-digits", gates=args.gates, onnx=args.onnx, device=args.device,
@@ -89,6 +93,7 @@ def _config(args):
             num_cpus=args.num_cpus, num_gpus=args.num_gpus, max_ongoing_requests=args.max_ongoing,
             max_queued_requests=args.max_queued, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
             max_images=args.max_images, max_pixels=args.max_pixels, top_k=args.top_k, threshold=args.threshold,
+            compile=args.compile,
         )
     except ValueError as e:
         msg = str(e)
@@ -104,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         device = check_device(args.device)
         if args.onnx:
+            if args.compile:
+                raise UsageError("--compile applies to --model (torch.compile); an --onnx graph runs as exported")
             if not Path(args.onnx).is_file():
                 raise UsageError(f"--onnx {args.onnx}: no such file")
         else:
