@@ -166,6 +166,12 @@ class Backbone(nn.Module):
         return self._image_size
 
     @property
+    def zero_shot(self) -> dict | None:
+        """CLIP: ``{"labels": [...], "prompt": "..."}`` the head was built from; None for other families."""
+        labels = getattr(self.family, "labels", None)
+        return None if labels is None else {"labels": list(labels), "prompt": self.family.prompt}
+
+    @property
     def layers(self) -> nn.ModuleList:
         return self.family.layers
 
@@ -402,6 +408,7 @@ def load_backbone(
     attn_implementation: str = "sdpa",
     labels: Sequence[str] | None = None,
     prompt: str | None = None,
+    text_embeds: torch.Tensor | None = None,
 ) -> Backbone:
     """Load a Vision Transformer classifier and its image processor settings.
 
@@ -418,6 +425,8 @@ def load_backbone(
         attn_implementation: ``"sdpa"`` (default) or ``"eager"``.
         labels: CLIP only (required there): the class names of the zero-shot head.
         prompt: CLIP only: the template the labels are written into (default ``"a photo of a {}."``).
+        text_embeds: CLIP only: (C, E) text embeddings of the prompts saved earlier (with the gates);
+            default: computed here with the checkpoint's tokenizer and text tower.
 
     Raises:
         WeightsUnavailableError: the weights are neither cached nor downloadable.
@@ -446,12 +455,16 @@ def load_backbone(
         processor = _read_processor_dict(source, revision, local_files_only)
         family_kwargs = None
         if zero_shot:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, local_files_only=local_files_only)
             prompt = prompt or DEFAULT_PROMPT
-            family_kwargs = dict(text_embeds=ClipFamily.text_embeddings(model, tokenizer, labels, prompt),
-                                 labels=list(labels), prompt=prompt)
+            if text_embeds is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, local_files_only=local_files_only)
+                text_embeds = ClipFamily.text_embeddings(model, tokenizer, labels, prompt)
+            elif tuple(text_embeds.shape) != (len(labels), int(config.projection_dim)):
+                raise ValueError(f"text_embeds must be ({len(labels)}, {config.projection_dim}) for {len(labels)} "
+                                 f"labels, got {tuple(text_embeds.shape)}")
+            family_kwargs = dict(text_embeds=text_embeds, labels=list(labels), prompt=prompt)
     except ValueError:
         raise
     except Exception as e:  # hub / filesystem errors arrive under many types

@@ -493,7 +493,8 @@ class ClipFamily(Family):
     class prompt). The text embeddings are computed once at load from ``labels`` and ``prompt``.
 
     Args:
-        text_embeds: (C, E) projected text embeddings of the class prompts (normalised here).
+        text_embeds: (C, E) projected text embeddings of the class prompts (normalised here); computed
+            by ``load_backbone`` or read back from the gates they were saved with.
         labels: the C class names; prompt: the template they were written into.
     """
 
@@ -557,9 +558,9 @@ class ClipFamily(Family):
         return [self.model.visual_projection, self.base.post_layernorm]
 
     def fingerprint_extra(self):
-        h = hashlib.sha256(json.dumps({"labels": list(self.labels), "prompt": self.prompt}).encode())
-        h.update(self.text.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return h.digest()
+        # The labels and the prompt, not the embedding bytes: those follow from the weights (hashed) and
+        # the prompts, and their last bits change with the CPU thread count that computed them.
+        return hashlib.sha256(json.dumps({"labels": list(self.labels), "prompt": self.prompt}).encode()).digest()
 
     @staticmethod
     def text_embeddings(model: nn.Module, tokenizer, labels: Sequence[str], prompt: str = DEFAULT_PROMPT) -> torch.Tensor:

@@ -44,6 +44,12 @@ def build_model(kind: str, tmp: Path):
     """(model, processor dict) of one family with random weights."""
     import transformers as T
 
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sum(map(ord, kind)))  # transformers' init draws from the global generator
+        return _build(T, kind, tmp)
+
+
+def _build(T, kind: str, tmp: Path):
     processor = dict(PROCESSOR, size={"height": 32, "width": 32})
     if kind == "deit":
         model = T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(**COMMON, **_classifier_kwargs()))
@@ -96,6 +102,11 @@ def save_model(kind: str, directory: Path) -> Path:
     return directory
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
 @pytest.fixture(scope="session")
 def family_dirs(tmp_path_factory) -> dict[str, Path]:
     """kind -> directory of a saved tiny checkpoint (FAMILIES and ``swin``)."""
@@ -121,19 +132,26 @@ def hf_model(kind: str, directory: Path, attn: str = "eager"):
     return cls.from_pretrained(str(directory), attn_implementation=attn).eval()
 
 
-def hf_logits_and_states(kind: str, model, directory: Path, pixel_values: torch.Tensor):
-    """transformers' own logits (B, C) and ``output_hidden_states`` (L+1 of (B, T, D))."""
+_PROMPTS: dict[str, dict] = {}
+
+
+def hf_logits_and_states(kind: str, model, directory: Path, pixel_values: torch.Tensor, *, attentions: bool = False):
+    """transformers' own logits (B, C), ``output_hidden_states`` (L+1 of (B, T, D)) and, with
+    ``attentions``, ``output_attentions`` (L of (B, H, T, T); needs eager attention)."""
     with torch.no_grad():
         if kind == "clip":
-            from transformers import AutoTokenizer
+            if str(directory) not in _PROMPTS:
+                from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(str(directory))
-            enc = tok([f"a photo of a {x}." for x in LABELS], padding=True, return_tensors="pt")
-            out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pixel_values,
-                        output_hidden_states=True)
-            return out.logits_per_image, out.vision_model_output.hidden_states
-        out = model(pixel_values=pixel_values, output_hidden_states=True)
-        return out.logits, out.hidden_states
+                tok = AutoTokenizer.from_pretrained(str(directory))
+                _PROMPTS[str(directory)] = dict(tok([f"a photo of a {x}." for x in LABELS], padding=True,
+                                                    return_tensors="pt"))
+            out = model(**_PROMPTS[str(directory)], pixel_values=pixel_values, output_hidden_states=True,
+                        output_attentions=attentions)
+            vision = out.vision_model_output
+            return (out.logits_per_image, vision.hidden_states) + ((vision.attentions,) if attentions else ())
+        out = model(pixel_values=pixel_values, output_hidden_states=True, output_attentions=attentions)
+        return (out.logits, out.hidden_states) + ((out.attentions,) if attentions else ())
 
 
 def prefix_tokens(kind: str) -> int:
