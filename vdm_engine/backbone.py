@@ -267,6 +267,11 @@ class Backbone(nn.Module):
         """Plain inference: (B, 3, H, W) -> (B, C) logits."""
         return self.head(self.encode(self._assemble(self.embed_patches(pixel_values))))
 
+    def hf_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, C) logits from the family's own transformers forward: the plain-inference
+        baseline benchmarks time (CLIP: ``get_image_features`` against the same text embeddings)."""
+        return self.family.hf_forward(pixel_values)
+
     def forward_states(self, pixel_values: torch.Tensor, on_state: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
         """One forward pass that hands each of the L+2 hidden states to ``on_state`` as it is produced.
 

@@ -215,6 +215,10 @@ class Family(nn.Module):
         """The modules after the blocks (final norm, classifier), for model-randomisation checks."""
         raise NotImplementedError
 
+    def hf_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C) logits from the family's own transformers forward (plain inference, not this engine)."""
+        return self.model(pixel_values=pixel_values).logits
+
     def trace_blocks(self, num_tokens: int) -> list[TraceBlock]:
         """The blocks written out for explicit attention (rollout, Chefer, Grad-CAM)."""
         out = []
@@ -556,6 +560,12 @@ class ClipFamily(Family):
 
     def head_modules(self):
         return [self.model.visual_projection, self.base.post_layernorm]
+
+    def hf_forward(self, pixel_values):
+        out = self.model.get_image_features(pixel_values=pixel_values)
+        e = out if torch.is_tensor(out) else out.pooler_output  # 4.x: a tensor; 5.x: an output object
+        e = e / e.norm(dim=-1, keepdim=True)
+        return self.model.logit_scale.exp() * (e @ self.text.to(e.dtype).t())
 
     def fingerprint_extra(self):
         # The labels and the prompt, not the embedding bytes: those follow from the weights (hashed) and

@@ -87,3 +87,23 @@ def test_vdm_explain_cli_on_clip(family_dirs, clip_gates, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert any(label in out for label in LABELS), out
+
+
+@pytest.mark.parametrize("kind", ["deit", "beit"])
+def test_triton_kernels_serve_families_without_a_cls_slot_or_positions(kind, family_dirs, close):
+    """The patch-mask and probe kernels take the family's slot token and (N+1, D) positions: DeiT
+    (the slot is the distillation token) and BEiT (no absolute positions: zeros) equal the references.
+    CUDA when present, else the Triton interpreter on the CPU."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bb = load(kind, family_dirs[kind]).to(device)
+    g = _gates(bb).to(device)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)).to(device)
+    ref, tri = Explainer(bb, g, kernels="reference").eval(), Explainer(bb, g, kernels="triton").eval()
+    assert tri.ops.backend == "triton"
+    with torch.no_grad():
+        thr = float(ref.explain(x).patch_mask.median())
+        a = ref.run(x, ("logits", "patch_mask", "masked_logits"), threshold=thr)
+        b = tri.run(x, ("logits", "patch_mask", "masked_logits"), threshold=thr)
+    for k in a:
+        close(b[k], a[k], 1e-5, 1e-5, f"{kind} {k}")
