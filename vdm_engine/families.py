@@ -136,6 +136,13 @@ class Family(nn.Module):
         super().__init__()
         self.__dict__["model"] = model  # not a submodule: Backbone.model owns the weights
         self.run_size = _pair(image_size)
+        try:
+            self.base, self.layers, self.projection  # noqa: B018 (the layout this adapter reads)
+        except AttributeError:
+            raise ValueError(
+                f"expected a {self.model_class(model.config).__name__} for model_type "
+                f"{getattr(model.config, 'model_type', None)!r}, got {type(model).__name__}"
+            ) from None
 
     # ----- loading ----------------------------------------------------------------------------
     @classmethod
@@ -506,12 +513,18 @@ class ClipFamily(Family):
     head_kind = "cosine with text embeddings of --labels prompts (zero-shot)"
     hub_examples = ("openai/clip-vit-base-patch32", "openai/clip-vit-base-patch16")
 
-    def __init__(self, model, image_size, *, text_embeds: torch.Tensor, labels: Sequence[str], prompt: str):
+    def __init__(self, model, image_size, *, text_embeds: torch.Tensor | None = None, labels: Sequence[str] = (),
+                 prompt: str = DEFAULT_PROMPT):
         super().__init__(model, image_size)
+        if text_embeds is None or not labels:
+            raise ValueError("a CLIP backbone is a zero-shot classifier: it needs class labels and their text "
+                             "embeddings (load_backbone(..., labels=[...]))")
         t = text_embeds.detach().float()
         self.register_buffer("text", t / t.norm(dim=-1, keepdim=True), persistent=False)
         self.labels = tuple(str(x) for x in labels)
         self.prompt = str(prompt)
+        # transformers 4.x layers take (hidden, attention_mask, causal_attention_mask); 5.x (hidden, attention_mask).
+        self._v4 = "causal_attention_mask" in inspect.signature(self.layers[0].forward).parameters
 
     @classmethod
     def model_class(cls, config):
@@ -549,8 +562,7 @@ class ClipFamily(Family):
         return self.base.pre_layrnorm(tokens)
 
     def run_layer(self, layer, h):
-        params = inspect.signature(layer.forward).parameters
-        out = layer(h, None, None) if "causal_attention_mask" in params else layer(h, None)
+        out = layer(h, None, None) if self._v4 else layer(h, None)
         return out[0] if isinstance(out, tuple) else out
 
     def head(self, last):
