@@ -47,6 +47,7 @@ def test_export_registers_family_validates_with_one_softmax_per_layer(family_dir
     path = tmp_path / "regs.onnx"
     result = export_onnx(ex, path)  # validates: checker, then onnxruntime against PyTorch per output
     assert max(result.max_diffs.values()) <= 1e-4, result.max_diffs
+    assert result.metadata.extra.get("model_type") == "dinov2_with_registers"
     ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     assert ops["Softmax"] == bb.num_layers, ops["Softmax"]
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))

@@ -9,10 +9,8 @@ and columns cover every token, prefix tokens (CLS, distillation, registers) firs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-from torch import nn
 
 __all__ = ["AttentionTrace", "traced_forward"]
 
