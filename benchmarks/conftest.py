@@ -10,6 +10,7 @@ Options:
     --vdm-dtype   ``fp32``, ``fp16`` or ``bf16`` (backbone weights and pixels; gates stay fp32).
     --vdm-threads CPU threads for torch and onnxruntime (default: their defaults, all cores).
     --vdm-budget  seconds of timed rounds per case (default 3).
+    --vdm-labels  class names for a CLIP checkpoint's zero-shot head (default: 10 generic names).
 
 Every case calls the ``measure`` fixture, which times a function with ``benchmark.pedantic`` (a
 chosen number of rounds after one warm-up call, CUDA synchronised inside the timed function) and
@@ -59,6 +60,8 @@ def pytest_addoption(parser):
     group.addoption("--vdm-threads", type=int, default=None,
                     help="CPU threads for torch and onnxruntime (default: their own defaults)")
     group.addoption("--vdm-budget", type=float, default=3.0, help="seconds of timed rounds per case (default 3)")
+    group.addoption("--vdm-labels", default=None,
+                    help="CLIP checkpoints: comma-separated zero-shot class names (default: class 0 .. class 9)")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class BenchConfig:
     dtype_name: str
     budget_s: float
     threads: int | None = None
+    labels: str | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -116,7 +120,7 @@ def cpu_model_name() -> str:
 def _config_from(config) -> BenchConfig:
     opt = config.getoption
     return BenchConfig(opt("--vdm-model"), opt("--vdm-batch"), opt("--vdm-device"), opt("--vdm-dtype"),
-                       opt("--vdm-budget"), opt("--vdm-threads"))
+                       opt("--vdm-budget"), opt("--vdm-threads"), opt("--vdm-labels"))
 
 
 def pytest_configure(config):
@@ -146,15 +150,21 @@ def _random_shapes() -> set[str]:
     return set(SHAPES)
 
 
-def build_backbone(model: str):
-    """A backbone for ``--vdm-model``: a random-weight shape, or a checkpoint loaded offline."""
-    from vdm_engine.backbone import SHAPES, load_backbone, random_backbone
+def build_backbone(model: str, labels: str | None = None):
+    """A backbone for ``--vdm-model``: a random-weight shape, or a checkpoint of any supported family
+    loaded offline (CLIP with ``labels``, comma-separated, or ten generic class names)."""
+    from transformers import AutoConfig
+
+    from vdm_engine.backbone import SHAPES, load_backbone, random_backbone, resolve_model_source
 
     if model in BENCH_SHAPES:
         return random_backbone(BENCH_SHAPES[model], seed=0)
     if model in SHAPES:
         return random_backbone(model, seed=0)
-    return load_backbone(model, local_files_only=True)
+    kw = {}
+    if AutoConfig.from_pretrained(resolve_model_source(model), local_files_only=True).model_type == "clip":
+        kw["labels"] = labels.split(",") if labels else [f"class {i}" for i in range(10)]
+    return load_backbone(model, local_files_only=True, **kw)
 
 
 def random_gates(backbone, seed: int = 1):
@@ -173,7 +183,7 @@ def random_gates(backbone, seed: int = 1):
 @pytest.fixture(scope="session")
 def bench_backbone(bench_config):
     """The backbone every case times, on the chosen device and dtype (built once per session)."""
-    return build_backbone(bench_config.model).to(device=bench_config.device, dtype=bench_config.dtype)
+    return build_backbone(bench_config.model, bench_config.labels).to(device=bench_config.device, dtype=bench_config.dtype)
 
 
 @pytest.fixture(scope="session")
@@ -322,8 +332,15 @@ def _rounds(seconds_per_call: float, budget_s: float, min_rounds: int = 1) -> in
     return max(rounds, min_rounds, 1)
 
 
+def _family(request) -> str | None:
+    """The ``model_type`` of the session backbone, once a case has built it (the report groups by it)."""
+    if "bench_backbone" not in request.fixturenames:  # kernel micro-benchmarks on shapes
+        return None
+    return request.getfixturevalue("bench_backbone").model_type
+
+
 @pytest.fixture
-def measure(benchmark, bench_config) -> Callable:
+def measure(benchmark, bench_config, request) -> Callable:
     """``measure(case, fn, *args) -> fn's result``: time ``fn(*args)`` on one batch and record extra_info.
 
     ``case`` is the key the report reads (``plain/torch``, ``explain/torch-reference``, ...).
@@ -349,6 +366,9 @@ def measure(benchmark, bench_config) -> Callable:
 
         images = cfg.batch if batch is None else batch
         benchmark.extra_info.update(case=case, **dict(cfg.info(), batch=images))
+        family = _family(request)
+        if family:
+            benchmark.extra_info["family"] = family
         if not benchmark.enabled:
             return benchmark.pedantic(timed)  # plain pytest: one untimed call
         if cfg.cuda:

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
 
     def plain():
         with torch.no_grad():
-            return backbone.model(pixel_values=pv).logits
+            return backbone.hf_forward(pv)
 
     def stacked():  # the explain path before this change: every hidden state kept, then all probes
         with torch.no_grad():

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
     def plain():
         with torch.no_grad():
-            return backbone.model(pixel_values=pv).logits
+            return backbone.hf_forward(pv)
 
     for name, fn in (("plain inference", plain), ("explain()", lambda: explainer.explain(pv))):
         for _ in range(3):  # warm-up: Triton JIT, cuDNN/cuBLAS heuristics

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CASES", "RATIOS", "STATS", "Result", "latency_rows", "load_results", "merge", "paired_ratio", "ratio_rows",
+__all__ = ["CASES", "RATIOS", "STATS", "Result", "family_table", "latency_rows", "load_results", "merge", "paired_ratio", "ratio_rows",
            "ratio_rows_paired", "render", "main"]
 
 #: case key -> (what it is, runtime), in table order.
@@ -294,7 +294,37 @@ def render(machine: dict, configs: dict[tuple, dict[str, Result]], title: str | 
             out += [f"| {c} | {results[c].median_s * 1e3:.3f} | {results[c].min_s * 1e3:.3f} | {results[c].rounds} |"
                     for c in others]
         out.append("")
+    out += family_table(configs)
     return "\n".join(out).rstrip() + "\n"
+
+
+#: The explain / plain ratios compared across model families (label, numerator, denominator).
+_FAMILY_RATIOS = (
+    ("PyTorch (reference kernels)", "explain/torch-reference", "plain/torch"),
+    ("PyTorch (Triton kernels)", "explain/torch-triton", "plain/torch"),
+    ("onnxruntime", "explain/onnxruntime", "plain/onnxruntime"),
+)
+
+
+def family_table(configs: dict[tuple, dict[str, Result]]) -> list[str]:
+    """Markdown lines: explain / plain per model family (``extra_info['family']``), one row per
+    configuration that names its family; empty when none does."""
+    rows = []
+    for (model, batch, device, _, dtype), results in configs.items():
+        family = next((r.extra.get("family") for r in results.values() if r.extra.get("family")), None)
+        if family is None:
+            continue
+        cells = []
+        for _, num, den in _FAMILY_RATIOS:
+            n, d = results.get(num), results.get(den)
+            cells.append(_ratio(n.images_per_s / d.images_per_s) if n and d and d.images_per_s > 0 else "")
+        rows.append(f"| {family} | {model} | {batch} | {device} | {dtype} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    head = " | ".join(label for label, _, _ in _FAMILY_RATIOS)
+    return ["### explain / plain per model family (images/s over images/s)", "",
+            f"| family | model | batch | device | dtype | {head} |",
+            "|---|---|---:|---|---|" + "---:|" * len(_FAMILY_RATIOS)] + rows + [""]
 
 
 def main(argv=None) -> int:

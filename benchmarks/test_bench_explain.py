@@ -20,7 +20,7 @@ def test_explain_torch_reference(measure, kernels, bench_config, bench_explainer
     _check_explanation(exp, bench_explainer.backbone, bench_config.batch)
     # The explanation's logits are the plain prediction (same forward pass).
     with torch.no_grad():
-        plain = bench_explainer.backbone.model(pixel_values=bench_pixels).logits.float()
+        plain = bench_explainer.backbone.hf_forward(bench_pixels).float()
     atol, rtol = bench_config.tolerance
     torch.testing.assert_close(exp.logits, plain, atol=atol, rtol=rtol)
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 
-def _plain_torch(model):
+def _plain_torch(backbone):
     def run(pixel_values):
         with torch.no_grad():
-            return model(pixel_values=pixel_values).logits
+            return backbone.hf_forward(pixel_values)  # the family's own transformers forward
 
     return run
 
@@ -18,7 +18,7 @@ def _plain_torch(model):
 def test_plain_torch(measure, bench_backbone, bench_pixels):
     model = bench_backbone.model
     assert model.config._attn_implementation == "sdpa", "plain inference must time the SDPA attention"
-    logits = measure("plain/torch", _plain_torch(model), bench_pixels)
+    logits = measure("plain/torch", _plain_torch(bench_backbone), bench_pixels)
     assert logits.shape == (bench_pixels.shape[0], bench_backbone.num_labels)
     assert torch.isfinite(logits).all()
 

@@ -62,11 +62,11 @@ def _variants(runtime, request, cfg, explainer, pixels):
         from benchmarks.conftest import use_kernels
 
         use_kernels(explainer, "triton" if cfg.cuda else "reference")
-        model = explainer.backbone.model
+        backbone = explainer.backbone
 
         def plain(pv):
             with torch.no_grad():
-                return model(pixel_values=pv).logits
+                return backbone.hf_forward(pv)
 
         return plain, explainer.explain, (pixels,), (pixels,)
     if runtime == "torch-compiled":

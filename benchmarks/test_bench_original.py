@@ -10,6 +10,9 @@ from benchmarks.original_method import OriginalTwoPass
 
 @pytest.mark.benchmark(group="inference")
 def test_original_two_pass(measure, bench_config, bench_explainer, bench_pixels):
+    if bench_explainer.backbone.model_type != "vit":
+        pytest.skip(f"the original method hooks ViTForImageClassification; --vdm-model is a "
+                    f"{bench_explainer.backbone.model_type!r} checkpoint")
     original = OriginalTwoPass(bench_explainer.backbone, bench_explainer.gates, seed=0)
     result = measure("original/two-pass", original.get_mask, bench_pixels)
     bb, B = bench_explainer.backbone, bench_config.batch

@@ -52,17 +52,18 @@ def _optional(request, name):
 
 
 def _variants(request, cfg, explainer, pixels) -> dict:
-    model = explainer.backbone.model
-    original = OriginalTwoPass(explainer.backbone, explainer.gates, seed=0)
+    backbone = explainer.backbone
+    vit = backbone.model_type == "vit"  # the original two-pass method hooks ViTForImageClassification only
+    original = OriginalTwoPass(explainer.backbone, explainer.gates, seed=0) if vit else None
 
     def plain(pv):
         with torch.no_grad():
-            return model(pixel_values=pv).logits
+            return backbone.hf_forward(pv)
 
     variants = {
         "plain/torch": (plain, pixels),
         "explain/torch-reference": (explainer.explain, pixels),
-        "original/two-pass": (original.get_mask, pixels),
+        **({"original/two-pass": (original.get_mask, pixels)} if vit else {}),
         "baseline/gradcam": (get_method("gradcam", explainer), pixels),
         "baseline/chefer": (get_method("chefer", explainer), pixels),
     }

@@ -97,7 +97,8 @@ def _random_gates(backbone) -> Gates:
         return Gates(GateConfig(backbone.hidden_size, backbone.num_hidden_states))
 
 
-def _load_explainer(model, *, gates, revision, allow_backbone_mismatch, untrained_gates, random_weights, warn):
+def _load_explainer(model, *, gates, revision, allow_backbone_mismatch, untrained_gates, random_weights, warn,
+                    labels=None):
     """(explainer in eval mode, whether its gates are untrained)."""
     if random_weights:
         backbone = random_backbone(model)
@@ -113,13 +114,13 @@ def _load_explainer(model, *, gates, revision, allow_backbone_mismatch, untraine
                 "gates for benchmarks"
             )
         explainer = Explainer.from_pretrained(
-            model, gates, revision=revision, allow_backbone_mismatch=allow_backbone_mismatch
+            model, gates, revision=revision, allow_backbone_mismatch=allow_backbone_mismatch, labels=labels
         )
         return explainer.eval(), False
     except GatesNotFoundError:
         if not untrained_gates:
             raise
-    backbone = load_backbone(model, revision=revision)
+    backbone = load_backbone(model, revision=revision, labels=labels)
     warn(f"exporting RANDOM gates for '{model}' (--untrained-gates); the masks mean nothing")
     return Explainer(backbone, _random_gates(backbone)).eval(), True
 
@@ -146,6 +147,7 @@ def main_export(
     allow_backbone_mismatch: bool = False,
     untrained_gates: bool = False,
     random_weights: bool = False,
+    labels: Sequence[str] | None = None,
     dtype: str = "fp32",
     opset: int = DEFAULT_OPSET,
     batch: str | int = "dynamic",
@@ -182,6 +184,7 @@ def main_export(
         revision: hub revision of ``model``.
         allow_backbone_mismatch: accept gates recorded for another backbone (warns; recorded).
         untrained_gates: without trained gates, export random ones (benchmarks; recorded).
+        labels: CLIP only: the zero-shot classes (default: those recorded with the gates).
         random_weights: random backbone of the architecture ``model`` names (a key of
             ``vdm_engine.backbone.SHAPES``) and random gates, built offline: for timing only.
         dtype, opset, batch, outputs, uint8_input, threshold, atol, providers: as ``export_onnx``
@@ -240,7 +243,7 @@ def main_export(
 
     explainer, untrained = _load_explainer(
         model, gates=gates, revision=revision, allow_backbone_mismatch=allow_backbone_mismatch,
-        untrained_gates=untrained_gates, random_weights=random_weights,
+        untrained_gates=untrained_gates, random_weights=random_weights, labels=labels,
         warn=(lambda msg: say(f"warning: {msg}")) if status else logger.warning,
     )
     say(explainer.provenance.describe())

@@ -188,6 +188,10 @@ def _build_metadata(explainer, graph: ExplainerGraph, *, opset, dtype, batch, un
     extra = {str(k): str(v) for k, v in (extra or {}).items()}
     if untrained_gates:
         extra.setdefault("warning", "untrained (random) gates: the masks carry no explanation; for benchmarks only")
+    if bb.model_type != "vit":  # other families name themselves (ViT graphs keep their metadata as before)
+        extra.setdefault("model_type", bb.model_type)
+    if bb.zero_shot:  # CLIP: the text embeddings are constants of the graph; labels in id2label
+        extra.setdefault("zero_shot_prompt", bb.zero_shot["prompt"])
     return ExportMetadata(
         engine_version=__version__,
         backbone_id=str(bb.name_or_path or ""),

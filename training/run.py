@@ -40,6 +40,8 @@ def train(
     threads: int | None = None,
     register: bool | None = None,
     progress: bool = True,
+    labels=None,
+    prompt: str | None = None,
 ) -> TrainResult:
     """Train fresh gates for ``model`` on ``data`` into ``out_dir``; also under ``torchrun``.
 
@@ -58,6 +60,7 @@ def train(
         device: ``cpu`` or ``cuda`` (under ``torchrun`` each rank takes ``cuda:LOCAL_RANK``);
             default cuda when available.
         revision: hub revision of ``model``.
+        labels, prompt: CLIP checkpoints only: the zero-shot classes (recorded with the gates).
         threads: CPU intra-op threads during the run (restored afterwards).
 
     Returns:
@@ -89,7 +92,7 @@ def train(
         source = open_source(data, seed=config.seed)  # fail fast on a bad spec
         # Before the slow model load: refuse to clobber a run, or to resume a missing or other run.
         check_run_dir(out_dir, resume=resume, overwrite=overwrite, model=model, data=source.spec, steps=config.steps)
-        backbone = load_backbone(model, revision=revision, device=dev)
+        backbone = load_backbone(model, revision=revision, device=dev, labels=labels, prompt=prompt)
         torch.set_num_threads(pick_threads(backbone, dev, threads))
         explainer = Explainer(backbone, new_gates(backbone, config).to(dev))
         return train_gates(

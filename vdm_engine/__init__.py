@@ -1,6 +1,7 @@
 """vdm-engine: Vision DiffMask explanations of Vision Transformers at the cost of one forward pass."""
 
 from .backbone import PRESETS, Backbone, ImageSpec, WeightsUnavailableError, load_backbone
+from .families import FAMILIES, UnsupportedModelError
 from .explainer import Explainer, Explanation, GatesNotFoundError, Verification
 from .gates import GateConfig, Gates
 from .ops import Ops, select_ops
@@ -14,6 +15,7 @@ __all__ = [
     "BackboneMismatchError",
     "Explainer",
     "Explanation",
+    "FAMILIES",
     "GateConfig",
     "Gates",
     "GatesNotFoundError",
@@ -21,6 +23,7 @@ __all__ = [
     "ImageSpec",
     "Ops",
     "ProvenanceWarning",
+    "UnsupportedModelError",
     "Verification",
     "WeightsUnavailableError",
     "load_backbone",

@@ -7,10 +7,11 @@ count) is always read from the checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -19,12 +20,14 @@ from ._io import atomic_write_json
 from .preprocessing import ImageSpec, _to_uint8_list, check_pixel_values, preprocess_images  # noqa: F401 (re-exported)
 from .provenance import backbone_fingerprint
 from .models import EMBEDDED_MODELS, PRESETS, embedded_model_dir
+from .families import DEFAULT_PROMPT, ClipFamily, Family, UnsupportedModelError, ViTFamily, family_class
 
 __all__ = [
     "PRESETS",
     "Backbone",
     "ImageSpec",
     "WeightsUnavailableError",
+    "UnsupportedModelError",
     "load_backbone",
     "patch_mask_reference",
     "random_backbone",
@@ -73,19 +76,17 @@ def patch_mask_reference(
 
 
 class Backbone(nn.Module):
-    """A frozen ``ViTForImageClassification`` with its preprocessing.
+    """A frozen Vision Transformer classifier with its preprocessing; the family's differences (prefix
+    tokens, positions, block calls, head) live in ``family`` (``vdm_engine.families``).
 
     Geometry attributes: ``num_layers`` (L), ``hidden_size`` (D), ``grid`` (h, w), ``num_patches``
-    (N = h*w), ``num_tokens`` (T = N+1), ``num_hidden_states`` (L+2), ``num_labels`` (C).
+    (N = h*w), ``num_prefix_tokens`` (P), ``num_tokens`` (N+1, what the gates see),
+    ``num_hidden_states`` (L+2), ``num_labels`` (C).
     """
 
-    def __init__(self, model: nn.Module, image_spec: ImageSpec, *, name_or_path: str = "", revision: str | None = None):
+    def __init__(self, model: nn.Module, image_spec: ImageSpec, *, name_or_path: str = "", revision: str | None = None,
+                 family_kwargs: dict | None = None):
         super().__init__()
-        if getattr(model.config, "model_type", None) != "vit" or not hasattr(model, "vit"):
-            raise ValueError(
-                f"expected a ViTForImageClassification (model_type 'vit'), got "
-                f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r})"
-            )
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -93,15 +94,21 @@ class Backbone(nn.Module):
         self.name_or_path = name_or_path
         self.revision = revision
         self._fingerprint: str | None = None
-        emb = self.model.vit.embeddings
-        ph, pw = _pair(self.config.patch_size)
-        ih, iw = _pair(self.config.image_size)
-        self.grid = (ih // ph, iw // pw)
+        cls = family_class(getattr(model.config, "model_type", None), str(name_or_path))
+        geometry = cls.geometry(model.config)
+        ph, pw = _pair(geometry.patch_size)
+        # Families that interpolate positions at run time (DINOv2) take the processor's size; the others
+        # run at the size they were built for.
+        size = tuple(image_spec.size) if cls.interpolates else _pair(geometry.image_size)
+        self.family: Family = cls(model, size, **(family_kwargs or {}))
+        self.grid = (size[0] // ph, size[1] // pw)
         self.patch_size = (ph, pw)
-        if emb.position_embeddings.shape[1] != self.num_patches + 1:
+        self._image_size = (int(size[0]), int(size[1]))
+        _, pos = self.family.mask_args()
+        if pos.shape[0] != self.num_patches + 1:
             raise ValueError(
-                f"position embeddings hold {emb.position_embeddings.shape[1]} tokens, expected "
-                f"{self.num_patches + 1} (1 CLS + {self.num_patches} patches); distillation tokens are not supported"
+                f"position embeddings hold {pos.shape[0]} rows, expected {self.num_patches + 1} "
+                f"(the last prefix token + {self.num_patches} patches)"
             )
 
     def train(self, mode: bool = True):
@@ -113,7 +120,8 @@ class Backbone(nn.Module):
     # ----- geometry ---------------------------------------------------------------------------
     @property
     def config(self):
-        return self.model.config
+        """The config with the vision geometry (for CLIP its ``vision_config``)."""
+        return self.family.config
 
     @property
     def num_layers(self) -> int:
@@ -128,7 +136,13 @@ class Backbone(nn.Module):
         return self.grid[0] * self.grid[1]
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """P: tokens before the patches (CLS; DeiT's distillation token; DINOv2's registers)."""
+        return self.family.num_prefix
+
+    @property
     def num_tokens(self) -> int:
+        """T of the hidden states the gates see: the last prefix token + N patches (N+1)."""
         return self.num_patches + 1
 
     @property
@@ -137,51 +151,63 @@ class Backbone(nn.Module):
 
     @property
     def num_labels(self) -> int:
-        return int(self.model.classifier.out_features)
+        return self.family.num_labels
 
     @property
     def id2label(self) -> dict[int, str]:
-        return {int(k): v for k, v in self.config.id2label.items()}
+        return self.family.id2label
+
+    @property
+    def model_type(self) -> str:
+        return str(self.model.config.model_type)
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return _pair(self.config.image_size)
+        return self._image_size
+
+    @property
+    def zero_shot(self) -> dict | None:
+        """CLIP: ``{"labels": [...], "prompt": "..."}`` the head was built from; None for other families."""
+        labels = getattr(self.family, "labels", None)
+        return None if labels is None else {"labels": list(labels), "prompt": self.family.prompt}
 
     @property
     def layers(self) -> nn.ModuleList:
-        vit = self.model.vit
-        if hasattr(vit, "layers"):  # transformers >= 5
-            return vit.layers
-        return vit.encoder.layer  # transformers 4.x
+        return self.family.layers
 
     @property
     def cls_token(self) -> torch.Tensor:
-        """(D,) class token parameter."""
-        return self.model.vit.embeddings.cls_token.reshape(-1)
+        """(D,) the token in row 0 of the patch-masking op: the class token for ViT, the last prefix
+        token otherwise (``Family.mask_args``)."""
+        return self.family.mask_args()[0]
 
     @property
     def pos_embed(self) -> torch.Tensor:
-        """(N+1, D) position embeddings."""
-        return self.model.vit.embeddings.position_embeddings[0]
+        """(N+1, D) position embeddings of row 0 and the patches (zeros where the family has none)."""
+        return self.family.mask_args()[1]
 
     @property
     def fingerprint(self) -> str:
         """sha256 of the weights and the architecture (``provenance.backbone_fingerprint``).
 
         Computed once, on first use; ``load_backbone`` computes it before any device or dtype move,
-        so it describes the weights as stored.
+        so it describes the weights as stored. CLIP's class prompts and their text embeddings enter it.
         """
         if self._fingerprint is None:
-            self._fingerprint = backbone_fingerprint(self.model)
+            fp = backbone_fingerprint(self.model)
+            extra = self.family.fingerprint_extra()
+            if extra is not None:
+                fp = hashlib.sha256(fp.encode() + extra).hexdigest()
+            self._fingerprint = fp
         return self._fingerprint
 
     @property
     def device(self) -> torch.device:
-        return self.cls_token.device
+        return self.family.projection.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.cls_token.dtype
+        return self.family.projection.weight.dtype
 
     # ----- input ------------------------------------------------------------------------------
     def preprocess(self, images) -> torch.Tensor:
@@ -201,17 +227,30 @@ class Backbone(nn.Module):
 
     # ----- forward ----------------------------------------------------------------------------
     def embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, N, D) patch projections, before CLS and position embeddings."""
-        proj = self.model.vit.embeddings.patch_embeddings.projection
+        """(B, 3, H, W) -> (B, N, D) patch projections, before prefix tokens and position embeddings."""
+        proj = self.family.projection
         return proj(pixel_values.to(proj.weight.dtype)).flatten(2).transpose(1, 2)
 
     def _assemble(self, patches: torch.Tensor) -> torch.Tensor:
-        cls = self.model.vit.embeddings.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype)
-        return torch.cat([cls, patches], dim=1) + self.model.vit.embeddings.position_embeddings.to(patches.dtype)
+        if self._is_vit:
+            emb = self.model.vit.embeddings
+            cls = emb.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype)
+            return torch.cat([cls, patches], dim=1) + emb.position_embeddings.to(patches.dtype)
+        slot, pos = self.family.mask_args()
+        first = (slot + pos[0]).to(patches.dtype).expand(patches.shape[0], 1, -1)
+        return self.family.complete(torch.cat([first, patches + pos[1:].to(patches.dtype)], dim=1))
+
+    @property
+    def _is_vit(self) -> bool:
+        return type(self.family) is ViTFamily
+
+    def complete_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N+1, D) output of the patch-masking op -> (B, T, D) encoder input (the other prefix
+        tokens prepended, the family's input norm applied; the identity for ViT)."""
+        return tokens if self._is_vit else self.family.complete(tokens)
 
     def _run_layer(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        out = layer(h)
-        return out[0] if isinstance(out, tuple) else out
+        return self.family.run_layer(layer, h)
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, D) encoder input -> (B, T, D) output of the last layer (before the final norm)."""
@@ -221,39 +260,48 @@ class Backbone(nn.Module):
         return h
 
     def head(self, last: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) last-layer output -> (B, C) logits (final norm, CLS token, classifier)."""
-        return self.model.classifier(self.model.vit.layernorm(last)[:, 0])
+        """(B, T, D) last-layer output -> (B, C) logits (the family's final norm and head)."""
+        return self.family.head(last)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Plain inference: (B, 3, H, W) -> (B, C) logits."""
         return self.head(self.encode(self._assemble(self.embed_patches(pixel_values))))
 
+    def hf_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, C) logits from the family's own transformers forward: the plain-inference
+        baseline benchmarks time (CLIP: ``get_image_features`` against the same text embeddings)."""
+        return self.family.hf_forward(pixel_values)
+
     def forward_states(self, pixel_values: torch.Tensor, on_state: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
         """One forward pass that hands each of the L+2 hidden states to ``on_state`` as it is produced.
 
-        ``on_state(i, h_i)`` is called in depth order with h_i (B, T, D): h0 = [CLS; patch projections]
-        without position embeddings, h1..hL the inputs of each encoder layer, h(L+1) the last layer's
-        output before the final layer norm. Nothing is kept here, so a state is freed once the next
-        layer has read it (unless ``on_state`` keeps it).
+        ``on_state(i, h_i)`` is called in depth order with h_i (B, N+1, D), the gates' view: the last
+        prefix token (the CLS token for ViT) and the N patch tokens. h0 = [last prefix token; patch
+        projections] without position embeddings, h1..hL the inputs of each encoder layer, h(L+1)
+        the last layer's output before the final norm. With P > 1 prefix tokens (DeiT's distillation
+        token, DINOv2's registers) h_i is ``full[:, P-1:]`` of the sequence the blocks run on.
+        Nothing is kept here, so a state is freed once the next layer has read it (unless
+        ``on_state`` keeps it).
 
         Returns:
             logits (B, C).
         """
         patches = self.embed_patches(pixel_values)
-        cls = self.model.vit.embeddings.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype)
-        on_state(0, torch.cat([cls, patches], dim=1))
+        slot = self.family.slot_token().to(patches.dtype).expand(patches.shape[0], 1, -1)
+        on_state(0, torch.cat([slot, patches], dim=1))
+        view = self.num_prefix_tokens - 1
         h = self._assemble(patches)
-        on_state(1, h)
+        on_state(1, h[:, view:] if view else h)
         for i, layer in enumerate(self.layers, start=2):
             h = self._run_layer(layer, h)
-            on_state(i, h)
+            on_state(i, h[:, view:] if view else h)
         return self.head(h)
 
     def hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward pass returning logits and the L+2 hidden states stacked (the training path).
 
         Returns:
-            logits (B, C) and hidden states (L+2, B, T, D) as described in ``forward_states``.
+            logits (B, C) and hidden states (L+2, B, N+1, D) as described in ``forward_states``.
         """
         states: list[torch.Tensor] = []
         logits = self.forward_states(pixel_values, lambda i, h: states.append(h))
@@ -283,7 +331,7 @@ class Backbone(nn.Module):
         if gates.dim() not in (2, 3) or gates.shape[0] != B or gates.shape[-1] != N:
             raise ValueError(f"gates must be (B, N) or (B, K, N) with B={B}, N={N}; got {tuple(gates.shape)}")
         tokens = (mask_fn or patch_mask_reference)(patches, gates, placeholder, self.cls_token, self.pos_embed)
-        logits = self.head(self.encode(tokens))
+        logits = self.head(self.encode(self.complete_tokens(tokens)))
         return logits.view(B, gates.shape[1], -1) if gates.dim() == 3 else logits
 
     def masked_logits(
@@ -363,8 +411,14 @@ def load_backbone(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
+    labels: Sequence[str] | None = None,
+    prompt: str | None = None,
+    text_embeds: torch.Tensor | None = None,
 ) -> Backbone:
-    """Load a ViT classifier and its image processor settings.
+    """Load a Vision Transformer classifier and its image processor settings.
+
+    The family adapter is chosen from the checkpoint's ``model_type`` (``families.FAMILIES``: vit,
+    deit, dinov2, dinov2_with_registers, beit, data2vec-vision, clip).
 
     Args:
         name_or_path: an embedded model (``vit-digits``, ``vit-toy``), a preset (``vit-b16``,
@@ -374,27 +428,48 @@ def load_backbone(
         local_files_only: never touch the network; defaults to ``HF_HUB_OFFLINE``.
         device, dtype: where and in which precision to place the weights.
         attn_implementation: ``"sdpa"`` (default) or ``"eager"``.
+        labels: CLIP only (required there): the class names of the zero-shot head.
+        prompt: CLIP only: the template the labels are written into (default ``"a photo of a {}."``).
+        text_embeds: CLIP only: (C, E) text embeddings of the prompts saved earlier (with the gates);
+            default: computed here with the checkpoint's tokenizer and text tower.
 
     Raises:
         WeightsUnavailableError: the weights are neither cached nor downloadable.
-        ValueError: the checkpoint is not a ViT image classifier.
+        UnsupportedModelError (a ``ValueError``): the checkpoint's family is not supported.
+        ValueError: a CLIP checkpoint without ``labels``, or labels for a model that has its own head.
     """
-    from transformers import AutoConfig, ViTForImageClassification
+    from transformers import AutoConfig
 
     source = resolve_model_source(name_or_path)
     if local_files_only is None:
         local_files_only = _local_files_only_default()
     try:
         config = AutoConfig.from_pretrained(source, revision=revision, local_files_only=local_files_only)
-        if config.model_type != "vit":
+        family = family_class(config.model_type, str(name_or_path))
+        zero_shot = family.model_types == ("clip",)
+        if zero_shot and not labels:
             raise ValueError(
-                f"'{name_or_path}' is a {config.model_type!r} checkpoint; vdm-engine supports ViT image "
-                "classifiers (model_type 'vit', ViTForImageClassification; DeiT checkpoints without distillation)"
+                f"'{name_or_path}' is a CLIP checkpoint, a zero-shot classifier: give its class names "
+                "(labels=[...], --labels cat,dog,...)"
             )
-        model = ViTForImageClassification.from_pretrained(
+        if labels and not zero_shot:
+            raise ValueError(f"labels are for CLIP zero-shot checkpoints; '{name_or_path}' ({config.model_type}) has its own head")
+        model = family.model_class(config).from_pretrained(
             source, revision=revision, local_files_only=local_files_only, attn_implementation=attn_implementation
         )
         processor = _read_processor_dict(source, revision, local_files_only)
+        family_kwargs = None
+        if zero_shot:
+            prompt = prompt or DEFAULT_PROMPT
+            if text_embeds is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, local_files_only=local_files_only)
+                text_embeds = ClipFamily.text_embeddings(model, tokenizer, labels, prompt)
+            elif tuple(text_embeds.shape) != (len(labels), int(config.projection_dim)):
+                raise ValueError(f"text_embeds must be ({len(labels)}, {config.projection_dim}) for {len(labels)} "
+                                 f"labels, got {tuple(text_embeds.shape)}")
+            family_kwargs = dict(text_embeds=text_embeds, labels=list(labels), prompt=prompt)
     except ValueError:
         raise
     except Exception as e:  # hub / filesystem errors arrive under many types
@@ -404,13 +479,12 @@ def load_backbone(
             "Without network access, download the checkpoint elsewhere, save it with "
             "save_pretrained, and pass that local directory instead (e.g. load_backbone('/path/to/dir'))"
         ) from e
-    spec = ImageSpec.from_processor_dict(processor, _pair(config.image_size))
-    backbone = Backbone(model, spec, name_or_path=str(name_or_path), revision=revision)
+    spec = ImageSpec.from_processor_dict(processor, _pair(family.geometry(config).image_size))
+    backbone = Backbone(model, spec, name_or_path=str(name_or_path), revision=revision, family_kwargs=family_kwargs)
     backbone.fingerprint  # noqa: B018 (of the weights as stored, before any move)
     if device is not None or dtype is not None:
         backbone.to(device=device, dtype=dtype)
     return backbone
-
 
 
 # Architectures by name, for random-weight models (tests, benchmarks, export timing offline).

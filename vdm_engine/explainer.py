@@ -167,6 +167,8 @@ class Explainer(nn.Module):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         allow_backbone_mismatch: bool = False,
+        labels=None,
+        prompt: str | None = None,
     ) -> "Explainer":
         """Load a backbone and its gates.
 
@@ -176,18 +178,24 @@ class Explainer(nn.Module):
                 then the gates shipped with an embedded model.
             allow_backbone_mismatch: accept gates whose recorded backbone fingerprint differs from
                 this backbone's (a fine-tuned copy), with a ``ProvenanceWarning``.
+            labels, prompt: CLIP only: the zero-shot classes; default those recorded with the gates.
 
         Raises:
             BackboneMismatchError: the gates were trained on another backbone.
             GatesNotFoundError: no gates for ``model``.
         """
-        backbone = load_backbone(model, revision=revision, local_files_only=local_files_only)
         gates_dir = gates if gates is not None else registered_gates(model)
         if gates_dir is None:
             raise GatesNotFoundError(
                 f"no trained gates found for '{model}'. Train them with "
                 f"`vdm-train --model {model} --data SRC --out DIR`, or pass gates=DIR"
             )
+        zero_shot = {}
+        if labels is None:  # CLIP: the zero-shot head the gates were trained with, text embeddings included
+            zero_shot = Gates.recorded_zero_shot(gates_dir) or {}
+        backbone = load_backbone(model, revision=revision, local_files_only=local_files_only,
+                                 labels=labels or zero_shot.get("labels"), prompt=prompt or zero_shot.get("prompt"),
+                                 text_embeds=zero_shot.get("text_embeds"))
         source = "path" if gates is not None else classify_source(gates_dir, registry_home())
         loaded = Gates.from_pretrained(gates_dir, source=source)
         explainer = cls(backbone, loaded, allow_backbone_mismatch=allow_backbone_mismatch)

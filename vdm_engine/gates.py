@@ -29,6 +29,8 @@ __all__ = ["GateConfig", "Gates", "ProbeParams", "gate_probe_reference", "gate_p
 
 GATES_WEIGHTS = "gates.safetensors"
 GATES_CONFIG = "gates_config.json"
+#: CLIP backbones: the zero-shot head's text embeddings (C, E), saved beside the gates.
+ZERO_SHOT_WEIGHTS = "zero_shot.safetensors"
 _FORMAT_VERSION = 1
 
 
@@ -216,6 +218,7 @@ class Gates(nn.Module):
         self.backbone_id: str | None = None
         self.backbone_revision: str | None = None
         self.backbone_fingerprint: str | None = None
+        self.backbone_zero_shot: dict | None = None  # CLIP: {"labels": [...], "prompt": "..."} of the head
         self.metrics: dict = {}
         self.provenance = GatesProvenance("memory")
         self._verified_for: str | None = None  # fingerprint of the backbone last checked and accepted
@@ -372,6 +375,12 @@ class Gates(nn.Module):
         if backbone is not None:
             self.backbone_id, self.backbone_revision = backbone.name_or_path, backbone.revision
             self.backbone_fingerprint = backbone.fingerprint
+            self.backbone_zero_shot = getattr(backbone, "zero_shot", None)
+            if self.backbone_zero_shot:
+                with atomic_path(directory / ZERO_SHOT_WEIGHTS) as tmp:
+                    text = backbone.family.text.detach().to("cpu", torch.float32).contiguous()
+                    save_file({"text_embeds": text}, str(tmp), metadata={"format": "pt"})
+                    self.backbone_zero_shot = dict(self.backbone_zero_shot, sha256=sha256_file(tmp))
         if metrics is not None:
             self.metrics = dict(metrics)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
@@ -387,12 +396,31 @@ class Gates(nn.Module):
                     "name_or_path": self.backbone_id,
                     "revision": self.backbone_revision,
                     "fingerprint": self.backbone_fingerprint,
+                    **({"zero_shot": self.backbone_zero_shot} if self.backbone_zero_shot else {}),
                 },
                 "sha256": digest,
                 "metrics": self.metrics,
             },
         )
         return directory
+
+    @staticmethod
+    def recorded_zero_shot(directory: str | os.PathLike) -> dict | None:
+        """The CLIP zero-shot head recorded in a gates directory: ``{"labels", "prompt", "text_embeds"
+        (C, E)}``, or None for gates of a model with its own head. ``ValueError`` if the saved text
+        embeddings are missing or do not match their recorded sha256."""
+        from safetensors.torch import load_file
+
+        path = Path(directory) / GATES_CONFIG
+        if not path.is_file():
+            return None
+        rec = (json.loads(path.read_text()).get("backbone") or {}).get("zero_shot")
+        if not rec:
+            return None
+        w = Path(directory) / ZERO_SHOT_WEIGHTS
+        if not w.is_file() or sha256_file(w) != rec.get("sha256"):
+            raise ValueError(f"{w} is missing or does not match the sha256 in {path}: the gates directory is incomplete")
+        return {"labels": list(rec["labels"]), "prompt": rec["prompt"], "text_embeds": load_file(str(w))["text_embeds"]}
 
     @property
     def sha256(self) -> str | None:
@@ -433,6 +461,7 @@ class Gates(nn.Module):
         gates.backbone_id = recorded.get("name_or_path")
         gates.backbone_revision = recorded.get("revision")
         gates.backbone_fingerprint = recorded.get("fingerprint")
+        gates.backbone_zero_shot = recorded.get("zero_shot")
         gates.metrics = meta.get("metrics", {}) or {}
         gates._sha256 = digest
         kept, agreement = validation_figures(gates.metrics)

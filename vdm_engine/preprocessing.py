@@ -53,7 +53,15 @@ class ImageSpec:
         if isinstance(size, int):
             size = (size, size)
         elif isinstance(size, dict):
-            size = (size["height"], size["width"]) if "height" in size else default_size
+            crop = d.get("crop_size") if d.get("do_center_crop", True) else None
+            if "height" in size:
+                size = (size["height"], size["width"])
+            elif isinstance(crop, dict) and "height" in crop:  # shortest_edge + center crop (DINOv2, CLIP): the crop
+                size = (crop["height"], crop["width"])
+            elif isinstance(crop, int):
+                size = (crop, crop)
+            else:
+                size = default_size
         mean = d.get("image_mean", (0.5, 0.5, 0.5))
         std = d.get("image_std", (0.5, 0.5, 0.5))
         if isinstance(mean, (int, float)):

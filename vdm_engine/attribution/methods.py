@@ -133,7 +133,7 @@ class RolloutAttribution(Attribution):
             a = fused + eye
             a = a / a.sum(-1, keepdim=True)
             result = a @ result
-        return result[:, 0, 1:]
+        return result[:, 0, self.backbone.num_prefix_tokens:]
 
 
 class GradCamAttribution(Attribution):
@@ -150,7 +150,8 @@ class GradCamAttribution(Attribution):
         trace = traced_forward(self.backbone, pixel_values, requires_grad=True)
         feats = trace.attention_inputs[-1]
         (grad,) = torch.autograd.grad(_pick(trace.logits, target), feats)
-        feats, grad = feats[:, 1:].float(), grad[:, 1:].float()  # drop CLS: (B, N, D)
+        P = self.backbone.num_prefix_tokens
+        feats, grad = feats[:, P:].float(), grad[:, P:].float()  # drop prefix tokens: (B, N, D)
         weights = grad.mean(1, keepdim=True)  # (B, 1, D)
         return (weights * feats).sum(-1).clamp(min=0)
 
@@ -173,7 +174,7 @@ class CheferAttribution(Attribution):
         for att, g in zip(trace.attentions, grads):
             cam = (g.float() * att.detach().float()).clamp(min=0).mean(1)  # (B, T, T)
             R = R + cam @ R
-        return R[:, 0, 1:]
+        return R[:, 0, self.backbone.num_prefix_tokens:]
 
 
 class IntegratedGradientsAttribution(Attribution):

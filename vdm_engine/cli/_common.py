@@ -132,6 +132,18 @@ def check_device(device: str | None, *, flag: str = "--device") -> str | None:
     return str(dev)
 
 
+def parse_labels(text: str | None) -> list[str] | None:
+    """``--labels a,b,c`` -> ["a", "b", "c"] (None when not given); ``UsageError`` for an empty or repeated label."""
+    if text is None:
+        return None
+    labels = [x.strip() for x in str(text).split(",")]
+    if not all(labels) or len(labels) < 2:
+        raise UsageError(f"--labels needs at least two non-empty comma-separated class names, got {text!r}")
+    if len(set(labels)) != len(labels):
+        raise UsageError(f"--labels repeats a class name: {text!r}")
+    return labels
+
+
 def check_model(model: str, *, revision: str | None = None, flag: str = "--model") -> None:
     """``UsageError`` ("no such model") unless ``model`` is an embedded model, a preset, a local
     ``save_pretrained`` directory, or a hub id (offline: one in the local hub cache).

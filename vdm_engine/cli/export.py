@@ -14,7 +14,8 @@ import logging
 import sys
 from typing import Sequence
 
-from ._common import CliParser, UsageError, check_model, check_out_dir, check_out_file, quiet_transformers, run_cli
+from ._common import (CliParser, UsageError, check_model, check_out_dir, check_out_file, parse_labels, quiet_transformers,
+                      run_cli)
 
 __all__ = ["main", "PROG"]
 
@@ -36,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--gates", default=None, metavar="DIR", help="gates directory (default: the registry, then embedded)")
     opt.add_argument("--allow-backbone-mismatch", action="store_true",
                      help="accept gates recorded for another backbone (a fine-tuned copy); warns and records it")
+    opt.add_argument("--labels", default=None, metavar="A,B,...",
+                     help="CLIP checkpoints: the zero-shot class names (default: those recorded with the gates)")
     opt.add_argument("--untrained-gates", action="store_true",
                      help="if no trained gates are found, export random ones (benchmarks only; recorded in the metadata)")
     opt.add_argument("--random-weights", action="store_true",
@@ -179,7 +182,7 @@ def _run(argv: Sequence[str] | None) -> int:
     result = main_export(
         args.model, out=args.out, gates=args.gates, revision=args.revision,
         allow_backbone_mismatch=args.allow_backbone_mismatch, untrained_gates=args.untrained_gates,
-        random_weights=args.random_weights, dtype="fp16" if args.fp16 else "fp32", opset=args.opset,
+        random_weights=args.random_weights, labels=parse_labels(args.labels), dtype="fp16" if args.fp16 else "fp32", opset=args.opset,
         batch="dynamic" if args.batch_size is None else args.batch_size, outputs=outputs,
         uint8_input=args.uint8_input, threshold=args.threshold, atol=args.atol, providers=args.providers,
         overwrite=args.overwrite, triton_repo=args.triton_repo, triton_name=args.triton_name,

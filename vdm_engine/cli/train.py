@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU intra-op threads (default: 1 for small models, where more threads only contend; else torch's)",
     )
     opt.add_argument("--revision", default=None, help="hub revision of --model")
+    opt.add_argument("--labels", default=None, metavar="A,B,...",
+                     help="CLIP checkpoints only (required there): the zero-shot class names, comma-separated; "
+                     "recorded with the gates")
+    opt.add_argument("--prompt", default=None, help="CLIP only: the prompt template of each label (default 'a photo of a {}.')")
     run = opt.add_mutually_exclusive_group()
     run.add_argument("--resume", action="store_true", help="continue the run in OUT (same --model and --data)")
     run.add_argument("--overwrite", action="store_true", help="discard the run already in OUT and start afresh")
@@ -87,7 +91,7 @@ def _summary(result) -> dict:
 def _run(args) -> int:
     import json
 
-    from vdm_engine.cli._common import check_device, check_model, check_out_dir, quiet_transformers
+    from vdm_engine.cli._common import check_device, check_model, check_out_dir, parse_labels, quiet_transformers
     from vdm_engine.registry import RegistrationRefused
     from vdm_engine.training import TrainConfig, check_run_dir, resume_config, train
 
@@ -105,7 +109,7 @@ def _run(args) -> int:
     try:
         result = train(
             args.model, args.data, args.out, config, resume=args.resume, overwrite=args.overwrite, device=args.device,
-            revision=args.revision, threads=args.threads,
+            revision=args.revision, threads=args.threads, labels=parse_labels(args.labels), prompt=args.prompt,
             register=True if args.register else False if args.no_register else None, progress=not args.no_progress,
         )
     except RegistrationRefused as e:  # the run itself finished: report it, then the refusal

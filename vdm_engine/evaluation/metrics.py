@@ -180,7 +180,7 @@ def perturbed_logits(backbone, pixel_values: torch.Tensor, replacement: torch.Te
     tokens = (mask_fn or patch_mask_reference)(x - r, gates.to(x.dtype), None, backbone.cls_token, backbone.pos_embed)
     tokens = tokens.view(B, K, N + 1, D)
     tokens = torch.cat([tokens[:, :, :1], tokens[:, :, 1:] + r.unsqueeze(1)], dim=2).view(B * K, N + 1, D)
-    return backbone.head(backbone.encode(tokens)).view(B, K, -1)
+    return backbone.head(backbone.encode(backbone.complete_tokens(tokens))).view(B, K, -1)
 
 
 def perturbed_logits_pixels(backbone, pixel_values, replacement, gates) -> torch.Tensor:

@@ -37,7 +37,7 @@ def randomised_backbone(backbone, k: int, *, seed: int = 0):
     rb = copy.deepcopy(backbone)
     rb._fingerprint = None
     rb.name_or_path = f"{backbone.name_or_path}+random-top-{k}"
-    modules = [rb.model.classifier, rb.model.vit.layernorm] + [rb.layers[i] for i in range(L - k, L)]
+    modules = rb.family.head_modules() + [rb.layers[i] for i in range(L - k, L)]
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         for top in modules:
