@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FAMILIES, LABELS, hf_logits_and_states, hf_model, load, prefix_tokens
+from family_models import FAMILIES, LABELS, hf_logits_and_states, hf_model, load, prefix_tokens
 
 from vdm_engine import Explainer, GateConfig, Gates
 from vdm_engine.families import UnsupportedModelError

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import LABELS, load
+from family_models import LABELS, load
 
 from vdm_engine import Explainer, GateConfig, Gates
 
