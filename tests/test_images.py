@@ -434,8 +434,9 @@ def _accepted_forms(seed: int = 11):
 
 
 @pytest.fixture(scope="module")
-def digits_graphs(tmp_path_factory):
-    """The embedded vit-digits explainer and two exports: float pixel_values and uint8 images."""
+def digits_graphs(tmp_path_factory, digits_onnx):
+    """The embedded vit-digits explainer and two exports: float pixel_values (the session's
+    ``digits_onnx``) and uint8 images."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     if embedded_model_dir("vit-digits") is None:
@@ -445,9 +446,8 @@ def digits_graphs(tmp_path_factory):
 
     ex = Explainer.from_pretrained("vit-digits").eval()
     d = tmp_path_factory.mktemp("digits")
-    export_onnx(ex, d / "float.onnx", validate=False)
     export_onnx(ex, d / "uint8.onnx", uint8_input=True, validate=False)
-    return ex, OnnxExplainer(d / "float.onnx", providers="cpu"), OnnxExplainer(d / "uint8.onnx", providers="cpu")
+    return ex, OnnxExplainer(digits_onnx, providers="cpu"), OnnxExplainer(d / "uint8.onnx", providers="cpu")
 
 
 def test_explainer_and_onnx_explainer_give_identical_pixel_values(digits_graphs):
