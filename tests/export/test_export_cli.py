@@ -230,8 +230,9 @@ sys.exit(main(sys.argv[1:]))
 
 def _start_export(tmp_path, out):
     env = dict(os.environ, HF_HUB_OFFLINE="1", VDM_GATES_HOME=str(tmp_path / "gates_home"), OMP_NUM_THREADS="1")
+    # logits only: the smallest graph (a third less to trace); staging and signals are what is tested
     return subprocess.Popen(
-        [sys.executable, "-c", _SLOW_VALIDATION, "--model", "vit-digits", "--out", str(out)],
+        [sys.executable, "-c", _SLOW_VALIDATION, "--model", "vit-digits", "--outputs", "logits", "--out", str(out)],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
@@ -292,5 +293,5 @@ def test_staging_left_by_sigkill_is_removed_by_the_next_export(signalled_exports
         proc.kill()
     left = _staging(folder)
     assert left and all(f".vdm-staging-{proc.pid}-" in n for n in left), left  # SIGKILL: nothing could clean up
-    export_onnx(export_explainer, folder / "next.onnx")
+    export_onnx(export_explainer, folder / "next.onnx", outputs=("logits",), validate=False)  # staging as ever
     assert _staging(folder) == [] and sorted(p.name for p in folder.iterdir()) == ["next.onnx"]
