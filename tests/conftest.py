@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,6 +86,65 @@ def shared_tiny_explainer():
     such as ONNX exports; tests must not modify it."""
     backbone = random_backbone("vit-tiny", seed=0)
     return Explainer(backbone, make_tiny_gates(backbone)).eval()
+
+
+#: Every output of the ONNX graph (``vdm_engine.export.OUTPUTS``): two encoder passes.
+ALL_OUTPUTS = ("logits", "patch_mask", "layer_masks", "masked_logits", "kl")
+
+
+def _needs_onnx_export():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+
+
+@pytest.fixture(scope="session")
+def full_export(shared_tiny_explainer, tmp_path_factory):
+    """``shared_tiny_explainer`` exported once per session: fp32, dynamic batch, every output,
+    validated (an ``ExportResult``). Shared by the export, runtime and serve tests; read it, never
+    write beside it."""
+    _needs_onnx_export()
+    from vdm_engine.export import export_onnx
+
+    path = tmp_path_factory.mktemp("full") / "full.onnx"
+    return export_onnx(shared_tiny_explainer, path, outputs=ALL_OUTPUTS)
+
+
+@contextlib.contextmanager
+def _cwd(path: Path):
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+#: Where ``digits_onnx`` runs the README's default export, relative to its working directory.
+DIGITS_ONNX = "scratch/vit-digits.onnx"
+
+
+@pytest.fixture(scope="session")
+def digits_onnx(tmp_path_factory) -> Path:
+    """``vdm-export --out scratch/vit-digits.onnx`` (the README's command: the embedded vit-digits and
+    its shipped gates, every default, validated) run once per session through the CLI's ``main`` in a
+    temporary working directory with an empty gates registry; the graph's absolute path.
+
+    Tests that need that graph (runtime, images, README, Triton server) share it instead of each
+    exporting vit-digits again; they copy it before writing anything beside it.
+    """
+    _needs_onnx_export()
+    from vdm_engine.cli.export import main
+    from vdm_engine.registry import embedded_model_dir
+
+    if embedded_model_dir("vit-digits") is None:
+        pytest.skip("the embedded vit-digits model is not built")
+    work = tmp_path_factory.mktemp("digits_onnx")
+    with pytest.MonkeyPatch.context() as mp, _cwd(work):
+        mp.setenv("VDM_GATES_HOME", str(work / "gates_home"))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        code = main(["--out", DIGITS_ONNX])
+    assert code == 0, "vdm-export --out scratch/vit-digits.onnx failed (see the captured output)"
+    return work / DIGITS_ONNX
 
 
 @pytest.fixture

@@ -50,11 +50,8 @@ def _tiny_onnx(path: Path, external: bool) -> Path:
     return path
 
 
-@pytest.fixture
-def ws(tmp_path, monkeypatch):
-    """A workspace: an image, an existing file, bad ONNX files, an unwritable folder."""
-    pytest.importorskip("onnx")
-    monkeypatch.chdir(tmp_path)
+def _workspace(tmp_path: Path) -> SimpleNamespace:
+    """A workspace in ``tmp_path``: an image, an existing file, bad ONNX files, an unwritable folder."""
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     image = inputs / "digit.png"
@@ -78,13 +75,26 @@ def ws(tmp_path, monkeypatch):
         unwritable.mkdir()
         unwritable.chmod(0o555)
         unwritable_msg = "cannot write into"
-    yield SimpleNamespace(
+    return SimpleNamespace(
         root=tmp_path, image=image, existing=existing, missing_data=missing_data, not_onnx=not_onnx,
         truncated=truncated, unwritable=unwritable, unwritable_msg=unwritable_msg,
         out_file=tmp_path / "out" / "m.onnx", out_dir=tmp_path / "out",
     )
+
+
+def _release(w: SimpleNamespace) -> None:
     if not ROOT:
-        unwritable.chmod(0o755)
+        w.unwritable.chmod(0o755)
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    """A workspace (``_workspace``) that is also the working directory."""
+    pytest.importorskip("onnx")
+    monkeypatch.chdir(tmp_path)
+    w = _workspace(tmp_path)
+    yield w
+    _release(w)
 
 
 def _no_cuda():
@@ -216,18 +226,47 @@ def test_bad_input_in_process(ws, nothing_loads, capsys, row_id, cli, argv, mess
 SUBPROCESS_ROWS = ["export-unknown-model", "explain-onnx-missing-data", "eval-out-is-file", "train-unknown-model"]
 
 
+def _row(row_id: str):
+    return next(r for r in ROWS if not hasattr(r, "values") and r[0] == row_id)
+
+
+@pytest.fixture(scope="module")
+def processes(tmp_path_factory):
+    """The ``SUBPROCESS_ROWS`` as real processes, all started at once (their start-ups overlap), each
+    in its own workspace: {row id: (process, workspace, snapshot of the workspace before)}."""
+    pytest.importorskip("onnx")
+    started = {}
+    for row_id in SUBPROCESS_ROWS:
+        (_, cli, argv, _) = _row(row_id)
+        w = _workspace(tmp_path_factory.mktemp(f"ws-{row_id}"))
+        env = dict(os.environ, HF_HUB_OFFLINE="1", VDM_GATES_HOME=str(tmp_path_factory.mktemp("gates_home")))
+        before = _snapshot(w.root)
+        proc = subprocess.Popen([sys.executable, "-m", f"vdm_engine.cli.{cli}", *[str(a) for a in argv(w)]],
+                                cwd=w.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started[row_id] = (proc, w, before)
+    yield started
+    for proc, w, _ in started.values():
+        proc.kill()
+        proc.communicate()
+        _release(w)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_processes_first(request):
+    """When the process rows are selected, they start with this module's first test and run beside
+    the in-process table."""
+    if any("processes" in item.fixturenames for item in request.session.items if item.module is request.module):
+        request.getfixturevalue("processes")
+
+
 @pytest.mark.parametrize("row_id", SUBPROCESS_ROWS)
-def test_bad_input_as_a_process(ws, tmp_path_factory, row_id):
+def test_bad_input_as_a_process(processes, row_id):
     """The real process: nothing but the one line on stderr (no warnings, no usage, no traceback)."""
-    (_, cli, argv, message) = next(r for r in ROWS if not hasattr(r, "values") and r[0] == row_id)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VDM_GATES_HOME=str(tmp_path_factory.mktemp("gates_home")))
-    before = _snapshot(ws.root)
-    proc = subprocess.run(
-        [sys.executable, "-m", f"vdm_engine.cli.{cli}", *[str(a) for a in argv(ws)]],
-        cwd=ws.root, env=env, capture_output=True, text=True, timeout=120,
-    )
-    _check_one_line(PROGS[cli], proc.returncode, proc.stdout, proc.stderr, _expected(ws, message))
-    assert _snapshot(ws.root) == before
+    (_, cli, _, message) = _row(row_id)
+    proc, w, before = processes[row_id]
+    out, err = proc.communicate(timeout=120)
+    _check_one_line(PROGS[cli], proc.returncode, out, err, _expected(w, message))
+    assert _snapshot(w.root) == before
 
 
 # ----- the shared helpers ------------------------------------------------------------------------

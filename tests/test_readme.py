@@ -1,17 +1,15 @@
 """The README's examples work as written: its Python blocks run, and its commands parse.
 
 The ``OnnxExplainer`` block needs the graph that the README's ``vdm-export --out ...`` command
-writes, so that test runs the command first (about half a minute: marked slow).
+writes: that command (every default) is the session's ``digits_onnx`` export, run through the same
+CLI in a temporary working directory, so the block runs on that graph.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -65,15 +63,16 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch):
         _exec(code, f"python block {i}")
 
 
-@pytest.mark.slow
-def test_readme_onnx_snippet_runs_on_the_readme_export(tmp_path, monkeypatch):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+def test_readme_onnx_snippet_runs_on_the_readme_export(digits_onnx, tmp_path, monkeypatch):
+    import shutil
+
+    from tests.conftest import DIGITS_ONNX
+
     (argv,) = [c for c in _commands() if c[0] == "vdm-export" and "--model" not in c]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VDM_GATES_HOME=str(tmp_path / "gates_home"))
-    proc = subprocess.run([sys.executable, "-m", "vdm_engine.cli.export", *argv[1:]], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    # the README's command is the one the session ran for digits_onnx (same CLI, same working-directory path)
+    assert argv == ["vdm-export", "--out", DIGITS_ONNX], f"update DIGITS_ONNX in tests/conftest.py: {argv}"
+    (tmp_path / DIGITS_ONNX).parent.mkdir(parents=True)
+    shutil.copy(digits_onnx, tmp_path / DIGITS_ONNX)
     monkeypatch.chdir(tmp_path)
     (code,) = [b for b in _blocks("python") if "OnnxExplainer" in b]
     _exec(code, "OnnxExplainer block")

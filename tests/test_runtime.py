@@ -16,14 +16,9 @@ from vdm_engine.runtime import OnnxExplainer, resolve_providers  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, shared_tiny_explainer):
-    from vdm_engine.export import export_onnx
-
-    explainer = shared_tiny_explainer
-    path = tmp_path_factory.mktemp("runtime") / "tiny.onnx"
-    # this module compares with PyTorch itself, so the export's own validation is skipped
-    export_onnx(explainer, path, outputs=("logits", "patch_mask", "layer_masks"), validate=False)
-    return explainer, OnnxExplainer(path, providers="auto")
+def exported(full_export, shared_tiny_explainer):
+    """The tiny explainer and ``OnnxExplainer`` on the session's graph of it (every output)."""
+    return shared_tiny_explainer, OnnxExplainer(full_export.path, providers="auto")
 
 
 def test_explain_equals_the_pytorch_explainer(exported, close):
@@ -105,15 +100,13 @@ def test_cuda_io_binding_keeps_tensors_on_the_device(exported, close):
 
 
 @pytest.mark.skipif(embedded_model_dir("vit-digits") is None, reason="the embedded vit-digits model is not built yet")
-def test_embedded_vit_digits_export_matches_pytorch_on_held_out_digits(tmp_path, close):
-    from vdm_engine.cli.export import main
-
-    assert main(["--out", str(tmp_path / "d.onnx")]) == 0
+def test_embedded_vit_digits_export_matches_pytorch_on_held_out_digits(digits_onnx, close):
+    """``vdm-export --out FILE`` with its defaults (the session's ``digits_onnx``) against PyTorch."""
     from vdm_engine.data import digits_split
 
     images = digits_split("test")[0][:64]
     explainer = Explainer.from_pretrained("vit-digits").eval()
-    rt = OnnxExplainer(tmp_path / "d.onnx")
+    rt = OnnxExplainer(digits_onnx)
     x = rt.preprocess(images)
     assert torch.equal(x, explainer.preprocess(images))
     got, ref = rt.explain(x), explainer.explain(x)

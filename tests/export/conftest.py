@@ -1,4 +1,7 @@
-"""Exports shared by the export tests: each tiny graph is exported once per session."""
+"""Exports shared by the export tests: each tiny graph is exported once per session.
+
+``full_export`` (every output) lives in tests/conftest.py: the runtime and serve tests use it too.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +13,12 @@ from vdm_engine.ops import Ops, reference_ops
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-ALL_OUTPUTS = ("logits", "patch_mask", "layer_masks", "masked_logits", "kl")
 MASK_ONLY_OUTPUTS = ("logits", "patch_mask")
 
 
 @pytest.fixture(scope="session")
 def export_explainer(shared_tiny_explainer) -> Explainer:
     return shared_tiny_explainer
-
-
-@pytest.fixture(scope="session")
-def full_export(export_explainer, tmp_path_factory):
-    """fp32, dynamic batch, every output (two encoder passes)."""
-    from vdm_engine.export import export_onnx
-
-    path = tmp_path_factory.mktemp("full") / "full.onnx"
-    return export_onnx(export_explainer, path, outputs=ALL_OUTPUTS)
 
 
 def _raising(*args, **kwargs):
@@ -69,26 +62,27 @@ def tritonserver_dist():
 
 
 @pytest.fixture(scope="session")
-def triton_server(tmp_path_factory, tritonserver_dist):
+def triton_server(tmp_path_factory, tritonserver_dist, digits_onnx):
     """A real tritonserver (from the nvidia-pytriton wheel, cached across runs) on free loopback ports,
-    serving vit-digits exported by ``main_export`` with the python backend and the ensemble; one per
-    session, stopped by its pid at the end (and with the session's process if that is killed).
+    serving the session's vit-digits graph (``digits_onnx``: ``vdm-export`` with its defaults) with
+    the python backend and the ensemble; one per session, stopped by its pid at the end (and with the
+    session's process if that is killed). ``vdm-export --triton-repo`` itself is tested in
+    test_export_cli.py.
 
     Skipped, with the reason, only when the wheel cannot be fetched.
     """
     pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
-    from vdm_engine.export import main_export, write_triton_repo
+    from vdm_engine.export import write_triton_repo
     from vdm_engine.export.triton_repo import ensemble_model_names
     from vdm_engine.export.tritonserver import TritonServer
 
     work = tmp_path_factory.mktemp("triton")
     repo = work / "repo"
     # 20 ms of queue delay: concurrent test requests reliably meet in one batch.
-    result = main_export("vit-digits", out=work / "vit-digits.onnx", providers="cpu", triton_repo=repo,
-                         triton_name=TRITON_MODEL, triton_backend="python", triton_ensemble=True,
-                         triton_queue_delay_us=20_000, triton_max_batch=16)
-    write_triton_repo(result.path, repo, name=TRITON_ORT_MODEL, instance_kind="KIND_CPU")
+    write_triton_repo(digits_onnx, repo, name=TRITON_MODEL, backend="python", ensemble=True,
+                      max_queue_delay_us=20_000, max_batch_size=16)
+    write_triton_repo(digits_onnx, repo, name=TRITON_ORT_MODEL, instance_kind="KIND_CPU")
     models = [TRITON_MODEL, *ensemble_model_names(TRITON_MODEL)]
     server = TritonServer(repo, models=models, dist=tritonserver_dist, log_path=work / "server.log")
     server.start(timeout_s=300)

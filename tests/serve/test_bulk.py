@@ -2,7 +2,7 @@
 after a SIGKILL and a rerun, unreadable images in the errors file, bad sources refused in one line.
 
 Every run uses the session's Ray instance (``ray_session``); the killed driver is a subprocess that
-joins it with ``--address``.
+joins it with ``--address``, started beside the uninterrupted run (two start-ups at once on 2 cores).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,8 +27,10 @@ pytest.importorskip("pyarrow")
 from tests.conftest import assert_close  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-# digits:test (300 images) in 30 shards of 10, explained in batches of 50 (fewer Ray blocks, a shorter run)
-DIGITS = dict(dataset="digits:test", shard_size=10, batch_size=50, layer_masks=True, verify=True)
+# digits:test (300 images) in 30 shards of 10, explained in batches of 50 (fewer Ray blocks, a shorter run).
+# Half a CPU per actor: the uninterrupted run and the driver that gets killed fit the session's 2 CPUs
+# side by side (an actor still runs torch on one thread).
+DIGITS = dict(dataset="digits:test", shard_size=10, batch_size=50, layer_masks=True, verify=True, cpus_per_actor=0.5)
 
 
 def _run(out, **kw):
@@ -46,8 +49,46 @@ def _masks(rows, column="patch_mask") -> torch.Tensor:
     return torch.tensor(np.asarray(rows[column], dtype=np.float32))
 
 
+class KilledDriver:
+    """``vdm-explain --dataset`` over ``DIGITS`` in a subprocess joined to the session's Ray, SIGKILLed
+    by a watcher thread as soon as its first shard is written; ``wait()`` -> (return code, stderr)."""
+
+    def __init__(self, out: Path, address: str):
+        self.out = out
+        self.cmd = [sys.executable, "-m", "vdm_engine.cli.explain", "--dataset", DIGITS["dataset"], "--out", str(out),
+                    "--shard-size", str(DIGITS["shard_size"]), "--batch-size", str(DIGITS["batch_size"]),
+                    "--cpus-per-actor", str(DIGITS["cpus_per_actor"]), "--layer-masks", "--verify",
+                    "--address", address, "--no-progress"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(self.cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._watcher = threading.Thread(target=self._kill_after_first_shard, daemon=True)
+        self._watcher.start()
+
+    def _kill_after_first_shard(self):
+        shards = self.out / "shards"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and self.proc.poll() is None and not any(shards.glob("part-*.parquet")):
+            time.sleep(0.002)
+        self.proc.send_signal(signal.SIGKILL)
+
+    def wait(self) -> tuple[int, str]:
+        self._watcher.join(timeout=200)
+        _, err = self.proc.communicate(timeout=30)
+        return self.proc.returncode, err.decode()
+
+
 @pytest.fixture(scope="session")
-def digits_run(ray_session, tmp_path_factory):
+def killed_driver(ray_session, tmp_path_factory):
+    """The driver that gets SIGKILLed midway (``KilledDriver``), started before ``digits_run`` so that
+    its start-up runs beside the uninterrupted run."""
+    driver = KilledDriver(tmp_path_factory.mktemp("bulk_killed") / "killed", ray_session)
+    yield driver
+    driver.proc.kill()
+    driver.proc.communicate()
+
+
+@pytest.fixture(scope="session")
+def digits_run(ray_session, killed_driver, tmp_path_factory):
     """An uninterrupted run over the 300 test digits, with layer masks and the masked check."""
     out = tmp_path_factory.mktemp("bulk_digits")
     summary = _run(out, **DIGITS)
@@ -83,27 +124,17 @@ def test_bulk_masks_equal_explainer(digits_run, reference):
     assert (out / "errors.jsonl").read_text() == ""
 
 
-def test_sigkill_midway_then_rerun_is_exact(digits_run, ray_session, tmp_path, capsys):
+def test_sigkill_midway_then_rerun_is_exact(digits_run, killed_driver, capsys):
     """SIGKILL the driver (a subprocess) after its first shard, rerun (the CLI in this process): every
     image once, as uninterrupted."""
     from vdm_engine.cli.explain import main
 
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "vdm_engine.cli.explain", "--dataset", DIGITS["dataset"], "--out", str(out),
-           "--shard-size", str(DIGITS["shard_size"]), "--batch-size", str(DIGITS["batch_size"]), "--layer-masks",
-           "--verify", "--address", ray_session, "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    shards = out / "shards"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and not any(shards.glob("part-*.parquet")):
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed: {err.decode()[-2000:]}"
+    code, err = killed_driver.wait()
+    assert code == -signal.SIGKILL, f"the run ended before it was killed: {err[-2000:]}"
+    out, shards = killed_driver.out, killed_driver.out / "shards"
     before = sorted(p.name for p in shards.glob("part-*.parquet"))
     assert 1 <= len(before) < 30, before
-    assert main(cmd[3:]) == 0  # the rerun: same command, in this process (already on the session's Ray)
+    assert main(killed_driver.cmd[3:]) == 0  # the rerun: same command, in this process (already on the session's Ray)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(f"vdm-explain: 300 explained, 0 errors of 300 images; this run {300 - 10 * len(before)} in ")
     assert "images/s" in line and line.endswith(f"-> {out}")

@@ -34,16 +34,11 @@ def test_batch_equals_one_by_one_and_verify_only_where_asked(digits_model, image
     close(logits, digits_model.impl.backbone(x), 1e-5, 1e-5, "predict logits")
 
 
-@pytest.mark.slow
-def test_onnx_backend_equals_onnx_explainer(tmp_path, shared_tiny_explainer, close):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    from vdm_engine.export import export_onnx
+def test_onnx_backend_equals_onnx_explainer(full_export, shared_tiny_explainer, close):
+    """On the session's tiny graph (every output, tests/conftest.py)."""
     from vdm_engine.runtime import OnnxExplainer
 
-    path = tmp_path / "tiny.onnx"
-    export_onnx(shared_tiny_explainer, path, outputs=("logits", "patch_mask", "masked_logits", "kl"), validate=False,
-                random_weights=True, untrained_gates=True)
+    path = full_export.path
     model = ServingModel(ServeConfig(onnx=str(path)))
     assert model.platform == "onnxruntime_onnx" and model.can_verify
     assert len(model.gates_sha256 or "") == 64  # the export hashes even unsaved gates
