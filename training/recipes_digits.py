@@ -100,18 +100,15 @@ VARIANTS = [
     DigitsVariant("shipped-recipe", "the shipped recipe (probe width 16 = D/4, eps 0.1, adaptive depth, learned placeholder)"),
     DigitsVariant("path-3-sparse", "K=3, budgets 0.1/0.5/2.0: the extra levels sparser than the main one",
                   levels=(0.1, 0.5, 2.0)),
-    DigitsVariant("path-4", "K=4, budgets 0.1/0.3/1.0/3.0", levels=(0.1, 0.3, 1.0, 3.0)),
-    DigitsVariant("probe-8", "probe width 8", train={"probe_size": 8}),
     DigitsVariant("seed-1", "the shipped recipe with seed 1 (the run-to-run spread of one recipe)", train={"seed": 1}),
-    DigitsVariant("path-4-wide", "K=4, budgets 0.03/0.1/0.5/2.0 (one level denser, two sparser)",
-                  levels=(0.03, 0.1, 0.5, 2.0)),
-    DigitsVariant("samples-4", "4 mask samples per image (16 images x 4 per batch of 64)", samples=4),
-    DigitsVariant("eps-0.2", "KL budget 0.2 (eps_valid 0.3)", train={"eps": 0.2, "eps_valid": 0.3}),
-    DigitsVariant("placeholder-zeros", "no learned placeholder: dropped patches become zero embeddings",
-                  placeholder="zeros"),
+    DigitsVariant("probe-8", "probe width 8", train={"probe_size": 8}),
     DigitsVariant("last-depth-4", "the last depth (the explanation's mask) sampled 4 shares more",
                   train={"last_depth_weight": 4.0}),
     DigitsVariant("uniform-depth", "depths sampled uniformly (not by alpha)", train={"depth_sampling": "uniform"}),
+    DigitsVariant("samples-4", "4 mask samples per image (16 images x 4 per batch of 64)", samples=4),
+    DigitsVariant("placeholder-zeros", "no learned placeholder: dropped patches become zero embeddings",
+                  placeholder="zeros"),
+    DigitsVariant("eps-0.2", "KL budget 0.2 (eps_valid 0.3)", train={"eps": 0.2, "eps_valid": 0.3}),
     DigitsVariant("alpha-5", "Lagrangian schedule: alpha starts at 5 (not 20), slower ascent (lr_alpha 0.1)",
                   train={"alpha_init": 5.0, "lr_alpha": 0.1}),
     DigitsVariant("l0-log", "log-L0 penalty (the paper's form)", train={"l0": "log"}),
@@ -122,6 +119,9 @@ VARIANTS = [
     DigitsVariant("steps-2000", "2000 steps (not 1000)", train={"steps": 2000}),
     DigitsVariant("path-3-narrow", "K=3, budgets 0.03/0.1/0.3 (the shipped K=3 spacing, 600-step levels)",
                   levels=(0.03, 0.1, 0.3)),
+    DigitsVariant("path-4", "K=4, budgets 0.1/0.3/1.0/3.0", levels=(0.1, 0.3, 1.0, 3.0)),
+    DigitsVariant("path-4-wide", "K=4, budgets 0.03/0.1/0.5/2.0 (one level denser, two sparser)",
+                  levels=(0.03, 0.1, 0.5, 2.0)),
 ]
 
 
@@ -359,25 +359,27 @@ def study(names, out: str | Path, *, cache: str | Path | None = None, progress: 
             t0 = time.time()
             trained = train_variant(v, bb, data, cache=Path(cache) if cache is not None else out / "cache")
             figures = score_variant(bb, trained["gates"], trained["path"], pv, chefer, progress=progress)
-            figures["target"] = target_check(figures)
-            figures["target_single"] = target_check(figures, "diffmask")
-            vd = asdict(v)
-            vd["levels"] = list(v.levels)
-            record["variants"][name] = {
-                "variant": vd, "train_seconds": trained["seconds"], "seconds": round(time.time() - t0, 1),
-                "gates_sha256": _state_sha(trained["gates"]),
-                "validation": trained["gates"].metrics.get("validation"),
-                "levels_validation": [g.get("validation") for g in trained["path"].metrics["levels"]]
-                if trained["path"] is not None else None,
-                **figures,
-            }
+            record["variants"][name] = _variant_record(v, trained, figures, time.time() - t0)
             atomic_write_json(out / "results.json", record)
             _write_markdown(record, out / "results.md")
-            print(json.dumps({"variant": name, "mask": figures["mask"], "target_all": figures["target"]["all"],
+            print(json.dumps({"variant": name, "mask": figures["mask"], "target_all": record["variants"][name]["target"]["all"],
                               "seconds": record["variants"][name]["seconds"]}), flush=True)
     finally:
         torch.set_num_threads(threads)
     return record
+
+
+def _variant_record(v: DigitsVariant, trained: dict, figures: dict, seconds: float) -> dict:
+    """The results.json entry of one variant: its settings, times, validation, figures and target checks."""
+    vd = asdict(v)
+    vd["levels"] = list(v.levels)
+    path = trained["path"]
+    return {
+        "variant": vd, "train_seconds": trained["seconds"], "seconds": round(seconds, 1),
+        "gates_sha256": _state_sha(trained["gates"]), "validation": trained["gates"].metrics.get("validation"),
+        "levels_validation": [g.get("validation") for g in path.metrics["levels"]] if path is not None else None,
+        **figures, "target": target_check(figures), "target_single": target_check(figures, "diffmask"),
+    }
 
 
 def _state_sha(gates) -> str:
@@ -406,6 +408,7 @@ def _write_markdown(record: dict, path: Path) -> None:
         "A star marks a curve where the issue's target is met (`target_check`).",
         "",
     ]
+    lines += _summary(record, short) + [""]
     rows = list(record["variants"].items())
     if "shipped" in record:
         rows.insert(0, ("shipped gates files", {**record["shipped"], "seconds": 0, "variant": {
@@ -430,6 +433,26 @@ def _write_markdown(record: dict, path: Path) -> None:
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def _summary(record: dict, short: dict) -> list[str]:
+    """One row per variant: the mask, then each curve's paired difference to Chefer for the path (or the
+    single-level gates without levels); the sign convention of the tables below."""
+    lines = ["## Summary", "",
+             "Paired difference to Chefer (method − Chefer, mean over the test digits) of the path's AUCs, or of the "
+             "single-level gates' for variants without levels; negative is better in the pos / del / MoRF columns, "
+             "positive in the others; * = the issue's target met on that curve.", "",
+             "| variant | kept | agreement | scored | " + " | ".join(short.values()) + " | target |",
+             "|---|---|---|---|" + "---|" * len(short) + "---|"]
+    rows = ([("shipped gates files", record["shipped"])] if "shipped" in record else []) + list(record["variants"].items())
+    for name, r in rows:
+        m = "diffmask-path" if "diffmask-path" in r["methods"] else "diffmask"
+        tgt = r["target"] if m == "diffmask-path" else r["target_single"]
+        cells = [f"{r['methods'][m][k]['diff']:+.3f}{'*' if tgt[k]['met'] else ''}" for k in short]
+        mk = r["mask"]
+        lines.append(f"| {name} | {mk['kept']:.1%} | {mk['agreement']:.1%} | {'path' if m == 'diffmask-path' else 'single'} | "
+                     + " | ".join(cells) + f" | {'met' if tgt['all'] else 'missed'} |")
+    return lines
 
 
 def ship(name: str, cache: str | Path, model_dir: str | Path) -> dict:
@@ -482,10 +505,14 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=None, help="folder of trained levels, reused by settings (default OUT/cache)")
     parser.add_argument("--ship", default=None, metavar="NAME", help="write this variant's gates into --model-dir")
     parser.add_argument("--model-dir", default=None, help="model folder to ship into (backbone/, gates/, metrics.json)")
+    parser.add_argument("--report", action="store_true", help="only rewrite OUT/results.md from OUT/results.json")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
 
     def body():
+        if args.report:
+            _write_markdown(_load(Path(args.out) / "results.json"), Path(args.out) / "results.md")
+            return 0
         if args.ship is not None:
             if args.ship not in _variants():
                 raise ValueError(f"unknown variant {args.ship!r}; expected one of {', '.join(_variants())}")
