@@ -65,6 +65,7 @@ class DigitsVariant:
         level_steps: training steps of the path's other levels.
         level_agreement: the agreement a sparser level's validation must reach to be selected
             (a level sparser than the main one is a ranking device, not a faithful mask).
+        level_train: ``TrainConfig`` fields for the other levels only, over ``train``.
     """
 
     name: str
@@ -75,6 +76,7 @@ class DigitsVariant:
     levels: tuple = ()
     level_steps: int = 600
     level_agreement: float = 0.5
+    level_train: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.samples < 1 or 64 % self.samples:
@@ -105,6 +107,14 @@ VARIANTS = [
     DigitsVariant("last-depth-4", "the last depth (the explanation's mask) sampled 4 shares more",
                   train={"last_depth_weight": 4.0}),
     DigitsVariant("uniform-depth", "depths sampled uniformly (not by alpha)", train={"depth_sampling": "uniform"}),
+    DigitsVariant("last-depth-4-sel97", "last depth sampled 4 shares more, and checkpoints selected at agreement "
+                  ">= 97% on the validation digits (not 95%)", train={"last_depth_weight": 4.0, "agreement": 0.97}),
+    DigitsVariant("path-last-depth-3", "K=3, budgets 0.03/0.1/0.3 with the last-depth-4 recipe for every level",
+                  train={"last_depth_weight": 4.0}, levels=(0.03, 0.1, 0.3)),
+    DigitsVariant("path-uniform-levels", "K=3, budgets 0.03/0.1/0.3: the main level the shipped recipe, the other two "
+                  "trained with uniform depth sampling", levels=(0.03, 0.1, 0.3), level_train={"depth_sampling": "uniform"}),
+    DigitsVariant("path-4-uniform", "K=4, budgets 0.03/0.1/0.2/0.5: the main level the shipped recipe, the others "
+                  "with uniform depth sampling", levels=(0.03, 0.1, 0.2, 0.5), level_train={"depth_sampling": "uniform"}),
     DigitsVariant("samples-4", "4 mask samples per image (16 images x 4 per batch of 64)", samples=4),
     DigitsVariant("placeholder-zeros", "no learned placeholder: dropped patches become zero embeddings",
                   placeholder="zeros"),
@@ -135,6 +145,7 @@ def _train_config(variant: DigitsVariant, eps: float | None = None, *, sparse_le
 
     kw = {**GATE_CONFIGS["digits"], **variant.train}
     if eps is not None and eps != variant.eps:
+        kw.update(variant.level_train)
         kw.update(eps=float(eps), eps_valid=1.5 * float(eps), steps=variant.level_steps)
         if sparse_level:
             kw["agreement"] = variant.level_agreement
@@ -359,7 +370,10 @@ def study(names, out: str | Path, *, cache: str | Path | None = None, progress: 
             t0 = time.time()
             trained = train_variant(v, bb, data, cache=Path(cache) if cache is not None else out / "cache")
             figures = score_variant(bb, trained["gates"], trained["path"], pv, chefer, progress=progress)
-            record["variants"][name] = _variant_record(v, trained, figures, time.time() - t0)
+            entry = _variant_record(v, trained, figures, time.time() - t0)
+            # merged into the file as it is now: studies of other variants may run beside this one
+            record = {**_load(out / "results.json"), **{k: x for k, x in record.items() if k != "variants"}}
+            record["variants"][name] = entry
             atomic_write_json(out / "results.json", record)
             _write_markdown(record, out / "results.md")
             print(json.dumps({"variant": name, "mask": figures["mask"], "target_all": record["variants"][name]["target"]["all"],
