@@ -423,7 +423,10 @@ def _write_markdown(record: dict, path: Path) -> None:
         "",
     ]
     lines += _summary(record, short) + [""]
-    rows = list(record["variants"].items())
+    missing = [v.name for v in VARIANTS if v.name not in record["variants"]]
+    if missing:
+        lines += [f"Listed in `VARIANTS` but not run yet: {', '.join(missing)}.", ""]
+    rows = _in_order(record["variants"])
     if "shipped" in record:
         rows.insert(0, ("shipped gates files", {**record["shipped"], "seconds": 0, "variant": {
             "note": f"the gates the package ships (sha256 {record['shipped']['gates_sha256'][:12]}; gates-levels "
@@ -449,6 +452,12 @@ def _write_markdown(record: dict, path: Path) -> None:
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
+def _in_order(variants: dict) -> list:
+    """(name, entry) pairs in the order of ``VARIANTS`` (the order tried), unknown names last."""
+    rank = {v.name: i for i, v in enumerate(VARIANTS)}
+    return sorted(variants.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0]))
+
+
 def _summary(record: dict, short: dict) -> list[str]:
     """One row per variant: the mask, then each curve's paired difference to Chefer for the path (or the
     single-level gates without levels); the sign convention of the tables below."""
@@ -458,7 +467,7 @@ def _summary(record: dict, short: dict) -> list[str]:
              "positive in the others; * = the issue's target met on that curve.", "",
              "| variant | kept | agreement | scored | " + " | ".join(short.values()) + " | target |",
              "|---|---|---|---|" + "---|" * len(short) + "---|"]
-    rows = ([("shipped gates files", record["shipped"])] if "shipped" in record else []) + list(record["variants"].items())
+    rows = ([("shipped gates files", record["shipped"])] if "shipped" in record else []) + _in_order(record["variants"])
     for name, r in rows:
         m = "diffmask-path" if "diffmask-path" in r["methods"] else "diffmask"
         tgt = r["target"] if m == "diffmask-path" else r["target_single"]
