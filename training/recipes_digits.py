@@ -115,6 +115,9 @@ VARIANTS = [
                   "trained with uniform depth sampling", levels=(0.03, 0.1, 0.3), level_train={"depth_sampling": "uniform"}),
     DigitsVariant("path-4-uniform", "K=4, budgets 0.03/0.1/0.2/0.5: the main level the shipped recipe, the others "
                   "with uniform depth sampling", levels=(0.03, 0.1, 0.2, 0.5), level_train={"depth_sampling": "uniform"}),
+    DigitsVariant("path-4-uniform-eps-0.2", "K=4, budgets 0.03/0.1/0.2/0.5: the main level the eps-0.2 variant, the "
+                  "others with uniform depth sampling", train={"eps": 0.2, "eps_valid": 0.3}, levels=(0.03, 0.1, 0.2, 0.5),
+                  level_train={"depth_sampling": "uniform"}),
     DigitsVariant("samples-4", "4 mask samples per image (16 images x 4 per batch of 64)", samples=4),
     DigitsVariant("placeholder-zeros", "no learned placeholder: dropped patches become zero embeddings",
                   placeholder="zeros"),
