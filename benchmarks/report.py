@@ -31,6 +31,8 @@ CASES = {
     "explain/torch-reference": ("explain: engine, reference kernels", "PyTorch"),
     "explain/torch-triton": ("explain: engine, Triton kernels", "PyTorch"),
     "explain/onnxruntime": ("explain: engine, fused graph (OnnxExplainer)", "onnxruntime"),
+    "explain/torch-levels4": ("explain with K=4 levels (patch_rank), probe width D/4", "PyTorch"),
+    "explain/torch-levels4-p8": ("explain with K=4 levels (patch_rank), probe width D/8", "PyTorch"),
     "original/two-pass": ("original Vision-DiffMask (hooks, two passes)", "PyTorch"),
     "baseline/rollout": ("attention rollout", "PyTorch"),
     "baseline/gradcam": ("Grad-CAM (last block)", "PyTorch"),
@@ -49,6 +51,9 @@ RATIOS = [
     ("explain / plain, PyTorch (reference kernels)", "explain/torch-reference", "plain/torch", 0.93),
     ("explain / plain, PyTorch (Triton kernels)", "explain/torch-triton", "plain/torch", 0.93),
     ("explain / plain, onnxruntime", "explain/onnxruntime", "plain/onnxruntime", 0.93),
+    # K=4 levels within 1.15x plain inference's time: throughput ratio >= 1 / 1.15
+    ("explain K=4 levels / plain, PyTorch (probes D/4)", "explain/torch-levels4", "plain/torch", 0.87),
+    ("explain K=4 levels / plain, PyTorch (probes D/8)", "explain/torch-levels4-p8", "plain/torch", 0.87),
     ("{engine} / original two-pass method", _ENGINE, "original/two-pass", 1.9),
     ("{engine} / attention rollout", _ENGINE, "baseline/rollout", None),
     ("{engine} / Grad-CAM", _ENGINE, "baseline/gradcam", 3.0),

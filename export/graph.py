@@ -68,6 +68,12 @@ class ExplainerGraph(nn.Module):
         super().__init__()
         self.explainer = explainer
         self.outputs = normalize_outputs(outputs)
+        levels = explainer.gates.config.levels
+        if "patch_rank" in self.outputs and levels < 2:  # the ranking needs K >= 2 nested masks
+            raise ValueError(
+                f"the patch_rank output needs K-level gates (levels >= 2, joined with Gates.stack; vit-digits ships "
+                f"them in its gates-levels folder); the gates in use have {levels} level"
+            )
         self.uint8_input = bool(uint8_input)
         if not 0.0 <= float(threshold) <= 1.0:
             raise ValueError(f"threshold must be a keep probability in [0, 1], got {threshold}")

@@ -107,3 +107,33 @@ def test_shipped_vit_digits_levels():
     _, hidden = single.backbone.hidden_states(pv)
     kept = (levels.gates.level_masks(hidden) > 0.5).float().mean((0, 2))
     assert (kept[1:] < kept[:-1]).all(), kept
+
+
+def test_export_patch_rank_needs_levels_is_a_usage_error(tmp_path, capsys):
+    """``vdm-export --outputs patch_rank`` with single-level gates: one error line and exit 2 before tracing."""
+    from vdm_engine.cli.export import main
+
+    rc = main(["--model", "vit-digits", "--out", str(tmp_path / "x.onnx"), "--outputs", "logits,patch_rank"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert rc == 2
+    assert len(err) == 1 and "patch_rank output needs K-level gates" in err[0] and "1 level" in err[0], err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_eval_default_path_follows_the_gates_in_use(tmp_path, monkeypatch):
+    """vdm-eval adds diffmask-path by default only for K-level gates in use: --path-gates, K-level --gates,
+    or the shipped gates with their shipped levels (not when --gates or a registry entry replaces them)."""
+    from vdm_engine.cli.eval import _path_gates_in_use
+    from vdm_engine.models import ASSETS
+    from vdm_engine.registry import register_gates
+
+    monkeypatch.setenv("VDM_GATES_HOME", str(tmp_path / "registry"))
+    single, levels = ASSETS / "vit-digits" / "gates", ASSETS / "vit-digits" / "gates-levels"
+    assert _path_gates_in_use("vit-digits", None, None) == (True, None)  # shipped gates + shipped levels
+    assert _path_gates_in_use("vit-digits", str(single), None) == (False, None)
+    assert _path_gates_in_use("vit-digits", str(levels), None) == (True, str(levels))
+    assert _path_gates_in_use("vit-digits", str(single), str(levels)) == (True, str(levels))
+    assert _path_gates_in_use("vit-toy", None, None) == (False, None)  # ships no levels
+    assert _path_gates_in_use("vit-digits", str(tmp_path / "missing"), None) == (False, None)
+    register_gates("vit-digits", single)  # a registry entry hides the shipped gates
+    assert _path_gates_in_use("vit-digits", None, None) == (False, None)

@@ -18,6 +18,10 @@ split; the shipped digits model uses a 4x4 grid, see GATE_CONFIGS):
   ``l0="prob"``, the default) gave the lower KL, since the log form keeps pushing dropped
   patches' probes into saturation;
 - the 4x4-grid variant of the same model reached 37% kept at 96% agreement in 1000 steps.
+
+Every gate recipe variant tried on the shipped vit-digits backbone since (probe width, KL budget,
+Lagrangian schedule, depth sampling, placeholder, mask samples per image, path levels), with its
+faithfulness figures against Chefer et al.: ``recipes_digits`` and docs/eval/vit-digits-recipes.
 """
 
 from __future__ import annotations

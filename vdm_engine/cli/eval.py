@@ -29,12 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--model", default="vit-digits", help="embedded name, preset, hub id or local dir (default vit-digits)")
     opt.add_argument("--gates", default=None, metavar="DIR", help="gates directory (default: registry, then embedded)")
     opt.add_argument("--path-gates", default=None, metavar="DIR",
-                     help="K-level gates for diffmask-path (default: the embedded model's gates-levels)")
+                     help="K-level gates for diffmask-path (default: K-level --gates, else the embedded model's gates-levels)")
     opt.add_argument("--allow-backbone-mismatch", action="store_true",
                      help="accept gates recorded for another backbone (a fine-tuned copy); warns and records it")
     opt.add_argument("--methods", default=None,
-                     help=f"comma-separated (default {DEFAULT_METHODS}, with diffmask-path first when K-level gates "
-                          "are shipped or given)")
+                     help=f"comma-separated (default {DEFAULT_METHODS}, with diffmask-path first when the gates in use "
+                          "have K levels: --path-gates, K-level --gates, or the shipped gates with their gates-levels)")
     opt.add_argument("--metrics", default=",".join(METRICS),
                      help=f"comma-separated subset of {','.join(METRICS)} (default all)")
     opt.add_argument("--randomise-blocks", default=None, metavar="K,K,...",
@@ -57,6 +57,33 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--diffmask-from", default=None, metavar="DIR",
                      help="take the DiffMask masks from a bulk run (vdm-explain --dataset ... --out DIR), by image id")
     return p
+
+
+def _path_gates_in_use(model: str, gates: str | None, path_gates: str | None) -> tuple[bool, str | None]:
+    """Whether the default methods include ``diffmask-path``, and the K-level gates it reads (None: the
+    model's shipped ``gates-levels``).
+
+    The path goes with the gates in use: ``--path-gates`` when given; else ``--gates`` when that folder holds
+    K-level gates (levels >= 2); else, without ``--gates``, the model's shipped ``gates-levels`` only while
+    the gates in use are the shipped ones (their main level is those gates; a registry entry hides them).
+    """
+    import json
+    from pathlib import Path
+
+    from vdm_engine.models import embedded_levels_dir
+    from vdm_engine.registry import registered_gates, shipped_gates
+
+    if path_gates is not None:
+        return True, path_gates
+    if gates is not None:
+        try:
+            levels = json.loads((Path(gates) / "gates_config.json").read_text())["config"].get("levels", 1)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False, None  # loading --gates reports what is wrong with it
+        return (True, gates) if isinstance(levels, int) and levels >= 2 else (False, None)
+    shipped = shipped_gates(model)
+    in_use_shipped = shipped is not None and registered_gates(model) == shipped
+    return in_use_shipped and embedded_levels_dir(model) is not None, None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,11 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from vdm_engine.training.recipes import retrainer
 
             retrain = retrainer(args.data.strip(), steps=args.retrain_steps, seed=args.seed)
+        with_path, args.path_gates = _path_gates_in_use(args.model, args.gates, args.path_gates)
         if args.methods is None:
-            from vdm_engine.models import embedded_levels_dir
-
-            has_path = args.path_gates is not None or embedded_levels_dir(args.model) is not None
-            args.methods = ("diffmask-path," if has_path else "") + DEFAULT_METHODS
+            args.methods = ("diffmask-path," if with_path else "") + DEFAULT_METHODS
         methods = [m for m in args.methods.split(",") if m.strip()]
         if "ig" in [m.strip().lower() for m in methods]:
             try:

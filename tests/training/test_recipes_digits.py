@@ -1,0 +1,77 @@
+"""The vit-digits recipe study (``vdm_engine.training.recipes_digits``): target check, variants, a tiny run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vdm_engine.training import recipes, recipes_digits as rd
+
+
+def _figures(path: dict, chefer: dict) -> dict:
+    curves = [rd._curve_name(*c) for c in rd.CURVES]
+    return {"mask": {"kept": 0.44, "agreement": 0.97, "kl": 0.05},
+            "methods": {"diffmask-path": {k: dict(path) for k in curves}, "diffmask": {k: dict(path) for k in curves},
+                        rd.CHEFER: {k: dict(chefer) for k in curves}}}
+
+
+def test_target_check_hand_worked():
+    # path AUC 0.30 vs Chefer 0.28 ± 0.01: lower-better curves miss by 0.30 - 0.28 - 0.01 = 0.01;
+    # paired difference +0.02 ± 0.01: the higher-better curves are met (0.02 - ... >= 0)
+    t = rd.target_check(_figures({"auc": 0.30, "sem": 0.01, "diff": 0.02, "diff_sem": 0.01},
+                                 {"auc": 0.28, "sem": 0.01, "diff": 0.0, "diff_sem": 0.0}))
+    assert t["perturbation/noise/positive"] == {"met": False, "miss": 0.01}
+    assert t["road/negative"] == {"met": True, "miss": 0.0}
+    assert t["mask"]["met"] and not t["all"]
+    # difference -0.03 ± 0.01: the 95% interval reaches -0.03 + 0.0196 < 0 -> missed by 0.0104
+    t = rd.target_check(_figures({"auc": 0.285, "sem": 0.01, "diff": -0.03, "diff_sem": 0.01},
+                                 {"auc": 0.28, "sem": 0.01, "diff": 0.0, "diff_sem": 0.0}))
+    assert t["insertion-deletion/mean/insertion"] == {"met": False, "miss": 0.0104}
+    assert t["insertion-deletion/mean/deletion"]["met"]  # 0.285 - 0.28 <= one standard error
+
+
+def test_variants_are_valid_and_repeated_batches_repeat_images():
+    assert len({v.name for v in rd.VARIANTS}) == len(rd.VARIANTS)
+    with pytest.raises(ValueError, match="must include the main level"):
+        rd.DigitsVariant("x", "x", levels=(0.3, 1.0))
+    with pytest.raises(ValueError, match="increasing"):
+        rd.DigitsVariant("x", "x", levels=(0.3, 0.1))
+    with pytest.raises(ValueError, match="samples"):
+        rd.DigitsVariant("x", "x", samples=3)
+    src = rd._repeated_source(torch.arange(10.0).view(10, 1, 1, 1), 4)
+    got = src.images(np.array([7, 2, 5, 9, 0, 1, 3, 4])).flatten().tolist()
+    assert got == [7.0] * 4 + [2.0] * 4
+
+
+def test_train_and_score_a_path_variant_on_a_tiny_vit(tiny_backbone, tmp_path, monkeypatch):
+    """A 3-step path variant (2 mask samples per image) on a random tiny ViT: levels stacked with the main
+    one, cached and reloaded, scored against Chefer (whose own differences are 0), written as markdown."""
+    from vdm_engine.attribution import get_method
+
+    monkeypatch.setitem(recipes.GATE_CONFIGS, "digits", dict(steps=3, eval_interval=3, checkpoint_interval=3))
+    v = rd.DigitsVariant("tiny", "3 steps", levels=(0.1, 0.5), level_steps=2, samples=2)
+    rng = np.random.default_rng(0)
+    data = {"gate_train": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+            "gate_val": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)}
+    trained = rd.train_variant(v, tiny_backbone, data, cache=tmp_path / "cache")
+    path = trained["path"]
+    assert (path.config.levels, path.config.main_level) == (2, 0)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    again = rd.train_variant(v, tiny_backbone, data, cache=tmp_path / "cache")  # from the cache: same gates
+    torch.testing.assert_close(again["path"].w1, path.w1, rtol=0, atol=0)
+
+    pv = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    chefer = get_method(rd.CHEFER, backbone=tiny_backbone)(pv, tiny_backbone(pv).argmax(-1))
+    fig = rd.score_variant(tiny_backbone, trained["gates"], path, pv, chefer)
+    assert set(fig["methods"]) == {"diffmask", "diffmask-path", rd.CHEFER} and len(fig["mask"]["path_kept_per_level"]) == 2
+    for k, c in fig["methods"]["diffmask-path"].items():
+        assert fig["methods"][rd.CHEFER][k]["diff"] == 0.0
+        assert c["diff"] == pytest.approx(c["auc"] - fig["methods"][rd.CHEFER][k]["auc"], abs=1e-9), k
+    record = {"test_images": 4, "variants": {"tiny": rd._variant_record(v, trained, fig, 1.0)}}
+    rd._write_markdown(record, tmp_path / "results.md")
+    text = (tmp_path / "results.md").read_text()
+    assert "## tiny" in text and "| tiny | " in text
+    json.dumps(record)  # the record is JSON
