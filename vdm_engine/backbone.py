@@ -20,7 +20,7 @@ from ._io import atomic_write_json
 from .preprocessing import ImageSpec, _to_uint8_list, check_pixel_values, preprocess_images  # noqa: F401 (re-exported)
 from .provenance import backbone_fingerprint
 from .models import EMBEDDED_MODELS, PRESETS, embedded_model_dir
-from .families import DEFAULT_PROMPT, ClipFamily, Family, UnsupportedModelError, ViTFamily, family_class
+from .families import DEFAULT_PROMPT, ClipFamily, Family, UnsupportedModelError, family_class
 
 __all__ = [
     "PRESETS",
@@ -232,22 +232,14 @@ class Backbone(nn.Module):
         return proj(pixel_values.to(proj.weight.dtype)).flatten(2).transpose(1, 2)
 
     def _assemble(self, patches: torch.Tensor) -> torch.Tensor:
-        if self._is_vit:
-            emb = self.model.vit.embeddings
-            cls = emb.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype)
-            return torch.cat([cls, patches], dim=1) + emb.position_embeddings.to(patches.dtype)
         slot, pos = self.family.mask_args()
         first = (slot + pos[0]).to(patches.dtype).expand(patches.shape[0], 1, -1)
         return self.family.complete(torch.cat([first, patches + pos[1:].to(patches.dtype)], dim=1))
 
-    @property
-    def _is_vit(self) -> bool:
-        return type(self.family) is ViTFamily
-
     def complete_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N+1, D) output of the patch-masking op -> (B, T, D) encoder input (the other prefix
         tokens prepended, the family's input norm applied; the identity for ViT)."""
-        return tokens if self._is_vit else self.family.complete(tokens)
+        return self.family.complete(tokens)
 
     def _run_layer(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         return self.family.run_layer(layer, h)
@@ -330,7 +322,8 @@ class Backbone(nn.Module):
         B, N, _ = patches.shape
         if gates.dim() not in (2, 3) or gates.shape[0] != B or gates.shape[-1] != N:
             raise ValueError(f"gates must be (B, N) or (B, K, N) with B={B}, N={N}; got {tuple(gates.shape)}")
-        tokens = (mask_fn or patch_mask_reference)(patches, gates, placeholder, self.cls_token, self.pos_embed)
+        slot, pos = self.family.mask_args()
+        tokens = (mask_fn or patch_mask_reference)(patches, gates, placeholder, slot, pos)
         logits = self.head(self.encode(self.complete_tokens(tokens)))
         return logits.view(B, gates.shape[1], -1) if gates.dim() == 3 else logits
 

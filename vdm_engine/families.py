@@ -400,6 +400,12 @@ class Dinov2RegistersFamily(Dinov2Family):
     def _patch_start(self):
         return self.num_prefix
 
+    def __init__(self, model, image_size):
+        super().__init__(model, image_size)
+        # the slot is the last register, which has no position: row 0 of the masking positions is zero
+        if self.num_prefix > 1:
+            self.register_buffer("mask_pos", torch.cat([torch.zeros_like(self.pos[:1]), self.pos[1:]]), persistent=False)
+
     def slot_token(self):
         if self.num_prefix == 1:
             return super().slot_token()
@@ -408,7 +414,7 @@ class Dinov2RegistersFamily(Dinov2Family):
     def mask_args(self):
         if self.num_prefix == 1:
             return super().mask_args()
-        return self.slot_token(), torch.cat([torch.zeros_like(self.pos[:1]), self.pos[1:]])
+        return self.slot_token(), self.mask_pos
 
     def prefix_head(self):
         if self.num_prefix == 1:
@@ -440,6 +446,9 @@ class BeitFamily(Family):
             self.register_buffer("shared_bias", shared.detach().clone(), persistent=False)
         else:
             self.shared_bias = None
+        if self.base.embeddings.position_embeddings is None:  # relative positions only: zeros for the masking op
+            cls = self.base.embeddings.cls_token
+            self.register_buffer("zero_pos", cls.new_zeros(T, cls.shape[-1]), persistent=False)
 
     @classmethod
     def model_class(cls, config):
@@ -463,7 +472,7 @@ class BeitFamily(Family):
         cls = emb.cls_token.reshape(-1)
         if emb.position_embeddings is not None:
             return cls, emb.position_embeddings[0]
-        return cls, torch.zeros(self._grid()[0] * self._grid()[1] + 1, cls.shape[0], dtype=cls.dtype, device=cls.device)
+        return cls, self.zero_pos
 
     def run_layer(self, layer, h):
         shared = None if self.shared_bias is None else self.shared_bias.to(h.dtype)
