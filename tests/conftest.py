@@ -53,6 +53,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
         )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _start_first(request):
+    """The fixtures a module names in ``START_FIRST`` (slow background processes) start with its first
+    test when a selected test there uses them, and run on the second core beside the others."""
+    for name in getattr(request.module, "START_FIRST", ()):
+        if any(name in item.fixturenames for item in request.session.items if item.module is request.module):
+            request.getfixturevalue(name)
+
+
 @pytest.fixture
 def close():
     return assert_close

@@ -230,6 +230,10 @@ def _row(row_id: str):
     return next(r for r in ROWS if not hasattr(r, "values") and r[0] == row_id)
 
 
+# the process rows start with the first test and run beside the in-process table
+START_FIRST = ("processes",)
+
+
 @pytest.fixture(scope="module")
 def processes(tmp_path_factory):
     """The ``SUBPROCESS_ROWS`` as real processes, all started at once (their start-ups overlap), each
@@ -249,14 +253,6 @@ def processes(tmp_path_factory):
         proc.kill()
         proc.communicate()
         _release(w)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _start_processes_first(request):
-    """When the process rows are selected, they start with this module's first test and run beside
-    the in-process table."""
-    if any("processes" in item.fixturenames for item in request.session.items if item.module is request.module):
-        request.getfixturevalue("processes")
 
 
 @pytest.mark.parametrize("row_id", SUBPROCESS_ROWS)

@@ -508,20 +508,16 @@ class HugePngRun:
         return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
 
 
+# the 8000x8000 run starts with the first test (its peak RSS is its own)
+START_FIRST = ("huge_png_run",)
+
+
 @pytest.fixture(scope="module")
 def huge_png_run(tmp_path_factory):
     run = HugePngRun(tmp_path_factory.mktemp("huge_png"))
     yield run
     run.proc.kill()
     run.proc.communicate()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _start_huge_png_run_first(request):
-    """When the 8000x8000 test is selected, its process starts with this module's first test and runs
-    beside the others (its peak RSS is its own)."""
-    if any("huge_png_run" in item.fixturenames for item in request.session.items if item.module is request.module):
-        request.getfixturevalue("huge_png_run")
 
 
 @pytest.mark.slow

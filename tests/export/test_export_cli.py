@@ -249,6 +249,10 @@ def _wait_for_staging(proc, folder, timeout=240.0):
     pytest.fail("no staging files appeared")
 
 
+# the two signalled exports (slow start-up: imports, loading, exporting) start with the first test
+START_FIRST = ("signalled_exports",)
+
+
 @pytest.fixture(scope="module")
 def signalled_exports(tmp_path_factory):
     """Two slow exports started side by side (one per core), for the SIGTERM and the SIGKILL test:
@@ -261,15 +265,6 @@ def signalled_exports(tmp_path_factory):
     for proc, _, _ in started.values():
         proc.kill()
         proc.communicate()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _start_signalled_exports_first(request):
-    """When this module's signal tests are selected, their two exports start with its first test: their
-    slow start-up (imports, loading, exporting) then runs beside the other tests here."""
-    if any("signalled_exports" in item.fixturenames for item in request.session.items
-           if item.module is request.module):
-        request.getfixturevalue("signalled_exports")
 
 
 @pytest.mark.slow

@@ -131,20 +131,16 @@ class TorchrunRun:
         return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
 
 
+# torchrun starts with the first test: the in-process tests here train on one thread beside it
+START_FIRST = ("torchrun_run",)
+
+
 @pytest.fixture(scope="module")
 def torchrun_run(tmp_path_factory):
     run = TorchrunRun(tmp_path_factory.mktemp("torchrun"))
     yield run
     run.proc.kill()
     run.proc.communicate()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _start_torchrun_first(request):
-    """When the torchrun test is selected, its processes start with this module's first test: the
-    in-process tests here train on one thread and leave the other core to them."""
-    if any("torchrun_run" in item.fixturenames for item in request.session.items if item.module is request.module):
-        request.getfixturevalue("torchrun_run")
 
 
 def test_torchrun_two_processes(torchrun_run):
