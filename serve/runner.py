@@ -15,7 +15,7 @@ APP_NAME = "vdm"
 
 def start(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
           name: str = APP_NAME, route_prefix: str = "/", num_cpus: int | None = None,
-          metrics_port: int | None = None) -> str:
+          metrics_port: int | None = None, ingress: str | None = None) -> str:
     """Deploy ``config`` and return its base URL once Ray Serve reports it running.
 
     Args:
@@ -24,8 +24,15 @@ def start(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, add
             cluster's). None starts a local Ray instance in this process (``num_cpus``: its CPU count,
             default all; ``metrics_port``: where its Prometheus metrics are served).
         name, route_prefix: the Ray Serve application (several may share one proxy).
+        ingress: ``haproxy`` or ``proxy`` for a local instance started here (``ingress.py``; None:
+            ``default_ingress()``); an existing cluster or Ray instance keeps its own.
     """
     import ray
+
+    if not ray.is_initialized() and address is None:
+        from .ingress import apply_ingress, default_ingress
+
+        apply_ingress(ingress or default_ingress())  # before Ray Serve is imported and Ray starts
     from ray import serve
 
     from .app import build_app
@@ -94,12 +101,12 @@ def stop(*, shutdown_ray: bool = True, name: str | None = None) -> None:
 
 def serve_forever(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
                   name: str = APP_NAME, route_prefix: str = "/", metrics_port: int | None = None,
-                  on_ready=None) -> None:
+                  ingress: str | None = None, on_ready=None) -> None:
     """``start``, wait until ready, call ``on_ready(url)``, then block until Ctrl-C or SIGTERM; always
     ``stop``: a local instance entirely, on an existing cluster (``address``) this application only."""
     try:
         url = start(config, host=host, port=port, address=address, name=name, route_prefix=route_prefix,
-                    metrics_port=metrics_port)
+                    metrics_port=metrics_port, ingress=ingress)
         wait_ready(url)
         if on_ready is not None:
             on_ready(url)

@@ -32,6 +32,16 @@ def _free_port() -> int:
 
 METRICS_PORT = _free_port()
 
+#: The session instance runs vdm-serve's default ingress (HAProxy where ray[serve] installed it). Ray
+#: Serve reads the switch when it is imported, so it is set before any test module imports it.
+try:
+    from vdm_engine.serve.ingress import apply_ingress, default_ingress
+
+    INGRESS = default_ingress()
+    apply_ingress(INGRESS)
+except ImportError:  # no serve extra: every module here is skipped
+    INGRESS = None
+
 
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory) -> str:

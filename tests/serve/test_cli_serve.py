@@ -41,6 +41,8 @@ def no_ray(monkeypatch):
     (["--app-name", "a b"], "--app-name must use letters"),
     (["--metrics-port", "0"], "--metrics-port must be 1..65535"),
     (["--metrics-port", "9100", "--address", "auto"], "--metrics-port applies to the local Ray instance"),
+    (["--ingress", "proxy", "--address", "auto"], "--ingress applies to the local Ray instance"),
+    (["--ingress", "nginx"], "invalid choice: 'nginx'"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_usage_is_one_line_exit_2(no_ray, capsys, argv, words):
     assert cli.main(argv) == 2

