@@ -140,11 +140,13 @@ class VdmServer:
 
     async def _images(self, request: Request):
         body = await self._body(request)
-        images, is_json = await asyncio.to_thread(
-            parse_images, body, request.headers.get("content-type"), max_images=self.config.max_images,
-            max_pixels=self.config.max_pixels, model_size=self.model.model_size)
-        x = await asyncio.to_thread(self.model.preprocess, [im.pixels for im in images])
-        return images, is_json, x
+        return await asyncio.to_thread(self._decode, body, request.headers.get("content-type"))
+
+    def _decode(self, body: bytes, content_type: str | None):
+        """Body -> (images, is_json, model inputs (B, ...)): one worker-thread hop per request."""
+        images, is_json = parse_images(body, content_type, max_images=self.config.max_images,
+                                       max_pixels=self.config.max_pixels, model_size=self.model.model_size)
+        return images, is_json, self.model.preprocess([im.pixels for im in images])
 
     def _provenance(self) -> dict:
         return self.model.describe()
