@@ -8,9 +8,10 @@ DiffMask, Nalmpantis et al. 2023) computes per token
 
 The explain path launches it once per depth as the backbone produces h_s, so the L+2 hidden states
 are never stacked. K-level gates (``Gates.fused_probes``) launch once per depth too: the grid's
-second axis runs over the levels, whose probes lie P rows apart in the joined weights. Each program owns a tile of tokens: the two matmuls (h_0 half and h_s half of W1)
-run on ``tl.dot`` with fp32 accumulation, and tanh, the w2 projection and the hard-concrete log keep
-probability stay in registers. A pass over D accumulates ``P_TILES`` P tiles (1 to 3) from each
+second axis runs over the levels, whose probes lie P rows apart in the joined weights. Each program
+owns a tile of tokens of one level: the two matmuls (h_0 half and h_s half of W1) run on ``tl.dot``
+with fp32 accumulation, and tanh, the w2 projection and the hard-concrete log keep probability stay
+in registers. A pass over D accumulates ``P_TILES`` P tiles (1 to 3) from each
 loaded (h_0, h_s) tile, so h_s is read ceil(P / (P_TILES * BLOCK_P)) times (once when the tiles
 cover P). Inference only: there is no backward.
 
@@ -236,9 +237,9 @@ def _check_args(h0: torch.Tensor, hs: torch.Tensor, probes: ProbeParams, depth: 
     S, P = w1.shape[:2]
     if not 0 <= depth < S:
         raise ValueError(f"{name}: depth must be in [0, {S}) for {S} probes, got {depth}")
-    for name, t, shape in (("b1", b1, (S, P)), ("w2", w2, (S, P)), ("b2", b2, (S,)), ("add", add, (S,))):
+    for field, t, shape in (("b1", b1, (S, P)), ("w2", w2, (S, P)), ("b2", b2, (S,)), ("add", add, (S,))):
         if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: probes.{name} must be {shape}, got {tuple(t.shape)}")
+            raise ValueError(f"{name}: probes.{field} must be {shape}, got {tuple(t.shape)}")
     if hs.dtype not in SUPPORTED_DTYPES or w1.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
             f"{name}: hidden states and probes must be float32, float16 or bfloat16, got {hs.dtype} and {w1.dtype}"

@@ -115,8 +115,8 @@ def test_compiles_without_graph_breaks(close):
         ((2, 5, 6), None, 1, None, None, r"probes.w1 must be \(S, P, 2D=12\)"),
         ((2, 5, 8), None, 3, None, None, r"depth must be in \[0, 3\) for 3 probes, got 3"),
         ((2, 5, 8), None, -1, None, None, r"depth must be in \[0, 3\)"),
-        ((2, 5, 8), None, 1, "b1", torch.zeros(3, 5), r"probes.b1 must be \(3, 2\)"),
-        ((2, 5, 8), None, 1, "add", torch.zeros(2), r"probes.add must be \(3,\)"),
+        ((2, 5, 8), None, 1, "b1", torch.zeros(3, 5), r"^probe_gates: probes.b1 must be \(3, 2\)"),
+        ((2, 5, 8), None, 1, "add", torch.zeros(2), r"^probe_gates: probes.add must be \(3,\)"),
     ],
 )
 def test_bad_arguments(hs_shape, h0_shape, depth, field, value, match):
