@@ -30,7 +30,8 @@ from vdm_engine.gates import FusedProbes, ProbeParams, gate_probe_levels_referen
 
 from ._triton import SUPPORTED_DTYPES, device_guard, interpreting, launch_device, next_power_of_2, tl, triton
 
-__all__ = ["gate_probe_forward", "gate_probe_levels_reference", "gate_probe_reference", "probe_gates", "probe_gates_levels"]
+__all__ = ["gate_probe_forward", "gate_probe_levels_reference", "gate_probe_reference", "probe_gates",
+           "probe_gates_levels"]
 
 
 # ----- kernel ---------------------------------------------------------------------------------
@@ -355,8 +356,8 @@ def probe_gates_levels(h0: torch.Tensor, hs: torch.Tensor, probes: FusedProbes, 
         raise ValueError(f"probe_gates_levels: probes.w1 must be (S, K*P, 2D) with K={K}, got {tuple(w1.shape)}")
     S, KP = w1.shape[:2]
     # The per-level view the single-level checks read: same shapes, P = K*P / K.
-    _check_args(h0, hs, ProbeParams(w1, probes.b1, probes.w2, probes.b2[:, 0], probes.bias[:, 0], probes.mul, 0.0), depth,
-                "probe_gates_levels")
+    per_probe = ProbeParams(w1, probes.b1, probes.w2, probes.b2[:, 0], probes.bias[:, 0], probes.mul, 0.0)
+    _check_args(h0, hs, per_probe, depth, "probe_gates_levels")
     for name, t in (("b2", probes.b2), ("bias", probes.bias)):
         if tuple(t.shape) != (S, K):
             raise ValueError(f"probe_gates_levels: probes.{name} must be ({S}, {K}), got {tuple(t.shape)}")

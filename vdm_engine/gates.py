@@ -25,8 +25,9 @@ from . import masks
 from ._io import atomic_path, atomic_write_json, dataclass_from_dict, sha256_file
 from .provenance import BackboneMismatchError, GatesProvenance, check_fingerprint, validation_figures
 
-__all__ = ["GateConfig", "Gates", "ProbeParams", "FusedProbes", "fuse_levels", "gate_probe_reference", "gate_probe_levels_reference",
-           "gate_probe_stacked", "probe_depths", "hard_concrete_sample", "GATES_WEIGHTS", "GATES_CONFIG"]
+__all__ = ["GateConfig", "Gates", "ProbeParams", "FusedProbes", "fuse_levels", "gate_probe_reference",
+           "gate_probe_levels_reference", "gate_probe_stacked", "probe_depths", "hard_concrete_sample", "GATES_WEIGHTS",
+           "GATES_CONFIG"]
 
 GATES_WEIGHTS = "gates.safetensors"
 GATES_CONFIG = "gates_config.json"
