@@ -11,9 +11,9 @@ on digits) a quarter.
 back to back in every round (order rotated, ``test_bench_paired.round_order``), so each ratio sees
 the same load: it records the best (min) round of each and their ratios, by wall time and by the
 process's CPU time (which other processes on a shared machine disturb less; with one thread it is
-the time the work itself ran), and prints them. The ready command (about 2 minutes on vit-small):
+the time the work itself ran), and prints them beside each case's ``flop_ratio``. The ready command (about 2 minutes on vit-small):
 
-    pytest benchmarks/test_bench_levels.py --benchmark-only --vdm-threads 1 -k paired -s
+    OMP_WAIT_POLICY=PASSIVE pytest benchmarks/test_bench_levels.py --benchmark-only --vdm-threads 1 -k paired -s
 """
 
 from __future__ import annotations
@@ -86,10 +86,11 @@ def test_levels_paired(benchmark, measure, bench_config, bench_backbone, bench_e
         with torch.no_grad():
             return bench_backbone.hf_forward(pv)
 
-    variants = {"plain/torch": plain, "explain/torch-reference": bench_explainer.explain}
+    explainers = {"explain/torch-reference": bench_explainer}
     for suffix in ("-p8", "-p16"):
-        variants[f"explain/torch-levels4{suffix}"] = levels_explainer_for(
-            bench_backbone, PROBE_DIVISORS[suffix], bench_config.device).explain
+        explainers[f"explain/torch-levels4{suffix}"] = levels_explainer_for(
+            bench_backbone, PROBE_DIVISORS[suffix], bench_config.device)
+    variants = {"plain/torch": plain, **{case: ex.explain for case, ex in explainers.items()}}
     wall: dict[str, list[float]] = {case: [] for case in variants}
     cpu: dict[str, list[float]] = {case: [] for case in variants}
     rounds_run = 0
@@ -115,9 +116,12 @@ def test_levels_paired(benchmark, measure, bench_config, bench_backbone, bench_e
         best = {case: min(t[keep]) for case, t in times.items()}
         info[f"best_{name}_ms"] = {case: round(1e3 * b, 2) for case, b in best.items()}
         info[f"ratio_{name}"] = {case: round(b / best["plain/torch"], 4) for case, b in best.items()}
+    info["flop_ratio"] = {case: round(flop_ratio(ex, bench_pixels[:1]), 4) for case, ex in explainers.items()}
+    info["flop_ratio"]["plain/torch"] = 1.0
     benchmark.extra_info.update(info, rounds_timed=rounds_run - 1)
     print(f"\n[levels-paired] {bench_config.model} batch {bench_config.batch} threads {torch.get_num_threads()}, "
           f"{rounds_run - 1} rounds, best of rounds; ratio to plain (wall / cpu):")
     for case in variants:
         print(f"  {case:28s} {info['best_wall_ms'][case]:8.2f} ms {info['ratio_wall'][case]:.3f}x"
-              f" | cpu {info['best_cpu_ms'][case]:8.2f} ms {info['ratio_cpu'][case]:.3f}x")
+              f" | cpu {info['best_cpu_ms'][case]:8.2f} ms {info['ratio_cpu'][case]:.3f}x"
+              f" | flops {info['flop_ratio'][case]:.3f}x")
