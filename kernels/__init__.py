@@ -2,7 +2,8 @@
 
 - ``mask_patches`` (module ``patch_mask``): blend patch embeddings with the placeholder under (B, N)
   or (B, K, N) gates.
-- ``probe_gates`` (module ``gate_probe``): one depth's gate probe per launch, as each hidden state is produced.
+- ``probe_gates`` (module ``gate_probe``): one depth's gate probe per launch, as each hidden state is produced;
+  ``probe_gates_levels`` the probes of all K levels of K-level gates in the same one launch.
 
 Importing this package never imports triton: the kernel functions load on first access, and the
 references work without triton. ``vdm_engine.ops.select_ops`` chooses the path per device, through
@@ -23,12 +24,14 @@ __all__ = [
     "not_supported_reasons",
     "patch_mask_reference",
     "probe_gates",
+    "probe_gates_levels",
 ]
 
 _LAZY = {
     "PatchMaskFunction": "patch_mask",
     "mask_patches": "patch_mask",
     "probe_gates": "gate_probe",
+    "probe_gates_levels": "gate_probe",
     "not_supported_reasons": "_triton",
 }
 

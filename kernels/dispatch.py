@@ -40,7 +40,7 @@ def choose(device: torch.device | str, dtype: torch.dtype, mode: str | None = No
 
 
 def triton_ops(device: torch.device | str, dtype: torch.dtype, mode: str | None = None) -> Ops:
-    """The Triton ``probe_gates`` and ``mask_patches`` for ``device`` / ``dtype``.
+    """The Triton ``probe_gates``, ``probe_gates_levels`` and ``mask_patches`` for ``device`` / ``dtype``.
 
     Raises:
         KernelsUnavailableError: the kernels cannot serve; the message lists the reasons (and, when
@@ -56,7 +56,8 @@ def triton_ops(device: torch.device | str, dtype: torch.dtype, mode: str | None 
                 f"Unset {ENV_VAR} (or set it to auto/reference) to use the PyTorch references"
             )
         raise KernelsUnavailableError(why)
-    from .gate_probe import probe_gates
+    from .gate_probe import probe_gates, probe_gates_levels
     from .patch_mask import mask_patches
 
-    return Ops(probe_gates, mask_patches, "triton", f"Triton kernels for {torch.device(device)} {dtype}")
+    return Ops(probe_gates, mask_patches, "triton", f"Triton kernels for {torch.device(device)} {dtype}",
+               gate_probe_levels=probe_gates_levels)

@@ -7,9 +7,11 @@ DiffMask, Nalmpantis et al. 2023) computes per token
     log_keep_s = -softplus(offset - z_s)
 
 The explain path launches it once per depth as the backbone produces h_s, so the L+2 hidden states
-are never stacked. Each program owns a tile of tokens: the two matmuls (h_0 half and h_s half of W1)
-run on ``tl.dot`` with fp32 accumulation, and tanh, the w2 projection and the hard-concrete log keep
-probability stay in registers. A pass over D accumulates ``P_TILES`` P tiles (1 to 3) from each
+are never stacked. K-level gates (``Gates.fused_probes``) launch once per depth too: the grid's
+second axis runs over the levels, whose probes lie P rows apart in the joined weights. Each program
+owns a tile of tokens of one level: the two matmuls (h_0 half and h_s half of W1) run on ``tl.dot``
+with fp32 accumulation, and tanh, the w2 projection and the hard-concrete log keep probability stay
+in registers. A pass over D accumulates ``P_TILES`` P tiles (1 to 3) from each
 loaded (h_0, h_s) tile, so h_s is read ceil(P / (P_TILES * BLOCK_P)) times (once when the tiles
 cover P). Inference only: there is no backward.
 
@@ -24,11 +26,12 @@ scalars"). Triton 3.9 handles both.
 
 import torch
 
-from vdm_engine.gates import ProbeParams, gate_probe_reference
+from vdm_engine.gates import FusedProbes, ProbeParams, gate_probe_levels_reference, gate_probe_reference
 
 from ._triton import SUPPORTED_DTYPES, device_guard, interpreting, launch_device, next_power_of_2, tl, triton
 
-__all__ = ["gate_probe_forward", "gate_probe_reference", "probe_gates"]
+__all__ = ["gate_probe_forward", "gate_probe_levels_reference", "gate_probe_reference", "probe_gates",
+           "probe_gates_levels"]
 
 
 # ----- kernel ---------------------------------------------------------------------------------
@@ -80,8 +83,15 @@ def _gate_probe_tile(
     BLOCK_P: tl.constexpr,
     P_TILES: tl.constexpr,
 ):  # fmt: skip
-    # One token tile through one depth's probe; arguments as in _gate_probe_kernel.
+    # One token tile through one depth's probe of level program_id(1); arguments as in _gate_probe_kernel.
     pid = tl.program_id(0)
+    level = tl.program_id(1).to(tl.int64)  # K levels: their probes are stacked P rows apart
+    w1_ptr += level * P * 2 * D
+    b1_ptr += level * P
+    w2_ptr += level * P
+    b2_ptr += level
+    add_ptr += level
+    out_ptr += level * R
     row0 = pid.to(tl.int64) * BLOCK_T  # first token of this tile
     local = tl.arange(0, BLOCK_T)
     rows = row0 + local  # (BLOCK_T,) flattened token index b*T + t
@@ -131,15 +141,15 @@ def _gate_probe_tile(
 def _gate_probe_kernel(
     h0_ptr,  # (R, D) first hidden state, R = B*T tokens, contiguous
     hs_ptr,  # (R, D) this depth's hidden state, same dtype (may be h0_ptr itself at depth 0)
-    w1_ptr,  # (P, 2D) the probe's first layer in the dot dtype; columns [0, D) act on h_0, [D, 2D) on h_s
-    b1_ptr,  # (P,) fp32
-    w2_ptr,  # (P,) fp32 second probe layer
-    b2_ptr,  # (1,) fp32
-    add_ptr,  # (1,) fp32 learned offset
-    out_ptr,  # (R,) fp32 log keep of each token
+    w1_ptr,  # (K*P, 2D) the K levels' first layers in the dot dtype; columns [0, D) act on h_0, [D, 2D) on h_s
+    b1_ptr,  # (K*P,) fp32
+    w2_ptr,  # (K*P,) fp32 second probe layers
+    b2_ptr,  # (K,) fp32
+    add_ptr,  # (K,) fp32 learned offsets
+    out_ptr,  # (K, R) fp32 log keep of each token at each level
     R,
     D,
-    P,
+    P,  # width of one level's probe; the grid's second axis runs over the K levels
     mul,
     offset,
     IEEE: tl.constexpr,
@@ -214,26 +224,26 @@ def _dot_dtype(hidden_dtype: torch.dtype, w1_dtype: torch.dtype) -> torch.dtype:
     return w1_dtype if w1_dtype != torch.float32 else hidden_dtype
 
 
-def _check_args(h0: torch.Tensor, hs: torch.Tensor, probes: ProbeParams, depth: int) -> None:
+def _check_args(h0: torch.Tensor, hs: torch.Tensor, probes: ProbeParams, depth: int, name: str = "probe_gates") -> None:
     if hs.dim() != 3 or h0.shape != hs.shape:
         raise ValueError(
-            f"probe_gates: h0 and hs must both be (B, T, D), got shapes {tuple(h0.shape)} and {tuple(hs.shape)}"
+            f"{name}: h0 and hs must both be (B, T, D), got shapes {tuple(h0.shape)} and {tuple(hs.shape)}"
         )
     if h0.dtype != hs.dtype:
-        raise ValueError(f"probe_gates: h0 and hs must share a dtype, got {h0.dtype} and {hs.dtype}")
+        raise ValueError(f"{name}: h0 and hs must share a dtype, got {h0.dtype} and {hs.dtype}")
     B, T, D = hs.shape
     w1, b1, w2, b2, add = probes.w1, probes.b1, probes.w2, probes.b2, probes.add
     if w1.dim() != 3 or w1.shape[2] != 2 * D:
-        raise ValueError(f"probe_gates: probes.w1 must be (S, P, 2D={2 * D}) for hidden states {tuple(hs.shape)}, got {tuple(w1.shape)}")
+        raise ValueError(f"{name}: probes.w1 must be (S, P, 2D={2 * D}) for hidden states {tuple(hs.shape)}, got {tuple(w1.shape)}")
     S, P = w1.shape[:2]
     if not 0 <= depth < S:
-        raise ValueError(f"probe_gates: depth must be in [0, {S}) for {S} probes, got {depth}")
-    for name, t, shape in (("b1", b1, (S, P)), ("w2", w2, (S, P)), ("b2", b2, (S,)), ("add", add, (S,))):
+        raise ValueError(f"{name}: depth must be in [0, {S}) for {S} probes, got {depth}")
+    for field, t, shape in (("b1", b1, (S, P)), ("w2", w2, (S, P)), ("b2", b2, (S,)), ("add", add, (S,))):
         if tuple(t.shape) != shape:
-            raise ValueError(f"probe_gates: probes.{name} must be {shape}, got {tuple(t.shape)}")
+            raise ValueError(f"{name}: probes.{field} must be {shape}, got {tuple(t.shape)}")
     if hs.dtype not in SUPPORTED_DTYPES or w1.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
-            f"probe_gates: hidden states and probes must be float32, float16 or bfloat16, got {hs.dtype} and {w1.dtype}"
+            f"{name}: hidden states and probes must be float32, float16 or bfloat16, got {hs.dtype} and {w1.dtype}"
         )
 
 
@@ -251,21 +261,23 @@ def gate_probe_forward(
     """Launch one depth's probe (no checks on shapes; see ``probe_gates``).
 
     Args:
-        h0, hs: (B, T, D); w1 (P, 2D); b1, w2 (P,); b2, add (1,): this depth's probe.
+        h0, hs: (B, T, D); w1 (K*P, 2D); b1, w2 (K*P,); b2, add (K,): this depth's probes of K levels
+            (K = 1: one probe), level-major rows.
 
     Returns:
-        log_keep (B, T) float32. fp32 hidden states use IEEE fp32 dots unless
+        log_keep (K, B, T) float32. fp32 hidden states use IEEE fp32 dots unless
         ``torch.set_float32_matmul_precision`` allows TF32.
     """
     B, T, D = hs.shape
-    P = w1.shape[0]
+    K = b2.shape[0]
+    P = w1.shape[0] // K
     device = launch_device("probe_gates", "gate_probe_reference", h0, hs, w1, b1, w2, b2, add)
     R = B * T
     h0c, hsc = h0.contiguous(), hs.contiguous()
     dot_dtype = _dot_dtype(hsc.dtype, w1.dtype)
     w1c = w1.detach().to(dot_dtype).contiguous()
     b1c, w2c, b2c, addc = (t.detach().to(torch.float32).contiguous() for t in (b1, w2, b2, add))
-    out = _empty((B, T), device=device, dtype=torch.float32)
+    out = _empty((K, B, T), device=device, dtype=torch.float32)
     if out.numel() == 0:
         return out
     ieee = dot_dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
@@ -274,7 +286,7 @@ def gate_probe_forward(
     if not 1 <= p_tiles <= 3:
         raise ValueError(f"probe_gates: P_TILES must be 1 to 3, got {p_tiles}")
     with device_guard(device):
-        _kernel(interp)[(triton.cdiv(R, block_t),)](
+        _kernel(interp)[(triton.cdiv(R, block_t), K)](
             h0c, hsc, w1c, b1c, w2c, b2c, addc, out, R, D, P, float(mul), float(offset),
             IEEE=ieee, UPCAST=dot_dtype == torch.bfloat16 and interp,
             BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_P=block_p, P_TILES=p_tiles, num_warps=warps, num_stages=stages,
@@ -301,7 +313,7 @@ def _gate_probe_op(
 @_gate_probe_op.register_fake
 def _(h0, hs, w1, b1, w2, b2, add, mul, offset):
     B, T, _ = hs.shape
-    return hs.new_empty((B, T), dtype=torch.float32)
+    return hs.new_empty((b2.shape[0], B, T), dtype=torch.float32)
 
 
 # ----- public op ------------------------------------------------------------------------------
@@ -321,4 +333,34 @@ def probe_gates(h0: torch.Tensor, hs: torch.Tensor, probes: ProbeParams, depth: 
     p, s = probes, int(depth)
     return torch.ops.vdm_engine.gate_probe(
         h0, hs, p.w1[s], p.b1[s], p.w2[s], p.b2[s : s + 1], p.add[s : s + 1], float(p.mul), float(p.offset)
-    )
+    )[0]
+
+
+def probe_gates_levels(h0: torch.Tensor, hs: torch.Tensor, probes: FusedProbes, depth: int) -> torch.Tensor:
+    """Triton twin of ``gate_probe_levels_reference``: one launch for the probes of all K levels.
+
+    The grid's second axis runs over the levels; each program is ``probe_gates``'s on its level's
+    rows of the joined weights.
+
+    Args:
+        h0, hs: (B, T, D) as for ``probe_gates``.
+        probes: ``Gates.fused_probes()``.
+        depth: 0 <= depth < S.
+
+    Returns:
+        log_keep (B, K, T) float32 (a view of the kernel's (K, B, T) output). Inference only.
+    """
+    K = probes.levels
+    w1 = probes.w1
+    if w1.dim() != 3 or w1.shape[1] % K:
+        raise ValueError(f"probe_gates_levels: probes.w1 must be (S, K*P, 2D) with K={K}, got {tuple(w1.shape)}")
+    S, KP = w1.shape[:2]
+    # The per-level view the single-level checks read: same shapes, P = K*P / K.
+    per_probe = ProbeParams(w1, probes.b1, probes.w2, probes.b2[:, 0], probes.bias[:, 0], probes.mul, 0.0)
+    _check_args(h0, hs, per_probe, depth, "probe_gates_levels")
+    for name, t in (("b2", probes.b2), ("bias", probes.bias)):
+        if tuple(t.shape) != (S, K):
+            raise ValueError(f"probe_gates_levels: probes.{name} must be ({S}, {K}), got {tuple(t.shape)}")
+    p, s = probes, int(depth)
+    out = torch.ops.vdm_engine.gate_probe(h0, hs, p.w1[s], p.b1[s], p.w2[s], p.b2[s], p.bias[s], float(p.mul), 0.0)
+    return out.transpose(0, 1)

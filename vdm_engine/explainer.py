@@ -238,19 +238,20 @@ class Explainer(nn.Module):
             or with ``levels`` of every level (B, K, L+2, T).
         """
         ops = ops or self.ops
-        sets = self.gates.level_params() if levels else [self.gates.probe_params()]
-        log_keep: list[list[torch.Tensor]] = [[] for _ in sets]  # per level: (B, T) per depth, in depth order
         first: list[torch.Tensor] = []  # [h0]
+        log_keep: list[torch.Tensor] = []  # per depth, in depth order: (B, T), or (B, K, T) with levels
+        if levels:  # every level's probes joined per depth: one op chain per depth whatever K is
+            probe, probes = ops.gate_probe_levels, self.gates.fused_probes()
+        else:
+            probe, probes = ops.gate_probe, self.gates.probe_params()
 
         def on_state(i: int, h: torch.Tensor) -> None:
             if i == 0:
                 first.append(h)
-            for acc, probes in zip(log_keep, sets):
-                acc.append(ops.gate_probe(first[0], h, probes, i))
+            log_keep.append(probe(first[0], h, probes, i))
 
         logits = self.backbone.forward_states(pixel_values, on_state)
-        per_level = [torch.stack(acc, 1) for acc in log_keep]
-        return logits, first[0], torch.stack(per_level, 1) if levels else per_level[0]
+        return logits, first[0], torch.stack(log_keep, -2)
 
     def run(
         self,
@@ -296,8 +297,9 @@ class Explainer(nn.Module):
                                         ops.patch_mask)
             out["masked_logits"], out["kl"] = checked.masked_logits, checked.kl
         if rank:
-            levels = [masks.patch_mask(level_keep[:, k]) for k in range(K)]
-            out["patch_rank"] = masks.patch_rank(torch.stack(levels, 1), threshold)
+            B, _, S, T = level_keep.shape
+            levels = masks.patch_mask(level_keep.reshape(B * K, S, T)).view(B, K, T - 1)  # (B, K, N)
+            out["patch_rank"] = masks.patch_rank(levels, threshold)
         return out
 
     @torch.no_grad()

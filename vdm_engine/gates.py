@@ -25,7 +25,9 @@ from . import masks
 from ._io import atomic_path, atomic_write_json, dataclass_from_dict, sha256_file
 from .provenance import BackboneMismatchError, GatesProvenance, check_fingerprint, validation_figures
 
-__all__ = ["GateConfig", "Gates", "ProbeParams", "gate_probe_reference", "gate_probe_stacked", "probe_depths", "hard_concrete_sample", "GATES_WEIGHTS", "GATES_CONFIG"]
+__all__ = ["GateConfig", "Gates", "ProbeParams", "FusedProbes", "fuse_levels", "gate_probe_reference",
+           "gate_probe_levels_reference", "gate_probe_stacked", "probe_depths", "hard_concrete_sample", "GATES_WEIGHTS",
+           "GATES_CONFIG"]
 
 GATES_WEIGHTS = "gates.safetensors"
 GATES_CONFIG = "gates_config.json"
@@ -115,6 +117,29 @@ class ProbeParams(NamedTuple):
     offset: float
 
 
+class FusedProbes(NamedTuple):
+    """The probes of all K levels joined per depth (``Gates.fused_probes``): one probe of width K*P
+    per depth whose second layer is block-diagonal, so K levels cost one chain of matmuls, not K.
+
+    w1 (S, K*P, 2D): depth s's first layers, level-major rows (level k: rows kP .. (k+1)P-1);
+    b1 (S, K*P); w2 (S, K*P): second layers side by side; w2_block (S, K*P, K): the same as a
+    block-diagonal matrix (column k reads level k's rows only); b2 (S, K); bias (S, K) = add - offset;
+    mul a float.
+    """
+
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    w2_block: torch.Tensor
+    b2: torch.Tensor
+    bias: torch.Tensor
+    mul: float
+
+    @property
+    def levels(self) -> int:
+        return self.b2.shape[1]
+
+
 def gate_probe_reference(h0: torch.Tensor, hs: torch.Tensor, probes: ProbeParams, depth: int) -> torch.Tensor:
     """Log keep probability of every token at one depth, from that depth's hidden state.
 
@@ -138,6 +163,44 @@ def gate_probe_reference(h0: torch.Tensor, hs: torch.Tensor, probes: ProbeParams
     out = torch.matmul(torch.tanh(pre), probes.w2[depth]) + probes.b2[depth]  # (B, T)
     # -softplus(offset - z) == logsigmoid(z - offset), with z = mul * tanh(out) + add.
     return F.logsigmoid(probes.mul * torch.tanh(out) + (probes.add[depth] - probes.offset)).float()
+
+
+def gate_probe_levels_reference(h0: torch.Tensor, hs: torch.Tensor, probes: FusedProbes, depth: int) -> torch.Tensor:
+    """Log keep probability of every token at one depth for all K levels at once (``FusedProbes``).
+
+    Equals ``gate_probe_reference`` run on each level's ``ProbeParams`` and stacked on dim 1, with
+    the K levels' first layers as one matmul per half and their second layers as one block-diagonal
+    matmul (the chain of ops does not grow with K).
+
+    Args:
+        h0: (B, T, D) the first hidden state; hs: (B, T, D) hidden state ``depth``.
+        probes: ``Gates.fused_probes()``; row ``depth`` is used.
+        depth: 0 <= depth < S = L+2.
+
+    Returns:
+        log_keep (B, K, T) float32.
+    """
+    D = hs.shape[-1]
+    w1 = probes.w1[depth]  # (K*P, 2D): columns [0, D) act on h0, [D, 2D) on hs
+    dt = w1.dtype
+    pre = torch.matmul(h0.to(dt), w1[:, :D].t()) + torch.matmul(hs.to(dt), w1[:, D:].t()) + probes.b1[depth]
+    out = torch.matmul(torch.tanh(pre), probes.w2_block[depth]) + probes.b2[depth]  # (B, T, K)
+    return F.logsigmoid(probes.mul * torch.tanh(out) + probes.bias[depth]).float().transpose(1, 2)
+
+
+def fuse_levels(levels: list[ProbeParams]) -> FusedProbes:
+    """Join K levels' ``ProbeParams`` (S rows each, one shape and ``mul``/``offset``) into ``FusedProbes``."""
+    K = len(levels)
+    S, P, D2 = levels[0].w1.shape
+    w1 = torch.stack([p.w1 for p in levels], 1)  # (S, K, P, 2D)
+    w2 = torch.stack([p.w2 for p in levels], 1)  # (S, K, P)
+    # Block-diagonal second layer: entry (s, k*P + p, j) = w2[s, k, p] if j == k else 0.
+    eye = torch.eye(K, device=w2.device, dtype=w2.dtype)
+    w2_block = (w2.unsqueeze(-1) * eye.view(1, K, 1, K)).reshape(S, K * P, K)
+    b2 = torch.stack([p.b2 for p in levels], 1)
+    bias = torch.stack([p.add for p in levels], 1) - levels[0].offset
+    b1 = torch.stack([p.b1 for p in levels], 1).reshape(S, K * P)
+    return FusedProbes(w1.reshape(S, K * P, D2), b1, w2.reshape(S, K * P), w2_block, b2, bias, float(levels[0].mul))
 
 
 def probe_depths(gate_probe, hidden_states, probes: ProbeParams) -> torch.Tensor:
@@ -222,6 +285,7 @@ class Gates(nn.Module):
         self.metrics: dict = {}
         self.provenance = GatesProvenance("memory")
         self._verified_for: str | None = None  # fingerprint of the backbone last checked and accepted
+        self._fused: tuple | None = None  # (key, FusedProbes): see fused_probes
 
     # ----- maths ------------------------------------------------------------------------------
     def probe_params(self, level: int | None = None) -> ProbeParams:
@@ -239,6 +303,24 @@ class Gates(nn.Module):
     def level_params(self) -> list[ProbeParams]:
         """The K levels' probes, least sparse first."""
         return [self.probe_params(k) for k in range(self.config.levels)]
+
+    def fused_probes(self) -> FusedProbes:
+        """Every level's probes joined per depth (``FusedProbes``, for ``gate_probe_levels_reference``).
+
+        Built once and cached while the weights stay the same tensors (same storage, device, dtype and
+        in-place version): moving the gates, changing their dtype or loading / training new values
+        rebuilds it. With autograd recording, or while tracing (``torch.compile``, export), it is built
+        fresh from the parameters and not cached, so gradients reach them and no traced tensor is kept.
+        """
+        params = (self.w1, self.b1, self.w2, self.b2, self.add)
+        if torch.compiler.is_compiling() or any(p.is_inference() for p in params) or \
+                (torch.is_grad_enabled() and any(p.requires_grad for p in params)):  # inference tensors have no version
+            return fuse_levels(self.level_params())
+        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
+        if self._fused is None or self._fused[0] != key:
+            with torch.no_grad():
+                self._fused = (key, fuse_levels(self.level_params()))
+        return self._fused[1]
 
     def level_masks(self, hidden_states) -> torch.Tensor:
         """Keep probability of each patch at each level, all depths aggregated: (L+2, B, T, D) -> (B, K, N)."""

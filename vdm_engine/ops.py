@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .backbone import patch_mask_reference
-from .gates import gate_probe_reference
+from .gates import gate_probe_levels_reference, gate_probe_reference
 
 __all__ = ["Ops", "OpsUnavailableError", "select_ops", "reference_ops", "resolve_mode", "MODES", "ENV_VAR", "ENTRY_POINT_GROUP"]
 
@@ -46,12 +46,16 @@ class Ops:
             -> tokens (B*K, N+1, D)`` (signature of ``backbone.patch_mask_reference``).
         backend: ``reference`` or the provider's name (``triton``).
         reason: why this backend serves (or why the fast path does not).
+        gate_probe_levels: ``(h0, hs, FusedProbes, depth) -> log_keep (B, K, T)`` float32, one
+            depth's probes of every level of K-level gates (signature of
+            ``gates.gate_probe_levels_reference``, the default).
     """
 
     gate_probe: Callable
     patch_mask: Callable
     backend: str
     reason: str
+    gate_probe_levels: Callable = gate_probe_levels_reference
 
 
 def reference_ops(reason: str = "plain-PyTorch references") -> Ops:

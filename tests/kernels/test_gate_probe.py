@@ -115,8 +115,8 @@ def test_compiles_without_graph_breaks(close):
         ((2, 5, 6), None, 1, None, None, r"probes.w1 must be \(S, P, 2D=12\)"),
         ((2, 5, 8), None, 3, None, None, r"depth must be in \[0, 3\) for 3 probes, got 3"),
         ((2, 5, 8), None, -1, None, None, r"depth must be in \[0, 3\)"),
-        ((2, 5, 8), None, 1, "b1", torch.zeros(3, 5), r"probes.b1 must be \(3, 2\)"),
-        ((2, 5, 8), None, 1, "add", torch.zeros(2), r"probes.add must be \(3,\)"),
+        ((2, 5, 8), None, 1, "b1", torch.zeros(3, 5), r"^probe_gates: probes.b1 must be \(3, 2\)"),
+        ((2, 5, 8), None, 1, "add", torch.zeros(2), r"^probe_gates: probes.add must be \(3,\)"),
     ],
 )
 def test_bad_arguments(hs_shape, h0_shape, depth, field, value, match):
@@ -137,3 +137,30 @@ def test_mixed_dtypes_rejected():
     h = torch.zeros(2, 5, 8, device=DEV)
     with pytest.raises(ValueError, match=r"h0 and hs must share a dtype"):
         probe_gates(h, h.half(), probes, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_levels_match_fused_reference(dtype, close, poison):
+    """K levels in one launch (grid axis 1) equal ``gate_probe_levels_reference``; P = 9 is padded."""
+    from vdm_engine.gates import gate_probe_levels_reference
+    from vdm_engine.kernels import probe_gates_levels
+
+    S, B, T, D, K = 3, 3, 17, 36, 4
+    torch.manual_seed(2)
+    levels = []
+    for k in range(K):
+        g = Gates(GateConfig(D, S, probe_size=9))
+        with torch.no_grad():
+            g.w1.mul_(3.0)
+            g.add.copy_(torch.linspace(-2.0, 4.0, S) - k)
+        levels.append(g)
+    fused = Gates.stack(levels).to(DEV).fused_probes()
+    hs = torch.randn(S, B, T, D, device=DEV).to(dtype)
+    with torch.no_grad():
+        expected = torch.stack([gate_probe_levels_reference(hs[0], hs[s], fused, s) for s in range(S)], 2)
+        got = torch.stack([probe_gates_levels(hs[0], hs[s], fused, s) for s in range(S)], 2)
+    assert got.shape == (B, K, S, T) and expected.min() < -1.0 and expected.max() > -0.1
+    atol, rtol = TOL[dtype]
+    close(got, expected, atol, rtol, f"levels log_keep {dtype}")
+    with pytest.raises(ValueError, match=r"probe_gates_levels: probes.bias must be \(3, 4\)"):
+        probe_gates_levels(hs[0], hs[1], fused._replace(bias=fused.bias[:, :2]), 1)

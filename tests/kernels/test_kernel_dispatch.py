@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import importlib
 import subprocess
 import sys
@@ -82,6 +84,25 @@ def test_explain_routes_through_both_kernels(monkeypatch, tiny_backbone, tiny_ga
     assert counters["patch_mask_bwd"].launches == 1
     close(gates.grad, grad_ref, 1e-4, 1e-4, "gate gradients through the masked pass")
     assert tiny_gates.placeholder.grad is not None
+
+
+def test_levels_one_launch_per_depth(monkeypatch, tiny_backbone, tiny_gates, pixels, counters, close):
+    """K-level gates: one probe launch per depth for all K levels; patch_rank as with the references."""
+    from vdm_engine import Gates
+
+    levels = []
+    for k in range(3):
+        g = copy.deepcopy(tiny_gates)
+        with torch.no_grad():
+            g.add.add_(-1.5 * k)
+        levels.append(g)
+    gates = Gates.stack(levels).to(pixels.device).eval()
+    expected = Explainer(tiny_backbone, gates, kernels="reference").eval().explain(pixels)
+    monkeypatch.setenv("VDM_KERNELS", "triton")
+    got = Explainer(tiny_backbone, gates).eval().explain(pixels)
+    assert counters["gate_probe"].launches == tiny_backbone.num_hidden_states
+    close(got.patch_rank, expected.patch_rank, 1e-5, 1e-5, "patch_rank")
+    close(got.patch_mask, expected.patch_mask, 1e-5, 1e-5, "patch_mask")
 
 
 def test_auto_uses_references_on_cpu(monkeypatch, tiny_explainer):
