@@ -14,9 +14,11 @@ No ``from __future__ import annotations`` here: FastAPI reads the handlers' anno
 """
 
 import asyncio
+import functools
 import io
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -37,6 +39,10 @@ __all__ = ["VdmServer", "app", "build_app", "deployment"]
 app = FastAPI(title="vdm-serve", description="Vision DiffMask explanations of ViT predictions")
 
 #: Environment variables a replica needs to load the same model as the process that deployed it.
+#: Bodies up to this size are decoded on the event loop (well under a millisecond for a small
+#: image; a worker-thread hop costs about as much); larger ones in a worker thread.
+INLINE_DECODE_BYTES = 256 * 1024
+
 _PASSED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "VDM_GATES_HOME", "VDM_KERNELS", "VDM_MAX_IMAGE_PIXELS",
                "TRITON_INTERPRET", "OMP_NUM_THREADS")
 
@@ -87,6 +93,8 @@ class VdmServer:
         except Exception:  # pragma: no cover - metrics are optional
             pass
         self.ready = False
+        # Forward passes run one at a time on their own thread, never queued behind request decoding.
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="vdm-model")
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -112,16 +120,19 @@ class VdmServer:
         n = len(rows)
         x = torch.cat([r[0] for r in rows])
         verify = [r[1] for r in rows]
-        out = await asyncio.to_thread(self.model.explain_batch, x, verify if any(verify) else None)
+        out = await self._run_model(self.model.explain_batch, x, verify if any(verify) else None)
         self._count("explain", n)
         return [{**{k: v[i] for k, v in out.items()}, "batch_size": n} for i in range(n)]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _predict_rows(self, rows: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
         n = len(rows)
-        logits = await asyncio.to_thread(self.model.predict_batch, torch.cat(rows))
+        logits = await self._run_model(self.model.predict_batch, torch.cat(rows))
         self._count("predict", n)
         return [(logits[i], n) for i in range(n)]
+
+    async def _run_model(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, functools.partial(fn, *args))
 
     async def _explain(self, x: torch.Tensor, verify: bool) -> list[dict]:
         return await asyncio.gather(*(self._explain_rows((x[i:i + 1], verify)) for i in range(x.shape[0])))
@@ -140,10 +151,12 @@ class VdmServer:
 
     async def _images(self, request: Request):
         body = await self._body(request)
+        if len(body) <= INLINE_DECODE_BYTES:
+            return self._decode(body, request.headers.get("content-type"))
         return await asyncio.to_thread(self._decode, body, request.headers.get("content-type"))
 
     def _decode(self, body: bytes, content_type: str | None):
-        """Body -> (images, is_json, model inputs (B, ...)): one worker-thread hop per request."""
+        """Body -> (images, is_json, model inputs (B, ...))."""
         images, is_json = parse_images(body, content_type, max_images=self.config.max_images,
                                        max_pixels=self.config.max_pixels, model_size=self.model.model_size)
         return images, is_json, self.model.preprocess([im.pixels for im in images])
