@@ -22,17 +22,17 @@ from vdm_engine.metadata import read_metadata
 
 
 @pytest.fixture(scope="module")
-def digits_held_out():
-    """The 300 vit-digits test digits as graph inputs (the images ``vdm-export --quantize int8`` checks on)."""
-    from vdm_engine import Explainer
+def digits_held_out(digits_onnx):
+    """The 300 vit-digits test digits as graph inputs (the images ``vdm-export --quantize int8`` checks
+    on), preprocessed from the graph's metadata (no checkpoint load)."""
     from vdm_engine.data import digits_split
-    from vdm_engine.export.validate import graph_inputs
+    from vdm_engine.runtime import OnnxExplainer
 
     try:
         images = digits_split("test")[0]
     except ValueError as e:  # scikit-learn missing
         pytest.skip(str(e))
-    return graph_inputs(Explainer.from_pretrained("vit-digits"), images, uint8_input=False)[0].numpy()
+    return OnnxExplainer(digits_onnx, "cpu").preprocess(images).numpy()
 
 
 def _ops(path):
