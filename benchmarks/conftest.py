@@ -264,14 +264,9 @@ def passive_wait() -> bool:
 
 
 def _session_options(bench_config):
-    import onnxruntime as ort
+    from vdm_engine.runtime import default_session_options
 
-    options = ort.SessionOptions()
-    if bench_config.threads is not None:
-        options.intra_op_num_threads = bench_config.threads
-    if passive_wait():
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
+    return default_session_options(bench_config.threads)  # spinning off under OMP_WAIT_POLICY=PASSIVE
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,14 @@
 """Where the fused explain graph spends its time beyond the plain graph, per onnxruntime op type.
 
     python -m benchmarks.profile_onnx [--shape vit-small] [--batch 8] [--threads 1 2] [--runs 20] [--out FILE.md]
+                                      [--per-depth-probes] [--graphs DIR [--save]]
 
 Exports the plain graph (logits only) and the fused explain graph (logits, patch_mask,
 layer_masks) of a random-weight ViT, runs each with onnxruntime's profiler for ``--runs`` calls per
 thread count, and writes a markdown summary: wall time per call (min and median), and per op type
 the summed kernel time per call in both graphs, so the explain/plain gap can be pinned on the ops
 the gate probes and masks add. On a shared machine the min over calls is the figure to compare.
+Sessions use ``runtime.default_session_options`` (what ``OnnxExplainer`` uses).
 """
 
 from __future__ import annotations
@@ -34,14 +36,16 @@ def _build(shape: str):
     return Explainer(backbone, random_gates(backbone)).eval()
 
 
-def export_pair(explainer, folder: Path) -> dict[str, Path]:
-    """{"plain": logits-only graph, "explain": fused graph} exported into ``folder``."""
+def export_pair(explainer, folder: Path, fused_probes: bool = True) -> dict[str, Path]:
+    """{"plain": logits-only graph, "explain": fused graph} exported into ``folder``
+    (``fused_probes=False``: the probes per depth, the graph before ``export.probes``)."""
     from vdm_engine.export import export_onnx
 
     paths = {}
     for name, outputs in (("plain", ("logits",)), ("explain", ("logits", "patch_mask", "layer_masks"))):
         paths[name] = folder / f"{name}.onnx"
-        export_onnx(explainer, paths[name], outputs=outputs, validate=False, random_weights=True, untrained_gates=True)
+        export_onnx(explainer, paths[name], outputs=outputs, validate=False, random_weights=True, untrained_gates=True,
+                    fused_probes=fused_probes)
     return paths
 
 
@@ -49,12 +53,11 @@ def profile_graph(path: Path, feed_x: np.ndarray, threads: int, runs: int, prefi
     """Run ``path`` ``runs`` times with the profiler on; per-call wall times and per-op-type kernel time."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    from vdm_engine.runtime import default_session_options
+
+    opts = default_session_options(threads)  # what OnnxExplainer and the plain sessions use
     opts.enable_profiling = True
     opts.profile_file_prefix = prefix
-    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     for _ in range(3):
@@ -129,20 +132,22 @@ def main(argv=None) -> int:
                    help="profile plain.onnx and explain.onnx from DIR (exported earlier, e.g. by older code) "
                         "instead of exporting; with --save, export into DIR and stop")
     p.add_argument("--save", action="store_true", help="only export the two graphs into --graphs DIR")
+    p.add_argument("--per-depth-probes", action="store_true",
+                   help="export the explain graph with the probes per depth (the graph before export.probes)")
     args = p.parse_args(argv)
     explainer = _build(args.shape)
     h, w = explainer.backbone.image_size
     x = torch.randn(args.batch, 3, h, w, generator=torch.Generator().manual_seed(0)).numpy()
     if args.save:
         Path(args.graphs).mkdir(parents=True, exist_ok=True)
-        print(export_pair(explainer, Path(args.graphs)))
+        print(export_pair(explainer, Path(args.graphs), fused_probes=not args.per_depth_probes))
         return 0
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.graphs:
             paths = {name: Path(args.graphs) / f"{name}.onnx" for name in ("plain", "explain")}
         else:
-            paths = export_pair(explainer, Path(tmp))
+            paths = export_pair(explainer, Path(tmp), fused_probes=not args.per_depth_probes)
         for threads in args.threads:
             results[threads] = {name: profile_graph(path, x, threads, args.runs, str(Path(tmp) / f"{name}-{threads}"))
                                 for name, path in paths.items()}

@@ -11,13 +11,14 @@ from .graph import DEFAULT_OUTPUTS, OUTPUTS, ExplainerGraph
 from vdm_engine.metadata import ExportMetadata, gates_sha256, read_metadata
 from .onnx import DEFAULT_OPSET, ExportError, ExportResult, export_onnx
 from .main import MainExportResult, main_export
-from .quantize import Int8Report, QuantizationError, export_int8, quantize_onnx
+from .quantize import INT8_RECIPE, Int8Recipe, Int8Report, QuantizationError, export_int8, quantize_onnx
 from .triton_repo import write_triton_repo
 from .validate import TOLERANCES, ExportValidationError, check_onnx, validate_onnx
 
 __all__ = [
     "DEFAULT_OPSET",
     "DEFAULT_OUTPUTS",
+    "INT8_RECIPE",
     "OUTPUTS",
     "TOLERANCES",
     "ExplainerGraph",
@@ -25,6 +26,7 @@ __all__ = [
     "ExportMetadata",
     "ExportResult",
     "ExportValidationError",
+    "Int8Recipe",
     "Int8Report",
     "MainExportResult",
     "QuantizationError",

@@ -1,8 +1,10 @@
 """The module that becomes the ONNX graph: pixels in, prediction and explanation out, one ViT pass.
 
-``ExplainerGraph`` wraps an ``Explainer`` and runs its explain core (``Explainer.run``) with the
-plain-PyTorch ops (``reference_ops``: kernels cannot be traced into ONNX), so the exported graph
-holds one encoder pass. Only the optional ``masked_logits`` / ``kl`` outputs add the second, masked
+``ExplainerGraph`` wraps an ``Explainer`` and computes what its explain core (``Explainer.run``)
+computes, with plain-PyTorch ops (kernels cannot be traced into ONNX), so the exported graph holds
+one encoder pass. By default the gate probes are written as few wide nodes (``export.probes``:
+fewer thread-pool dispatches in onnxruntime); ``fused_probes=False`` runs ``Explainer.run`` itself
+with ``reference_ops``. Only the optional ``masked_logits`` / ``kl`` outputs add the second, masked
 pass (the check ``Explainer.verify`` makes).
 """
 
@@ -13,8 +15,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from vdm_engine import masks
 from vdm_engine.explainer import EXPLAIN_OUTPUTS, Explainer
 from vdm_engine.ops import reference_ops
+
+from .probes import FusedProbes, fused_probe_pass
 
 __all__ = ["ExplainerGraph", "OUTPUTS", "DEFAULT_OUTPUTS", "FLOAT_INPUT", "UINT8_INPUT", "normalize_outputs"]
 
@@ -51,6 +56,8 @@ class ExplainerGraph(nn.Module):
             the graph (no resizing: images must already be the model's size); else take
             ``pixel_values (B, 3, H, W)`` float32.
         threshold: keep-probability threshold of the hard mask used by ``masked_logits`` / ``kl``.
+        fused_probes: the probes of every depth (and level) finished in one set of wide nodes after
+            the last layer (``FusedProbes``; default); False: per depth, through ``Explainer.run``.
 
     Outputs (all float32): logits (B, C), patch_mask (B, N), layer_masks (B, L+2, N),
     masked_logits (B, C), kl (B,), patch_rank (B, N) (K-level gates: every level's probes on the same
@@ -64,6 +71,7 @@ class ExplainerGraph(nn.Module):
         *,
         uint8_input: bool = False,
         threshold: float = 0.5,
+        fused_probes: bool = True,
     ):
         super().__init__()
         self.explainer = explainer
@@ -78,6 +86,9 @@ class ExplainerGraph(nn.Module):
         if not 0.0 <= float(threshold) <= 1.0:
             raise ValueError(f"threshold must be a keep probability in [0, 1], got {threshold}")
         self.threshold = float(threshold)
+        gates = explainer.gates
+        rank = "patch_rank" in self.outputs
+        self.probes = FusedProbes(gates.level_params() if rank else [gates.probe_params()]) if fused_probes else None
         spec = explainer.backbone.image_spec
         scale = torch.full((3,), float(spec.rescale_factor) if spec.do_rescale else 1.0)
         mean = torch.tensor(spec.mean if spec.do_normalize else (0.0, 0.0, 0.0))
@@ -105,5 +116,31 @@ class ExplainerGraph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, 3, H, W) float32 or (B, H, W, 3) uint8 -> the requested outputs, float32."""
-        out = self.explainer.run(self.pixel_values(x), self.outputs, threshold=self.threshold, ops=reference_ops())
+        if self.probes is None:
+            out = self.explainer.run(self.pixel_values(x), self.outputs, threshold=self.threshold, ops=reference_ops())
+        else:
+            out = self._run_fused(self.pixel_values(x))
         return tuple(out[o] for o in self.outputs)
+
+    def _run_fused(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``Explainer.run``'s outputs with the probes of ``FusedProbes`` (same maths; the masks, the
+        masked pass and the ranking are the core's ``masks`` functions, as there)."""
+        explainer, outputs = self.explainer, self.outputs
+        logits, h0, level_keep = fused_probe_pass(explainer.backbone, self.probes, pixel_values)
+        rank = "patch_rank" in outputs
+        log_keep = level_keep[:, explainer.gates.config.main_level if rank else 0]  # (B, L+2, T)
+        out = {"logits": logits.float()}
+        if "layer_masks" in outputs:
+            out["layer_masks"] = masks.layer_masks(log_keep)
+            out["patch_mask"] = out["layer_masks"][:, -1]
+        else:
+            out["patch_mask"] = masks.patch_mask(log_keep)
+        if "masked_logits" in outputs or "kl" in outputs:
+            keep = masks.hard_mask(out["patch_mask"], self.threshold)
+            checked = masks.masked_pass(explainer.backbone, h0[:, 1:], out["logits"], keep, explainer.gates.placeholder,
+                                        reference_ops().patch_mask)
+            out["masked_logits"], out["kl"] = checked.masked_logits, checked.kl
+        if rank:
+            levels = torch.stack([masks.patch_mask(level_keep[:, k]) for k in range(level_keep.shape[1])], 1)
+            out["patch_rank"] = masks.patch_rank(levels, self.threshold)
+        return out

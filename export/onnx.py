@@ -254,6 +254,7 @@ def export_onnx(
     random_weights: bool = False,
     extra_metadata: dict | None = None,
     providers="auto",
+    fused_probes: bool = True,
 ) -> ExportResult:
     """Export ``explainer`` as one ONNX graph and validate it.
 
@@ -280,6 +281,8 @@ def export_onnx(
         external_data: force (True) or forbid (False) external weights; default only above 2 GB.
         untrained_gates, random_weights, extra_metadata: recorded in the metadata.
         providers: onnxruntime providers for validation (see ``vdm_engine.runtime``).
+        fused_probes: the probes as few wide nodes (``export.probes``, the default); False writes
+            them per depth as ``Explainer.run`` computes them (for comparisons).
 
     Raises:
         ValueError: bad arguments. ExportError: the exporter failed.
@@ -301,7 +304,8 @@ def export_onnx(
             work = copy.deepcopy(explainer)
             work.backbone.to(DTYPES[dtype])
             work.gates.to(DTYPES[dtype])
-        graph = ExplainerGraph(work, outputs, uint8_input=uint8_input, threshold=threshold).eval()
+        graph = ExplainerGraph(work, outputs, uint8_input=uint8_input, threshold=threshold,
+                               fused_probes=fused_probes).eval()
         graph.to(work.backbone.device)
         traced = _TRACED_BATCH if batch == "dynamic" else int(batch)
         example = graph.example_input(traced, work.backbone.device)

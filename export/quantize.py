@@ -1,7 +1,8 @@
 """int8 graphs for the CPU: quantize an exported graph and check it against the fp32 graph it came from.
 
-``quantize_onnx`` uses ``onnxruntime.quantization``: static quantization (QDQ, per-tensor int8
-activations and weights of the MatMul/Gemm nodes, MinMax calibration) when calibration inputs are
+``quantize_onnx`` follows one recipe, ``INT8_RECIPE`` (``Int8Recipe``: what is fused first, which
+node types are quantized, how weights are scaled); it uses ``onnxruntime.quantization``: static
+quantization (QDQ, int8 activations and weights, MinMax calibration) when calibration inputs are
 given, else dynamic quantization (int8 weights, activations quantized per call). ``compare_int8``
 runs both graphs on held-out images and reports how often the predicted class agrees and the mean
 IoU of the kept patch sets (keep probability > threshold); ``check_int8`` raises
@@ -24,6 +25,9 @@ from vdm_engine.metadata import METADATA_PREFIX
 
 __all__ = [
     "QUANTIZE_MODES",
+    "Int8Recipe",
+    "INT8_RECIPE",
+    "MATMUL_ONLY_RECIPE",
     "MIN_AGREEMENT",
     "MIN_IOU",
     "QuantizationError",
@@ -37,9 +41,46 @@ __all__ = [
 QUANTIZE_MODES = ("int8",)
 MIN_AGREEMENT = 0.99
 MIN_IOU = 0.95
-#: Node types quantized: the matmuls carry nearly all the time; softmax, layer norm, GELU and the
-#: gate maths stay float32.
-_OP_TYPES = ("MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How an fp32 graph becomes int8: the one place that decides it (``INT8_RECIPE``).
+
+    Attributes:
+        fuse: first run onnxruntime's transformer optimizer fusions (``optimize_model``, model type
+            ``vit``, no hardware-specific passes): residual add + layer norm -> SkipLayerNormalization,
+            bias + GELU -> BiasGelu. Fewer float32 nodes around the int8 matmuls.
+        op_types: node types quantized (None: every type onnxruntime quantizes, Conv included).
+        per_channel: dynamic quantization: one weight scale per output channel instead of per tensor
+            (static quantization always scales weights per channel, as before).
+        reduce_range: 7-bit weights: the int8 kernels of CPUs without VNNI (AVX2) can saturate their
+            16-bit intermediate sums with full 8-bit weights.
+        keep_probes_fp32: leave the gate probes' nodes (initializers named ``probes.*``) in float32.
+    """
+
+    fuse: bool = True
+    op_types: tuple[str, ...] | None = ("MatMul", "Gemm")
+    per_channel: bool = False
+    reduce_range: bool = True
+    keep_probes_fp32: bool = True
+
+    def describe(self) -> str:
+        ops = "all op types" if self.op_types is None else "/".join(self.op_types)
+        flags = [f for f, on in (("fused", self.fuse), ("per-channel", self.per_channel),
+                                 ("7-bit weights", self.reduce_range), ("probes fp32", self.keep_probes_fp32)) if on]
+        return f"{ops} in int8" + (f" ({', '.join(flags)})" if flags else "")
+
+
+#: The recipe ``quantize_onnx``, ``export_int8`` and ``vdm-export --quantize int8`` use. Chosen on the
+#: ViT-B/16 shape on a 2-core AVX2 CPU (benchmarks/results/latency-cpu-s6-2026-12-01): the fusions
+#: and the int8 matmuls give the speed; quantizing Conv as well gave no more and cost agreement on
+#: vit-digits; 7-bit weights raised vit-digits' kept-set IoU (0.997 -> 0.998) at no cost in speed;
+#: the probes stay float32: quantized they cost vit-digits' kept-set IoU 1.000 -> 0.998, and in
+#: float32 they are a few percent of the ViT-B/16 work.
+INT8_RECIPE = Int8Recipe()
+#: The recipe before session 6 (MatMul/Gemm only, nothing fused, 8-bit weights): kept for comparisons.
+MATMUL_ONLY_RECIPE = Int8Recipe(fuse=False, reduce_range=False, keep_probes_fp32=False)
 
 
 class QuantizationError(ValueError):
@@ -124,6 +165,7 @@ def quantize_onnx(
     calibration: np.ndarray | None = None,
     calibration_batch: int = 8,
     extra_props: dict[str, str] | None = None,
+    recipe: Int8Recipe = INT8_RECIPE,
 ) -> str:
     """Write an int8 copy of the graph ``src`` to ``out`` atomically; returns ``static`` or ``dynamic``.
 
@@ -133,6 +175,7 @@ def quantize_onnx(
         calibration: graph inputs (N, ...) as the graph takes them (float32 pixel values or uint8
             images): static quantization calibrated on them; None: dynamic quantization.
         extra_props: more ``metadata_props`` to record.
+        recipe: how to quantize (default ``INT8_RECIPE``); recorded as ``vdm.extra.int8_recipe``.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -141,22 +184,31 @@ def quantize_onnx(
     logging.getLogger().addFilter(_no_preprocess_hint)  # the root logger: where onnxruntime logs it
     method = "dynamic" if calibration is None else "static"
     props = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
+    props[f"{METADATA_PREFIX}extra.int8_recipe"] = recipe.describe()
     props.update(extra_props or {})
+    if calibration is not None and len(calibration) == 0:
+        raise ValueError("calibration holds no images; pass some, or None for dynamic quantization")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".staging", dir=out.parent))
     try:
         staged = staging / out.name
+        source = src
+        if recipe.fuse:
+            source = staging / "fused.onnx"
+            _fuse(src, source)
+        common = dict(
+            op_types_to_quantize=None if recipe.op_types is None else list(recipe.op_types),
+            reduce_range=recipe.reduce_range,
+            nodes_to_exclude=_probe_nodes(source) if recipe.keep_probes_fp32 else None,
+        )
         if calibration is None:
-            quantize_dynamic(src, staged, weight_type=QuantType.QInt8, op_types_to_quantize=list(_OP_TYPES))
+            quantize_dynamic(source, staged, weight_type=QuantType.QInt8, per_channel=recipe.per_channel, **common)
         else:
-            if len(calibration) == 0:
-                raise ValueError("calibration holds no images; pass some, or None for dynamic quantization")
             reader = _Calibration(_input_name(src), np.ascontiguousarray(calibration), calibration_batch)
             quantize_static(
-                src, staged, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(_OP_TYPES),
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-                calibrate_method=CalibrationMethod.MinMax,
-                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+                source, staged, reader, quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8, per_channel=True, calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True}, **common,
             )
         model = onnx.load(str(staged))
         del model.metadata_props[:]
@@ -168,6 +220,38 @@ def quantize_onnx(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return method
+
+
+def _fuse(src: Path, out: Path) -> None:
+    """onnxruntime's transformer fusions (``Int8Recipe.fuse``) of ``src`` into ``out``, weights inline."""
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    # Only the fusions that match our graphs (layer norm, skip layer norm, GELU, bias GELU); attention,
+    # rotary and embedding fusions never match the dynamo exporter's SDPA graphs, and without them the
+    # shape inference they need is skipped (0.1 s instead of 4 s on vit-digits). num_heads /
+    # hidden_size 0: read from the graph. opt_level 0: no onnxruntime passes that would tie the file
+    # to this CPU.
+    options = FusionOptions("vit")
+    options.enable_attention = options.enable_rotary_embeddings = options.enable_embed_layer_norm = False
+    options.enable_shape_inference = False
+    level = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # its "producer not matched" / "specify num_heads" warnings
+    try:
+        model = optimizer.optimize_model(str(src), model_type="vit", num_heads=0, hidden_size=0, opt_level=0,
+                                         optimization_options=options)
+    finally:
+        logging.disable(level)
+    model.save_model_to_file(str(out))
+
+
+def _probe_nodes(path: Path) -> list[str]:
+    """Names of the nodes that read a gate-probe initializer (``probes.*``, see ``export.probes``)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    probes = {t.name for t in model.graph.initializer if t.name.startswith("probes.")}
+    return [n.name for n in model.graph.node if probes.intersection(n.input)]
 
 
 def _input_name(path: Path) -> str:

@@ -114,3 +114,24 @@ def test_embedded_vit_digits_export_matches_pytorch_on_held_out_digits(digits_on
         close(getattr(got, name), getattr(ref, name), 1e-4, 0.0, f"vit-digits {name}")
     assert rt.metadata.backbone_id == "vit-digits" and not rt.metadata.untrained_gates
     assert rt.metadata.gates_sha256 == explainer.gates.sha256
+
+
+def test_default_session_options_apply_to_every_session(exported, monkeypatch, full_export):
+    """One set of session options for plain and explain sessions alike: threads as asked, idle
+    spinning off under ``OMP_WAIT_POLICY=PASSIVE`` (else onnxruntime's default), bad threads refused."""
+    from vdm_engine.runtime import create_session, default_session_options
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    opts = default_session_options(2)
+    assert opts.intra_op_num_threads == 2
+    with pytest.raises(Exception, match="does not have configuration"):  # unset: onnxruntime's default
+        opts.get_session_config_entry("session.intra_op.allow_spinning")
+    assert default_session_options(spinning=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert default_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    session = create_session(full_export.path, "cpu")  # no options given: the defaults
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert OnnxExplainer(full_export.path, "cpu").session.get_session_options().get_session_config_entry(
+        "session.intra_op.allow_spinning") == "0"
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        default_session_options(0)

@@ -17,7 +17,7 @@ import torch
 from .preprocessing import check_pixel_values, preprocess_images, resize_images
 from .explainer import Explanation
 
-__all__ = ["OnnxExplainer", "create_session", "resolve_providers"]
+__all__ = ["OnnxExplainer", "create_session", "resolve_providers", "default_session_options"]
 
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
@@ -64,8 +64,33 @@ def resolve_providers(providers: str | Sequence = "auto") -> list:
     return providers
 
 
+def default_session_options(threads: int | None = None, *, spinning: bool | None = None):
+    """The ``onnxruntime.SessionOptions`` every session here starts from (plain and explain graphs alike).
+
+    Args:
+        threads: intra-op threads (None: onnxruntime's default, one per physical core).
+        spinning: whether idle intra-op threads spin for work (``session.intra_op.allow_spinning``);
+            None: off when ``OMP_WAIT_POLICY=PASSIVE`` is set (a machine shared with other work),
+            else onnxruntime's default (on).
+    """
+    ort = _ort()
+    opts = ort.SessionOptions()
+    if threads is not None:
+        if int(threads) < 1:
+            raise ValueError(f"threads must be >= 1 (or None for onnxruntime's default), got {threads}")
+        opts.intra_op_num_threads = int(threads)
+    if spinning is None and os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
+        spinning = False
+    if spinning is not None:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return opts
+
+
 def create_session(path: str | os.PathLike, providers: str | Sequence = "auto", session_options=None):
-    """An ``onnxruntime.InferenceSession`` on ``path`` with ``resolve_providers(providers)``."""
+    """An ``onnxruntime.InferenceSession`` on ``path`` with ``resolve_providers(providers)``;
+    ``session_options`` default: ``default_session_options()``."""
+    if session_options is None:
+        session_options = default_session_options()
     ort = _ort()
     path = Path(path)
     if not path.is_file():
