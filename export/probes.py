@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vdm_engine.gates import ProbeParams
+from vdm_engine.gates import ProbeParams, fuse_levels
 
 __all__ = ["FusedProbes", "fused_probe_pass"]
 
@@ -40,28 +40,20 @@ class FusedProbes(nn.Module):
 
     def __init__(self, levels: list[ProbeParams]):
         super().__init__()
-        K = len(levels)
-        S, P, D2 = levels[0].w1.shape
-        D = D2 // 2
-        self.S, self.K, self.P, self.D = S, K, P, D
-        self.mul = float(levels[0].mul)
+        f = fuse_levels(levels)  # the core's join of the K levels per depth (w1 rows level-major)
+        S, KP, D2 = f.w1.shape
+        K, D = f.levels, D2 // 2
+        self.S, self.K, self.P, self.D = S, K, KP // K, D
+        self.mul = float(f.mul)
         with torch.no_grad():
-            w1 = torch.stack([p.w1 for p in levels], 1)  # (S, K, P, 2D)
-            dt = w1.dtype
-            self.register_buffer("w_h0", w1[..., :D].reshape(S * K * P, D).t().contiguous(), persistent=False)
-            w_hs = w1[..., D:].reshape(S, K * P, D).transpose(1, 2)
+            self.register_buffer("w_h0", f.w1[..., :D].reshape(S * KP, D).t().contiguous(), persistent=False)
             for s in range(S):  # one initializer per depth (``probes.w_hs_<s>`` in the graph), not a gather
-                self.register_buffer(f"w_hs_{s}", w_hs[s].contiguous(), persistent=False)
-            self.register_buffer("b1", torch.stack([p.b1 for p in levels], 1).reshape(S * K * P).clone(),
-                                 persistent=False)
-            w2 = torch.stack([p.w2 for p in levels], 1).reshape(S * K, P)  # row (s, k)
-            block = torch.zeros(S * K, P, S * K, dtype=dt, device=w1.device)
-            idx = torch.arange(S * K, device=w1.device)
-            block[idx, :, idx] = w2
-            self.register_buffer("w2", block.reshape(S * K * P, S * K), persistent=False)
-            self.register_buffer("b2", torch.stack([p.b2 for p in levels], 1).reshape(S * K).clone(), persistent=False)
-            add = torch.stack([p.add - p.offset for p in levels], 1).reshape(S * K)
-            self.register_buffer("z_bias", add.clone(), persistent=False)
+                self.register_buffer(f"w_hs_{s}", f.w1[s, :, D:].t().contiguous(), persistent=False)
+            self.register_buffer("b1", f.b1.reshape(S * KP).clone(), persistent=False)
+            # every depth's block-diagonal second layer on the diagonal of one (S*K*P, S*K) matrix
+            self.register_buffer("w2", torch.block_diag(*f.w2_block.unbind(0)).contiguous(), persistent=False)
+            self.register_buffer("b2", f.b2.reshape(S * K).clone(), persistent=False)
+            self.register_buffer("z_bias", f.bias.reshape(S * K).clone(), persistent=False)
 
     def project(self, depth: int, h: torch.Tensor) -> torch.Tensor:
         """(B, T, D) hidden state ``depth`` -> (B, T, K*P): its half of the first layers."""
