@@ -103,8 +103,6 @@ def _config(args):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    quiet_transformers()
-
     def body() -> int:
         args = _parser().parse_args(argv)
         device = check_device(args.device)
@@ -124,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"vdm-serve needs the serve extra ({e.name} is missing): "
                              "pip install 'vdm-engine[serve]'") from None
         args.device = device
+        quiet_transformers()  # after the checks: importing transformers takes seconds
         config = _config(args)
 
         def ready(url: str) -> None:
