@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from vdm_engine import WeightsUnavailableError, load_backbone
-from vdm_engine.backbone import patch_mask_reference
+from vdm_engine.backbone import patch_mask_reference, random_backbone
 
 
 def test_explicit_forward_matches_hf_model(tiny_backbone, pixels, close):
@@ -175,3 +175,16 @@ def test_check_pixels_never_reads_values_back_from_a_device(tiny_backbone):
     tiny_backbone.check_pixels(torch.empty(2, 3, 32, 32, device="meta"))
     with pytest.raises(ValueError, match="32x32"):
         tiny_backbone.check_pixels(torch.empty(2, 3, 16, 32, device="meta"))
+
+
+def test_random_backbone_is_seeded_and_fills_every_weight():
+    """Built on the meta device, then initialised once: the same seed gives the same weights, another
+    seed other weights, and nothing is left as uninitialised memory (norms 1 and 0, matrices std 0.02)."""
+    a, b, c = (random_backbone("vit-tiny", seed=s).model.state_dict() for s in (0, 0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    norms = [k for k in a if "norm" in k]
+    assert norms and all(torch.equal(a[k], torch.full_like(a[k], float(k.endswith("weight")))) for k in norms)
+    matrices = [k for k, v in a.items() if v.dim() == 2]
+    assert matrices and all(abs(a[k].std().item() - 0.02) < 0.005 for k in matrices), "not the model's own init"
+    assert all(torch.isfinite(v).all() for v in a.values())

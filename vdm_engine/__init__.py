@@ -1,32 +1,58 @@
-"""vdm-engine: Vision DiffMask explanations of Vision Transformers at the cost of one forward pass."""
+"""vdm-engine: Vision DiffMask explanations of Vision Transformers at the cost of one forward pass.
 
-from .backbone import PRESETS, Backbone, ImageSpec, WeightsUnavailableError, load_backbone
-from .families import FAMILIES, UnsupportedModelError
-from .explainer import Explainer, Explanation, GatesNotFoundError, Verification
-from .gates import GateConfig, Gates
-from .ops import Ops, select_ops
-from .provenance import BackboneMismatchError, GatesProvenance, ProvenanceWarning
+The public names below are imported on first use (PEP 562): ``import vdm_engine`` and a console
+script's ``--help`` or bad-usage error do not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PRESETS",
-    "Backbone",
-    "BackboneMismatchError",
-    "Explainer",
-    "Explanation",
-    "FAMILIES",
-    "GateConfig",
-    "Gates",
-    "GatesNotFoundError",
-    "GatesProvenance",
-    "ImageSpec",
-    "Ops",
-    "ProvenanceWarning",
-    "UnsupportedModelError",
-    "Verification",
-    "WeightsUnavailableError",
-    "load_backbone",
-    "select_ops",
-    "__version__",
-]
+#: Public name -> the submodule that defines it.
+_EXPORTS = {
+    "PRESETS": "backbone",
+    "Backbone": "backbone",
+    "ImageSpec": "backbone",
+    "WeightsUnavailableError": "backbone",
+    "load_backbone": "backbone",
+    "FAMILIES": "families",
+    "UnsupportedModelError": "families",
+    "Explainer": "explainer",
+    "Explanation": "explainer",
+    "GatesNotFoundError": "explainer",
+    "Verification": "explainer",
+    "GateConfig": "gates",
+    "Gates": "gates",
+    "Ops": "ops",
+    "select_ops": "ops",
+    "BackboneMismatchError": "provenance",
+    "GatesProvenance": "provenance",
+    "ProvenanceWarning": "provenance",
+}
+
+__all__ = sorted(_EXPORTS, key=str.lower) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from .backbone import PRESETS, Backbone, ImageSpec, WeightsUnavailableError, load_backbone
+    from .explainer import Explainer, Explanation, GatesNotFoundError, Verification
+    from .families import FAMILIES, UnsupportedModelError
+    from .gates import GateConfig, Gates
+    from .ops import Ops, select_ops
+    from .provenance import BackboneMismatchError, GatesProvenance, ProvenanceWarning

@@ -507,9 +507,16 @@ def random_backbone(shape: str | dict = "vit-tiny", *, seed: int = 0, attn_imple
     kwargs.setdefault("label2id", {v: k for k, v in kwargs["id2label"].items()})
     config = ViTConfig(**kwargs)
     config._attn_implementation = attn_implementation
+    # Built on the meta device: torch's default init of every layer (kaiming_uniform_ on ~86M weights for
+    # ViT-B/16, most of the build time) is skipped, then the model's own init fills the weights once.
+    with torch.device("meta"):
+        model = ViTForImageClassification(config)
+    model.to_empty(device="cpu")
+    for module in model.modules():  # transformers 4.x marks modules initialised even on meta
+        module.__dict__.pop("_is_hf_initialized", None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = ViTForImageClassification(config)
+        model.init_weights()
     model.eval()
     spec = ImageSpec(size=_pair(config.image_size), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     return Backbone(model, spec, name_or_path=shape if isinstance(shape, str) else "random-vit")

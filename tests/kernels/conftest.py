@@ -7,6 +7,10 @@ explainer back with ``.cpu()``.
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,3 +42,38 @@ def poison(monkeypatch):
 
     for module in ("patch_mask", "gate_probe"):
         monkeypatch.setattr(importlib.import_module(f"vdm_engine.kernels.{module}"), "_empty", nan_empty)
+
+
+GPU_CHECK = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+
+
+class GpuCheckRun:
+    """``benchmarks/gpu_check.py``'s CPU dry run (interpreter, tiny shapes, the sweep) in a subprocess,
+    started at once; ``wait()`` -> the finished process (stdout and stderr read)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        cmd = [sys.executable, str(GPU_CHECK), "--device", "cpu", "--tiny", "--no-compile", "--no-end-to-end",
+               "--batches", "2", "--sweep", "--out", str(out)]
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait(self) -> subprocess.CompletedProcess:
+        out, err = self.proc.communicate(timeout=300)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+
+
+@pytest.fixture(scope="package")
+def gpu_check_run(tmp_path_factory):
+    run = GpuCheckRun(tmp_path_factory.mktemp("gpu_check"))
+    yield run
+    run.proc.kill()
+    run.proc.communicate()
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _start_first_in_kernels(request):
+    """``START_FIRST`` (tests/conftest.py) for this folder: the dry run starts with its first test when
+    selected, and runs on the second core beside the single-threaded interpreter tests."""
+    if any("gpu_check_run" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("gpu_check_run")

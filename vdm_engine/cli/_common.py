@@ -55,12 +55,12 @@ def _on_sigterm(signum, frame):
 
 def _one_line_warning(prog: str):
     """A ``warnings.showwarning`` that prints our warnings as ``prog: warning: message``, one line."""
-    from vdm_engine.provenance import ProvenanceWarning
-
     default = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, ProvenanceWarning):
+        # Only a loaded vdm_engine.provenance can warn: looked up here, so that no CLI imports torch for it.
+        provenance = sys.modules.get("vdm_engine.provenance")
+        if provenance is not None and issubclass(category, provenance.ProvenanceWarning):
             print(f"{prog}: warning: {message}", file=sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)
@@ -74,9 +74,6 @@ def run_cli(prog: str, body: Callable[[], int | None]) -> int:
     ``UsageError``, ``ValueError``, missing weights or gates, missing files -> 2;
     other runtime failures -> 1; Ctrl-C -> 130; SIGTERM -> 143 (handled like Ctrl-C, so clean-up runs).
     """
-    from vdm_engine.backbone import WeightsUnavailableError
-    from vdm_engine.explainer import GatesNotFoundError
-
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -84,7 +81,7 @@ def run_cli(prog: str, body: Callable[[], int | None]) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning(prog)
             return int(body() or 0)
-    except (UsageError, ValueError, WeightsUnavailableError, GatesNotFoundError, FileNotFoundError) as e:
+    except _usage_errors() as e:  # evaluated only once something was raised
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except _Terminated:
@@ -99,6 +96,16 @@ def run_cli(prog: str, body: Callable[[], int | None]) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """What ``run_cli`` reports as bad usage. Missing weights and gates are raised only by modules that
+    import torch: their classes are taken from those modules once loaded, never imported for this."""
+    errors = [UsageError, ValueError, FileNotFoundError]
+    for module, name in (("vdm_engine.backbone", "WeightsUnavailableError"), ("vdm_engine.explainer", "GatesNotFoundError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 def add_model_source_args(group) -> None:
@@ -150,8 +157,7 @@ def check_model(model: str, *, revision: str | None = None, flag: str = "--model
 
     Runs before any loading, so an unknown name is never reported as missing gates or as a download error.
     """
-    from vdm_engine.backbone import PRESETS, _local_files_only_default
-    from vdm_engine.registry import EMBEDDED_MODELS
+    from vdm_engine.models import EMBEDDED_MODELS, PRESETS
 
     name = str(model)
     if name in EMBEDDED_MODELS or name in PRESETS:
@@ -162,6 +168,8 @@ def check_model(model: str, *, revision: str | None = None, flag: str = "--model
                 f"{flag} {name} is a folder without config.json; pass a directory written by save_pretrained"
             )
         return
+    from vdm_engine.backbone import _local_files_only_default  # imports torch: only for a name we cannot place
+
     offline = _local_files_only_default()
     if not os.path.exists(name) and _is_hub_id(name):
         if not offline:

@@ -87,14 +87,13 @@ def _path_gates_in_use(model: str, gates: str | None, path_gates: str | None) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    quiet_transformers()
-
     def body() -> int:
         args = _parser().parse_args(argv)
         # before anything slow: the device, the model and the output folder
         check_device(args.device)
         check_model(args.model)
         check_out_dir(args.out)
+        quiet_transformers()  # after the checks: importing transformers takes seconds
         from vdm_engine.evaluation import PerturbationConfig, evaluate_model, write_report
         from vdm_engine.provenance import GatesProvenance
 

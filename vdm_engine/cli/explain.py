@@ -284,17 +284,17 @@ def _bulk(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    quiet_transformers()
-
     def body() -> int:
         args = _parser().parse_args(argv)
         if args.dataset is not None:
+            quiet_transformers()
             return _bulk(args)
         if not args.images:
             raise UsageError("the following arguments are required: IMAGE (or --dataset SRC)")
         args.out = args.out or "explanations"
         args.batch_size = 16 if args.batch_size is None else args.batch_size
         _check_args(args)
+        quiet_transformers()  # after the checks: importing transformers takes seconds
         model = _Model(args)
         records, errors = explain_files(model, args.images, args.out, top_k=args.top_k, threshold=args.threshold,
                                         batch_size=args.batch_size, max_pixels=args.max_pixels)

@@ -174,6 +174,7 @@ def _run(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     outputs = list(dict.fromkeys(n for names in args.outputs for n in names))
     _check(args)
+    quiet_transformers()  # after the checks: importing transformers takes seconds
     if args.verbose:
         logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
         logging.getLogger("vdm_engine.export").setLevel(logging.INFO)
@@ -196,7 +197,6 @@ def _run(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    quiet_transformers()
     return run_cli(PROG, lambda: _run(argv))
 
 

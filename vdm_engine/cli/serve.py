@@ -110,8 +110,6 @@ def _config(args):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    quiet_transformers()
-
     def body() -> int:
         args = _parser().parse_args(argv)
         device = check_device(args.device)
@@ -131,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"vdm-serve needs the serve extra ({e.name} is missing): "
                              "pip install 'vdm-engine[serve]'") from None
         args.device = device
+        quiet_transformers()  # after the checks: importing transformers takes seconds
         config = _config(args)
         if args.address is None and args.ingress is None:
             from vdm_engine.serve.ingress import default_ingress
