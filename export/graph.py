@@ -15,7 +15,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from vdm_engine import masks
 from vdm_engine.explainer import EXPLAIN_OUTPUTS, Explainer
 from vdm_engine.ops import reference_ops
 
@@ -123,24 +122,8 @@ class ExplainerGraph(nn.Module):
         return tuple(out[o] for o in self.outputs)
 
     def _run_fused(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``Explainer.run``'s outputs with the probes of ``FusedProbes`` (same maths; the masks, the
-        masked pass and the ranking are the core's ``masks`` functions, as there)."""
-        explainer, outputs = self.explainer, self.outputs
-        logits, h0, level_keep = fused_probe_pass(explainer.backbone, self.probes, pixel_values)
-        rank = "patch_rank" in outputs
-        log_keep = level_keep[:, explainer.gates.config.main_level if rank else 0]  # (B, L+2, T)
-        out = {"logits": logits.float()}
-        if "layer_masks" in outputs:
-            out["layer_masks"] = masks.layer_masks(log_keep)
-            out["patch_mask"] = out["layer_masks"][:, -1]
-        else:
-            out["patch_mask"] = masks.patch_mask(log_keep)
-        if "masked_logits" in outputs or "kl" in outputs:
-            keep = masks.hard_mask(out["patch_mask"], self.threshold)
-            checked = masks.masked_pass(explainer.backbone, h0[:, 1:], out["logits"], keep, explainer.gates.placeholder,
-                                        reference_ops().patch_mask)
-            out["masked_logits"], out["kl"] = checked.masked_logits, checked.kl
-        if rank:
-            levels = torch.stack([masks.patch_mask(level_keep[:, k]) for k in range(level_keep.shape[1])], 1)
-            out["patch_rank"] = masks.patch_rank(levels, self.threshold)
-        return out
+        """``Explainer.run``'s outputs with the probes of ``FusedProbes``: the same ``Explainer.finish``
+        after a probe pass of the same maths."""
+        logits, h0, level_keep = fused_probe_pass(self.explainer.backbone, self.probes, pixel_values)  # (B, K, L+2, T)
+        log_keep = level_keep if "patch_rank" in self.outputs else level_keep[:, 0]
+        return self.explainer.finish(logits, h0, log_keep, self.outputs, threshold=self.threshold, ops=reference_ops())

@@ -277,11 +277,21 @@ class Explainer(nn.Module):
             masked_logits (B, C), kl (B,), patch_rank (B, N).
         """
         ops = ops or self.ops
-        K = self.gates.config.levels
-        if "patch_rank" in outputs and K < 2:
+        if "patch_rank" in outputs and self.gates.config.levels < 2:
             raise ValueError("patch_rank needs K-level gates (GateConfig.levels >= 2, see Gates.stack)")
+        logits, h0, log_keep = self.probe_pass(pixel_values, ops, levels="patch_rank" in outputs)
+        return self.finish(logits, h0, log_keep, outputs, threshold=threshold, ops=ops)
+
+    def finish(self, logits: torch.Tensor, h0: torch.Tensor, log_keep: torch.Tensor, outputs, *,
+               threshold: float = 0.5, ops: Ops | None = None) -> dict[str, torch.Tensor]:
+        """``run``'s outputs from a probe pass (``probe_pass`` or a twin with its results).
+
+        Args:
+            logits (B, C), h0 (B, T, D); log_keep (B, L+2, T) of the main level, or (B, K, L+2, T)
+            of every level when ``outputs`` holds ``patch_rank``.
+        """
+        ops = ops or self.ops
         rank = "patch_rank" in outputs
-        logits, h0, log_keep = self.probe_pass(pixel_values, ops, levels=rank)  # (B, L+2, T) or (B, K, L+2, T)
         level_keep = None
         if rank:
             level_keep, log_keep = log_keep, log_keep[:, self.gates.config.main_level]
@@ -297,7 +307,7 @@ class Explainer(nn.Module):
                                         ops.patch_mask)
             out["masked_logits"], out["kl"] = checked.masked_logits, checked.kl
         if rank:
-            B, _, S, T = level_keep.shape
+            B, K, S, T = level_keep.shape
             levels = masks.patch_mask(level_keep.reshape(B * K, S, T)).view(B, K, T - 1)  # (B, K, N)
             out["patch_rank"] = masks.patch_rank(levels, threshold)
         return out
