@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,23 @@ def _start_first(request):
     for name in getattr(request.module, "START_FIRST", ()):
         if any(name in item.fixturenames for item in request.session.items if item.module is request.module):
             request.getfixturevalue(name)
+
+
+class BackgroundRun:
+    """A slow subprocess started at once (name its fixture in ``START_FIRST``); ``wait()`` -> the
+    finished process (stdout and stderr read), ``stop()`` kills it (fixture teardown)."""
+
+    def __init__(self, cmd, *, env=None, timeout_s: float = 300.0):
+        self.timeout_s = timeout_s
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait(self) -> subprocess.CompletedProcess:
+        out, err = self.proc.communicate(timeout=self.timeout_s)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.communicate()
 
 
 @pytest.fixture

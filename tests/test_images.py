@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
 import sys
 import warnings
 import zlib
@@ -31,6 +30,8 @@ from vdm_engine.images import (
 from vdm_engine.preprocessing import ImageSpec, preprocess_images, resize_images
 from vdm_engine.registry import embedded_model_dir
 from vdm_engine.visualize import MAX_WIDTH, PANEL_MAX_SIDE, overlay, overlay_scale
+
+from tests.conftest import BackgroundRun
 
 
 @pytest.fixture(autouse=True)
@@ -482,7 +483,7 @@ sys.exit(rc)
 """
 
 
-class HugePngRun:
+class HugePngRun(BackgroundRun):
     """``_RSS_SCRIPT`` (the whole vdm-explain CLI in a fresh process) on an 8000x8000 PNG and the tiny
     ViT, started at once; ``wait()`` -> the finished process (stdout and stderr read)."""
 
@@ -498,14 +499,9 @@ class HugePngRun:
         self.out = root / "out"
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         env.pop(MAX_PIXELS_ENV, None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _RSS_SCRIPT, str(root / "huge.png"), "--model", str(root / "tiny-vit"),
-             "--gates", str(root / "gates"), "--out", str(self.out)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        super().__init__([sys.executable, "-c", _RSS_SCRIPT, str(root / "huge.png"), "--model", str(root / "tiny-vit"),
+                          "--gates", str(root / "gates"), "--out", str(self.out)], env=env, timeout_s=300)
 
-    def wait(self) -> subprocess.CompletedProcess:
-        out, err = self.proc.communicate(timeout=300)
-        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
 
 
 # the 8000x8000 run starts with the first test (its peak RSS is its own)
@@ -516,8 +512,7 @@ START_FIRST = ("huge_png_run",)
 def huge_png_run(tmp_path_factory):
     run = HugePngRun(tmp_path_factory.mktemp("huge_png"))
     yield run
-    run.proc.kill()
-    run.proc.communicate()
+    run.stop()
 
 
 @pytest.mark.slow

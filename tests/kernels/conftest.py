@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import importlib
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import BackgroundRun
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -47,7 +48,7 @@ def poison(monkeypatch):
 GPU_CHECK = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
 
 
-class GpuCheckRun:
+class GpuCheckRun(BackgroundRun):
     """``benchmarks/gpu_check.py``'s CPU dry run (interpreter, tiny shapes, the sweep) in a subprocess,
     started at once; ``wait()`` -> the finished process (stdout and stderr read)."""
 
@@ -56,19 +57,15 @@ class GpuCheckRun:
         cmd = [sys.executable, str(GPU_CHECK), "--device", "cpu", "--tiny", "--no-compile", "--no-end-to-end",
                "--batches", "2", "--sweep", "--out", str(out)]
         env = dict(os.environ, TRITON_INTERPRET="1")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        super().__init__(cmd, env=env, timeout_s=300)
 
-    def wait(self) -> subprocess.CompletedProcess:
-        out, err = self.proc.communicate(timeout=300)
-        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
 
 
 @pytest.fixture(scope="package")
 def gpu_check_run(tmp_path_factory):
     run = GpuCheckRun(tmp_path_factory.mktemp("gpu_check"))
     yield run
-    run.proc.kill()
-    run.proc.communicate()
+    run.stop()
 
 
 @pytest.fixture(scope="package", autouse=True)

@@ -19,6 +19,8 @@ from vdm_engine.registry import shipped_gates
 from vdm_engine.training.checkpoint import load_checkpoint
 from vdm_engine.training.rundir import CHECKPOINT, GATES_DIR, METRICS
 
+from tests.conftest import BackgroundRun
+
 
 def _env():
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -111,7 +113,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, cap
     assert (out / METRICS).read_text() == (tmp_path / "ref" / METRICS).read_text()
 
 
-class TorchrunRun:
+class TorchrunRun(BackgroundRun):
     """``torchrun --nproc_per_node 2 -m vdm_engine.cli.train`` (60 steps on the tiny ViT), started at once;
     ``wait()`` -> the finished process (stdout and stderr read)."""
 
@@ -121,14 +123,10 @@ class TorchrunRun:
         model_dir = root / "tiny-vit"
         random_backbone("vit-tiny", seed=0).save_pretrained(model_dir)  # the tiny_model_dir fixture's model
         self.out = root / "ddp"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             "-m", "vdm_engine.cli.train", *_cmd(model_dir, self.out, "--steps", "60")[3:]],
-            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        super().__init__([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "vdm_engine.cli.train", *_cmd(model_dir, self.out, "--steps", "60")[3:]],
+                         env=_env(), timeout_s=150)
 
-    def wait(self) -> subprocess.CompletedProcess:
-        out, err = self.proc.communicate(timeout=150)
-        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
 
 
 # torchrun starts with the first test: the in-process tests here train on one thread beside it
@@ -139,8 +137,7 @@ START_FIRST = ("torchrun_run",)
 def torchrun_run(tmp_path_factory):
     run = TorchrunRun(tmp_path_factory.mktemp("torchrun"))
     yield run
-    run.proc.kill()
-    run.proc.communicate()
+    run.stop()
 
 
 def test_torchrun_two_processes(torchrun_run):
