@@ -237,7 +237,7 @@ class Server:
         s = _get_json(f"{self.url}/v1/stats")["explain" if endpoint == "oip" else endpoint]
         return s["batches"], s["rows"]
 
-    def stop(self, timeout_s: float = 60.0) -> int | None:
+    def stop(self, timeout_s: float = 120.0) -> int | None:
         """Ctrl-C (SIGINT); SIGKILL only if it has not exited after ``timeout_s``. Returns the exit code."""
         if self.proc is None:
             return None

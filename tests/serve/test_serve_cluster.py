@@ -67,7 +67,7 @@ def test_cli_joins_a_cluster_with_two_replicas_and_leaves_it_running(serve_port,
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
