@@ -5,7 +5,7 @@
 1. int8: ViT-B/16 shape (random weights, untrained gates), batch 8, 2 onnxruntime threads: the
    int8 explain graph (``INT8_RECIPE``) against the fp32 plain graph (target >= 1.8x throughput),
    beside the fp32 explain graph and the int8 graph of the recipe before (``MATMUL_ONLY_RECIPE``).
-2. threads: vit-small shape, batch 8, at 1 and 2 threads: the fused explain graph (``export.probes``)
+2. threads: vit-small shape, batch 8, at 1 and 2 threads: the fused explain graph (the wide probe layout, ``Ops.probe_layout``)
    against the plain graph (target >= 0.95 at 2 threads), beside the per-depth graph it replaced.
 
 Every graph of a comparison runs in this one process with the same session options

@@ -38,7 +38,7 @@ def _build(shape: str):
 
 def export_pair(explainer, folder: Path, fused_probes: bool = True) -> dict[str, Path]:
     """{"plain": logits-only graph, "explain": fused graph} exported into ``folder``
-    (``fused_probes=False``: the probes per depth, the graph before ``export.probes``)."""
+    (``fused_probes=False``: the probes per depth, the graph before the wide probe layout)."""
     from vdm_engine.export import export_onnx
 
     paths = {}
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
                         "instead of exporting; with --save, export into DIR and stop")
     p.add_argument("--save", action="store_true", help="only export the two graphs into --graphs DIR")
     p.add_argument("--per-depth-probes", action="store_true",
-                   help="export the explain graph with the probes per depth (the graph before export.probes)")
+                   help="export the explain graph with the probes per depth (the graph before the wide probe layout)")
     args = p.parse_args(argv)
     explainer = _build(args.shape)
     h, w = explainer.backbone.image_size

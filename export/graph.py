@@ -18,7 +18,7 @@ from torch import nn
 from vdm_engine.explainer import EXPLAIN_OUTPUTS, Explainer
 from vdm_engine.ops import reference_ops
 
-from .probes import FusedProbes, fused_probe_pass
+from .probes import GraphProbes
 
 __all__ = ["ExplainerGraph", "OUTPUTS", "DEFAULT_OUTPUTS", "FLOAT_INPUT", "UINT8_INPUT", "normalize_outputs"]
 
@@ -55,8 +55,9 @@ class ExplainerGraph(nn.Module):
             the graph (no resizing: images must already be the model's size); else take
             ``pixel_values (B, 3, H, W)`` float32.
         threshold: keep-probability threshold of the hard mask used by ``masked_logits`` / ``kl``.
-        fused_probes: the probes of every depth (and level) finished in one set of wide nodes after
-            the last layer (``FusedProbes``; default); False: per depth, through ``Explainer.run``.
+        fused_probes: the probes in the wide layout (``Ops.probe_layout``; default): per depth one
+            projection, every probe (and level) finished in one set of wide nodes after the last
+            layer, weights from ``GraphProbes``; False: each depth's whole probe as it is produced.
 
     Outputs (all float32): logits (B, C), patch_mask (B, N), layer_masks (B, L+2, N),
     masked_logits (B, C), kl (B,), patch_rank (B, N) (K-level gates: every level's probes on the same
@@ -87,7 +88,7 @@ class ExplainerGraph(nn.Module):
         self.threshold = float(threshold)
         gates = explainer.gates
         rank = "patch_rank" in self.outputs
-        self.probes = FusedProbes(gates.level_params() if rank else [gates.probe_params()]) if fused_probes else None
+        self.probes = GraphProbes(gates, levels=rank) if fused_probes else None
         spec = explainer.backbone.image_spec
         scale = torch.full((3,), float(spec.rescale_factor) if spec.do_rescale else 1.0)
         mean = torch.tensor(spec.mean if spec.do_normalize else (0.0, 0.0, 0.0))
@@ -116,14 +117,8 @@ class ExplainerGraph(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, 3, H, W) float32 or (B, H, W, 3) uint8 -> the requested outputs, float32."""
         if self.probes is None:
-            out = self.explainer.run(self.pixel_values(x), self.outputs, threshold=self.threshold, ops=reference_ops())
+            ops, wide = reference_ops(probe_layout="per-depth"), None
         else:
-            out = self._run_fused(self.pixel_values(x))
+            ops, wide = reference_ops(), self.probes.wide()
+        out = self.explainer.run(self.pixel_values(x), self.outputs, threshold=self.threshold, ops=ops, wide=wide)
         return tuple(out[o] for o in self.outputs)
-
-    def _run_fused(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``Explainer.run``'s outputs with the probes of ``FusedProbes``: the same ``Explainer.finish``
-        after a probe pass of the same maths."""
-        logits, h0, level_keep = fused_probe_pass(self.explainer.backbone, self.probes, pixel_values)  # (B, K, L+2, T)
-        log_keep = level_keep if "patch_rank" in self.outputs else level_keep[:, 0]
-        return self.explainer.finish(logits, h0, log_keep, self.outputs, threshold=self.threshold, ops=reference_ops())

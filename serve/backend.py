@@ -135,17 +135,21 @@ class ServingModel:
                 res["agree"] = masked.argmax(-1) == res["logits"].argmax(-1)
                 res["masked_kept"] = (res["patch_mask"] > self.config.threshold).float().mean(-1)
             return res
-        run = self.compiled.explain if self.compiled is not None else self.impl.explain
-        exp = run(x.to(self.device))
-        res = {"logits": exp.logits.float().cpu(), "patch_mask": exp.patch_mask.float().cpu()}
+        if self.compiled is not None:
+            exp = self.compiled.explain(x.to(self.device))
+            out = {"logits": exp.logits, "patch_mask": exp.patch_mask, "layer_masks": exp.layer_masks}
+        else:  # only the outputs asked for: the per-depth masks cost ops a tiny model notices
+            self.impl.backbone.check_pixels(x)
+            out = self.impl.run(x.to(self.device), ("logits", "patch_mask") + (("layer_masks",) if layer_masks else ()))
+        res = {"logits": out["logits"].float().cpu(), "patch_mask": out["patch_mask"].float().cpu()}
         if layer_masks:
-            res["layer_masks"] = exp.layer_masks.float().cpu()
+            res["layer_masks"] = out["layer_masks"].float().cpu()
         if want:
             from vdm_engine.explainer import Explanation
 
             rows = torch.tensor([i for i, v in enumerate(verify) if v])
-            on = rows.to(exp.logits.device)
-            sub = Explanation(exp.logits[on], exp.patch_mask[on], None, exp.grid, exp.image_size)
+            on = rows.to(out["logits"].device)
+            sub = Explanation(out["logits"][on], out["patch_mask"][on], None, self.impl.grid, self.impl.backbone.image_size)
             checked = self.impl.verify(x[rows].to(self.device), sub, threshold=self.config.threshold)
             B = x.shape[0]
             res["kl"] = torch.full((B,), float("nan"))

@@ -47,18 +47,32 @@ def test_exactly_one_backbone_forward_per_explain(tiny_explainer, pixels):
     assert calls == {"proj": 1, "layers": b.num_layers, "head": 1}
 
 
-def test_probes_run_inside_the_layer_loop(tiny_explainer, pixels, monkeypatch):
-    """Each depth's probe runs right after its hidden state is produced; nothing stacks the L+2 states."""
+@pytest.mark.parametrize("layout", ["per-depth", "wide"])
+def test_probes_run_inside_the_layer_loop(tiny_explainer, pixels, monkeypatch, layout):
+    """Each depth's hidden state feeds its probe right after it is produced (per-depth: the whole probe;
+    wide: its projection, then one finish after the last layer); nothing stacks the L+2 states."""
+    import vdm_engine.explainer as explainer_module
+
     b = tiny_explainer.backbone
     events = []
-    probe = tiny_explainer.ops.gate_probe
+    probe, project, finish = tiny_explainer.ops.gate_probe, explainer_module.project_depth, explainer_module.finish_probes
 
     def recording_probe(h0, hs, probes, depth):
         events.append(("probe", depth, tuple(hs.shape)))
         return probe(h0, hs, probes, depth)
 
-    monkeypatch.setattr(tiny_explainer, "ops", dataclasses.replace(probe_ops := tiny_explainer.ops, gate_probe=recording_probe))
-    assert probe_ops.gate_probe is probe
+    def recording_project(hs, probes, depth):
+        events.append(("probe", depth, tuple(hs.shape)))
+        return project(hs, probes, depth)
+
+    def recording_finish(h0, projections, probes):
+        events.append(("finish", len(projections)))
+        return finish(h0, projections, probes)
+
+    ops = dataclasses.replace(tiny_explainer.ops, gate_probe=recording_probe, probe_layout=layout)
+    monkeypatch.setattr(tiny_explainer, "ops", ops)
+    monkeypatch.setattr(explainer_module, "project_depth", recording_project)
+    monkeypatch.setattr(explainer_module, "finish_probes", recording_finish)
     monkeypatch.setattr(type(b), "hidden_states", lambda *a: pytest.fail("the explain path stacked the hidden states"))
     hooks = [layer.register_forward_hook(lambda m, i, o, k=k: events.append(("layer", k))) for k, layer in enumerate(b.layers)]
     try:
@@ -70,6 +84,8 @@ def test_probes_run_inside_the_layer_loop(tiny_explainer, pixels, monkeypatch):
     expected = [("probe", 0, (5, T, D)), ("probe", 1, (5, T, D))]
     for k in range(b.num_layers):
         expected += [("layer", k), ("probe", k + 2, (5, T, D))]
+    if layout == "wide":
+        expected.append(("finish", b.num_hidden_states))
     assert events == expected
     assert ex.layer_masks.shape == (5, b.num_hidden_states, b.num_patches)
 

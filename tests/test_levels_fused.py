@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from vdm_engine import Explainer, GateConfig, Gates
-from vdm_engine.gates import FusedProbes, fuse_levels, gate_probe_levels_reference, gate_probe_reference
+from vdm_engine.gates import (FusedProbes, finish_probes, fuse_levels, gate_probe_levels_reference, gate_probe_reference,
+                              project_depth)
 
 from tests.conftest import make_tiny_gates
 
@@ -58,6 +59,38 @@ def test_fused_equals_per_level(D, S, K, P, B, T, dtype, atol, rtol, close):
     close(got, expected, atol, rtol, f"fused log_keep {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D, S, K, P, B, T", SHAPES)
+def test_wide_layout_equals_per_level(D, S, K, P, B, T, dtype, close):
+    """``project_depth`` per depth + one ``finish_probes`` equals each level's probe run alone, for
+    every level (``wide_probes(levels=True)``) and for the main level (``wide_probes()``).
+
+    fp32: 1e-5. bf16: the two layouts round in a different order and ``mul`` (10) amplifies the
+    rounding of the second layer, so neither is within 1e-2 of the other everywhere; both are
+    compared with the fp32 maths on the same bf16 weights and inputs, and the wide layout's worst
+    error may not exceed the per-level reference's own by more than 1e-2.
+    """
+    levels = _levels(D, S, K, P, seed=1)
+    gates = (Gates.stack(levels, main_level=K - 1) if K > 1 else levels[0]).to(dtype)
+    hs = torch.randn(S, B, T, D).to(dtype)
+    exact = Gates(gates.config)
+    exact.load_state_dict({k: v.float() for k, v in gates.state_dict().items()})
+    with torch.no_grad():
+        expected = torch.stack([_per_level(hs[0], hs[s], gates, s) for s in range(S)], 2)  # (B, K, S, T)
+        truth = torch.stack([_per_level(hs[0].float(), hs[s].float(), exact, s) for s in range(S)], 2)
+        for every in (True, False):
+            wide = gates.wide_probes(every)
+            assert wide.levels == (K if every else 1) and len(wide.w_hs) == S
+            got = finish_probes(hs[0], [project_depth(hs[s], wide, s) for s in range(S)], wide)
+            want, true = (expected, truth) if every else (expected[:, K - 1 :], truth[:, K - 1 :])
+            assert got.shape == want.shape and got.dtype == torch.float32
+            if dtype == torch.float32:
+                close(got, want, 1e-5, 1e-5, f"wide log_keep levels={every}")
+            else:
+                own = (want - true).abs().max().item()
+                close(got, true, own + 1e-2, 1e-2, f"wide log_keep bf16 levels={every} (reference's own error {own:.3g})")
+
+
 def test_fused_probes_cached_until_weights_change(close):
     gates = Gates.stack(_levels(36, 4, 3, 9)).eval()
     with torch.no_grad():
@@ -69,14 +102,17 @@ def test_fused_probes_cached_until_weights_change(close):
         close(moved.bias, first.bias + 1.0, 1e-6, 1e-6, "rebuilt bias")
         gates.load_state_dict({k: v.clone() for k, v in gates.state_dict().items()})
         assert gates.fused_probes() is not moved
+        wide = gates.wide_probes(True)
+        assert gates.wide_probes(True) is wide and gates.wide_probes() is not wide, "one cache per layout"
         half = gates.to(torch.bfloat16).fused_probes()  # dtype (and device) changes rebuild it
         assert half.w1.dtype == torch.bfloat16 and half.w1.data_ptr() != moved.w1.data_ptr()
+        assert gates.wide_probes(True).w_h0.dtype == torch.bfloat16
     # with autograd recording it is built from the parameters, so gradients reach them
     gates = Gates.stack(_levels(36, 4, 2, 9))
     h = torch.randn(2, 5, 36)
     gate_probe_levels_reference(h, h, gates.fused_probes(), 1).sum().backward()
     assert gates.w1.grad is not None and gates.w1.grad.abs().sum() > 0
-    assert gates._fused is None, "nothing cached while recording gradients"
+    assert "fused" not in gates._derived, "nothing cached while recording gradients"
 
 
 def test_fuse_levels_layout():
@@ -108,7 +144,7 @@ def test_probe_pass_one_fused_call_per_depth(tiny_backbone, pixels, close):
         calls.append(depth)
         return gate_probe_levels_reference(h0, hs, probes, depth)
 
-    ops = dataclasses.replace(ex.ops, gate_probe_levels=recording)
+    ops = dataclasses.replace(ex.ops, gate_probe_levels=recording, probe_layout="per-depth")
     with torch.no_grad():
         logits, _, log_keep = ex.probe_pass(pixels, ops, levels=True)
         S = tiny_backbone.num_hidden_states

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import masks
 from .backbone import Backbone, load_backbone
-from .gates import Gates
+from .gates import Gates, WideProbes, finish_probes, project_depth
 from .masks import kl_divergence
 from .ops import Ops, select_ops
 from .provenance import GatesProvenance, classify_source
@@ -223,15 +223,19 @@ class Explainer(nn.Module):
         logits, _, log_keep = self.probe_pass(pixel_values)
         return logits, log_keep
 
-    def probe_pass(self, pixel_values: torch.Tensor, ops: Ops | None = None, *, levels: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One backbone pass with each depth's probe run as its hidden state is produced.
+    def probe_pass(self, pixel_values: torch.Tensor, ops: Ops | None = None, *, levels: bool = False,
+                   wide: WideProbes | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One backbone pass with the probes fed as each hidden state is produced.
 
         Only h0 is kept beyond its layer (every probe and the masked pass read it); no
-        (L+2, B, T, D) stack is built.
+        (L+2, B, T, D) stack is built. ``ops.probe_layout`` decides the order of the maths: ``wide``
+        projects each depth (B, T, K*P) and finishes every probe after the last layer;
+        ``per-depth`` runs each depth's whole probe (a kernel) as its state appears.
 
         Args:
             levels: run the probes of every level of K-level gates on the same hidden states.
+            wide: the ``WideProbes`` to use in the wide layout (default the gates' own, cached); the
+                ONNX export passes copies it holds as named buffers.
 
         Returns:
             logits (B, C), h0 (B, T, D), log keep per depth (B, L+2, T) float32 of the main level,
@@ -239,19 +243,32 @@ class Explainer(nn.Module):
         """
         ops = ops or self.ops
         first: list[torch.Tensor] = []  # [h0]
-        log_keep: list[torch.Tensor] = []  # per depth, in depth order: (B, T), or (B, K, T) with levels
-        if levels:  # every level's probes joined per depth: one op chain per depth whatever K is
-            probe, probes = ops.gate_probe_levels, self.gates.fused_probes()
-        else:
-            probe, probes = ops.gate_probe, self.gates.probe_params()
+        if ops.probe_layout == "wide":
+            probes = wide if wide is not None else self.gates.wide_probes(levels)
+            projections: list[torch.Tensor] = []
 
-        def on_state(i: int, h: torch.Tensor) -> None:
+            def on_state(i: int, h: torch.Tensor) -> None:
+                if i == 0:
+                    first.append(h)
+                projections.append(project_depth(h, probes, i))
+
+            logits = self.backbone.forward_states(pixel_values, on_state)
+            log_keep = finish_probes(first[0], projections, probes)  # (B, K, L+2, T)
+            return logits, first[0], log_keep if levels else log_keep[:, 0]
+
+        per_depth: list[torch.Tensor] = []  # in depth order: (B, T), or (B, K, T) with levels
+        if levels:  # every level's probes joined per depth: one op chain per depth whatever K is
+            probe, params = ops.gate_probe_levels, self.gates.fused_probes()
+        else:
+            probe, params = ops.gate_probe, self.gates.probe_params()
+
+        def on_state_per_depth(i: int, h: torch.Tensor) -> None:
             if i == 0:
                 first.append(h)
-            log_keep.append(probe(first[0], h, probes, i))
+            per_depth.append(probe(first[0], h, params, i))
 
-        logits = self.backbone.forward_states(pixel_values, on_state)
-        return logits, first[0], torch.stack(log_keep, -2)
+        logits = self.backbone.forward_states(pixel_values, on_state_per_depth)
+        return logits, first[0], torch.stack(per_depth, -2)
 
     def run(
         self,
@@ -260,6 +277,7 @@ class Explainer(nn.Module):
         *,
         threshold: float = 0.5,
         ops: Ops | None = None,
+        wide: WideProbes | None = None,
     ) -> dict[str, torch.Tensor]:
         """The explain core shared by ``explain``, the ONNX graph and benchmarks; no input checks.
 
@@ -271,6 +289,7 @@ class Explainer(nn.Module):
                 with the hard mask (keep probability > ``threshold``), reusing h0's patch embeddings;
                 ``patch_rank`` (K-level gates only) runs every level's probes on the same hidden states.
             ops: the ops to use (default ``self.ops``; the export passes ``reference_ops()``).
+            wide: ``probe_pass``'s ``wide``.
 
         Returns:
             float32 tensors: logits (B, C), patch_mask (B, N), and as asked layer_masks (B, L+2, N),
@@ -279,7 +298,7 @@ class Explainer(nn.Module):
         ops = ops or self.ops
         if "patch_rank" in outputs and self.gates.config.levels < 2:
             raise ValueError("patch_rank needs K-level gates (GateConfig.levels >= 2, see Gates.stack)")
-        logits, h0, log_keep = self.probe_pass(pixel_values, ops, levels="patch_rank" in outputs)
+        logits, h0, log_keep = self.probe_pass(pixel_values, ops, levels="patch_rank" in outputs, wide=wide)
         return self.finish(logits, h0, log_keep, outputs, threshold=threshold, ops=ops)
 
     def finish(self, logits: torch.Tensor, h0: torch.Tensor, log_keep: torch.Tensor, outputs, *,

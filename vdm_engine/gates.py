@@ -25,9 +25,9 @@ from . import masks
 from ._io import atomic_path, atomic_write_json, dataclass_from_dict, sha256_file
 from .provenance import BackboneMismatchError, GatesProvenance, check_fingerprint, validation_figures
 
-__all__ = ["GateConfig", "Gates", "ProbeParams", "FusedProbes", "fuse_levels", "gate_probe_reference",
-           "gate_probe_levels_reference", "gate_probe_stacked", "probe_depths", "hard_concrete_sample", "GATES_WEIGHTS",
-           "GATES_CONFIG"]
+__all__ = ["GateConfig", "Gates", "ProbeParams", "FusedProbes", "WideProbes", "fuse_levels", "widen",
+           "gate_probe_reference", "gate_probe_levels_reference", "project_depth", "finish_probes", "gate_probe_stacked",
+           "probe_depths", "hard_concrete_sample", "GATES_WEIGHTS", "GATES_CONFIG"]
 
 GATES_WEIGHTS = "gates.safetensors"
 GATES_CONFIG = "gates_config.json"
@@ -203,6 +203,67 @@ def fuse_levels(levels: list[ProbeParams]) -> FusedProbes:
     return FusedProbes(w1.reshape(S, K * P, D2), b1, w2.reshape(S, K * P), w2_block, b2, bias, float(levels[0].mul))
 
 
+class WideProbes(NamedTuple):
+    """Every probe of every depth (and level) as one wide layer pair (``widen``): the layout of a probe
+    pass that keeps one small projection per depth and finishes all probes at once after the last layer.
+
+    Probe (s, k) owns columns ``(s*K + k)*P .. (s*K + k + 1)*P - 1`` of the first layers' output.
+
+    w_h0 (D, S*K*P): the h0 half of every first layer; w_hs: S tensors (D, K*P), depth s's own half;
+    b1 (S*K*P,); w2 (S*K*P, S*K): every second layer on one block diagonal; b2 (S*K,);
+    bias (S*K,) = add - offset; mul a float.
+    """
+
+    w_h0: torch.Tensor
+    w_hs: tuple
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    bias: torch.Tensor
+    mul: float
+
+    @property
+    def levels(self) -> int:
+        return self.b2.shape[0] // len(self.w_hs)
+
+
+def widen(probes: FusedProbes) -> WideProbes:
+    """``FusedProbes`` (S depths, K levels each) -> ``WideProbes`` of the same maths."""
+    S, KP, D2 = probes.w1.shape
+    D = D2 // 2
+    K = probes.levels
+    w_h0 = probes.w1[..., :D].reshape(S * KP, D).t().contiguous()
+    w_hs = tuple(probes.w1[s, :, D:].t().contiguous() for s in range(S))
+    w2 = torch.block_diag(*probes.w2_block.unbind(0)).contiguous()  # (S*K*P, S*K)
+    return WideProbes(w_h0, w_hs, probes.b1.reshape(S * KP).contiguous(), w2, probes.b2.reshape(S * K).contiguous(),
+                      probes.bias.reshape(S * K).contiguous(), float(probes.mul))
+
+
+def project_depth(hs: torch.Tensor, probes: WideProbes, depth: int) -> torch.Tensor:
+    """Hidden state ``depth`` (B, T, D) -> its half of that depth's first layers (B*T, K*P), probes' dtype."""
+    w = probes.w_hs[depth]
+    h = hs if hs.dtype == w.dtype else hs.to(w.dtype)
+    return torch.mm(h.reshape(-1, h.shape[-1]), w)
+
+
+def finish_probes(h0: torch.Tensor, projections, probes: WideProbes) -> torch.Tensor:
+    """h0 (B, T, D) and the S ``project_depth`` outputs -> log keep (B, K, S, T) float32.
+
+    Equals ``gate_probe_levels_reference`` at every depth (``gate_probe_reference`` for K = 1), with the
+    h0 halves, biases, activations and second layers of all S*K probes as single wide ops.
+    """
+    B, T, D = h0.shape
+    S, K = len(probes.w_hs), probes.levels
+    h = h0 if h0.dtype == probes.w_h0.dtype else h0.to(probes.w_h0.dtype)
+    # matmul + add, not addmm: graph optimisers rewrite Gemm nodes under new names, and the int8
+    # recipe finds the probes' matmuls by name to keep them float32.
+    pre = torch.mm(h.reshape(B * T, D), probes.w_h0) + torch.cat(list(projections), 1) + probes.b1  # (B*T, S*K*P)
+    out = torch.mm(torch.tanh(pre), probes.w2) + probes.b2  # (B*T, S*K)
+    # -softplus(offset - z) == logsigmoid(z - offset), with z = mul * tanh(out) + add.
+    log_keep = F.logsigmoid(torch.add(probes.bias, torch.tanh(out), alpha=probes.mul))
+    return log_keep.float().view(B, T, S, K).permute(0, 3, 2, 1)
+
+
 def probe_depths(gate_probe, hidden_states, probes: ProbeParams) -> torch.Tensor:
     """Run a per-depth probe op (``Ops.gate_probe``) over already stacked or listed hidden states.
 
@@ -285,7 +346,7 @@ class Gates(nn.Module):
         self.metrics: dict = {}
         self.provenance = GatesProvenance("memory")
         self._verified_for: str | None = None  # fingerprint of the backbone last checked and accepted
-        self._fused: tuple | None = None  # (key, FusedProbes): see fused_probes
+        self._derived: dict = {}  # name -> (key, FusedProbes | WideProbes): see _derive
 
     # ----- maths ------------------------------------------------------------------------------
     def probe_params(self, level: int | None = None) -> ProbeParams:
@@ -305,22 +366,31 @@ class Gates(nn.Module):
         return [self.probe_params(k) for k in range(self.config.levels)]
 
     def fused_probes(self) -> FusedProbes:
-        """Every level's probes joined per depth (``FusedProbes``, for ``gate_probe_levels_reference``).
+        """Every level's probes joined per depth (``FusedProbes``, for ``gate_probe_levels_reference``)."""
+        return self._derive("fused", lambda: fuse_levels(self.level_params()))
 
-        Built once and cached while the weights stay the same tensors (same storage, device, dtype and
-        in-place version): moving the gates, changing their dtype or loading / training new values
-        rebuilds it. With autograd recording, or while tracing (``torch.compile``, export), it is built
-        fresh from the parameters and not cached, so gradients reach them and no traced tensor is kept.
-        """
+    def wide_probes(self, levels: bool = False) -> WideProbes:
+        """The probes as ``WideProbes`` (for ``project_depth`` / ``finish_probes``): the main level's,
+        or with ``levels`` every level's (K columns per depth)."""
+        params = self.level_params() if levels else [self.probe_params()]
+        return self._derive(f"wide{int(levels)}", lambda: widen(fuse_levels(params)))
+
+    def _derive(self, name: str, build):
+        """``build()``, cached under ``name`` while the weights stay the same tensors (same storage,
+        device, dtype and in-place version): moving the gates, changing their dtype or loading /
+        training new values rebuilds it. With autograd recording, or while tracing (``torch.compile``,
+        export), it is built fresh and not cached, so gradients reach the parameters and no traced
+        tensor is kept."""
         params = (self.w1, self.b1, self.w2, self.b2, self.add)
         if torch.compiler.is_compiling() or any(p.is_inference() for p in params) or \
                 (torch.is_grad_enabled() and any(p.requires_grad for p in params)):  # inference tensors have no version
-            return fuse_levels(self.level_params())
+            return build()
         key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
-        if self._fused is None or self._fused[0] != key:
+        hit = self._derived.get(name)
+        if hit is None or hit[0] != key:
             with torch.no_grad():
-                self._fused = (key, fuse_levels(self.level_params()))
-        return self._fused[1]
+                hit = self._derived[name] = (key, build())
+        return hit[1]
 
     def level_masks(self, hidden_states) -> torch.Tensor:
         """Keep probability of each patch at each level, all depths aggregated: (L+2, B, T, D) -> (B, K, N)."""

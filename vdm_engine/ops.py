@@ -21,9 +21,12 @@ import torch
 from .backbone import patch_mask_reference
 from .gates import gate_probe_levels_reference, gate_probe_reference
 
-__all__ = ["Ops", "OpsUnavailableError", "select_ops", "reference_ops", "resolve_mode", "MODES", "ENV_VAR", "ENTRY_POINT_GROUP"]
+__all__ = ["Ops", "OpsUnavailableError", "select_ops", "reference_ops", "resolve_mode", "MODES", "PROBE_LAYOUTS", "ENV_VAR",
+           "ENTRY_POINT_GROUP"]
 
 MODES = ("auto", "reference", "triton")
+#: ``Ops.probe_layout`` values.
+PROBE_LAYOUTS = ("wide", "per-depth")
 ENV_VAR = "VDM_KERNELS"
 ENTRY_POINT_GROUP = "vdm_engine.ops"
 
@@ -49,6 +52,11 @@ class Ops:
         gate_probe_levels: ``(h0, hs, FusedProbes, depth) -> log_keep (B, K, T)`` float32, one
             depth's probes of every level of K-level gates (signature of
             ``gates.gate_probe_levels_reference``, the default).
+        probe_layout: how ``Explainer.probe_pass`` runs the probes. ``wide`` (the references): each
+            depth's hidden state is only projected (``gates.project_depth``, one matmul) and every
+            probe is finished at once after the last layer (``gates.finish_probes``), the fewest ops
+            for eager CPU and for graphs; ``per-depth``: the whole probe of each depth as it is
+            produced (``gate_probe`` / ``gate_probe_levels``), one kernel launch per depth.
     """
 
     gate_probe: Callable
@@ -56,11 +64,20 @@ class Ops:
     backend: str
     reason: str
     gate_probe_levels: Callable = gate_probe_levels_reference
+    probe_layout: str = "per-depth"
+
+    def __post_init__(self):
+        if self.probe_layout not in PROBE_LAYOUTS:
+            raise ValueError(f"probe_layout must be one of {PROBE_LAYOUTS}, got {self.probe_layout!r}")
 
 
-def reference_ops(reason: str = "plain-PyTorch references") -> Ops:
-    """The references: the CPU path, the ONNX export path and the ground truth of every kernel."""
-    return Ops(gate_probe_reference, patch_mask_reference, "reference", reason)
+def reference_ops(reason: str = "plain-PyTorch references", probe_layout: str = "wide") -> Ops:
+    """The references: the CPU path, the ONNX export path and the ground truth of every kernel.
+
+    ``probe_layout="per-depth"`` runs the reference probe formula depth by depth instead (the
+    layout a kernel replaces; for comparisons).
+    """
+    return Ops(gate_probe_reference, patch_mask_reference, "reference", reason, probe_layout=probe_layout)
 
 
 def resolve_mode(mode: str | None = None) -> str:

@@ -1,4 +1,5 @@
-"""The graph's fused probes (``export.probes``) against the per-depth reference, in PyTorch and in ONNX."""
+"""The wide probe layout (``Ops.probe_layout == "wide"``, the graph's ``GraphProbes``) against the
+per-depth reference, in PyTorch and in ONNX."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from vdm_engine import Explainer, Gates
 from vdm_engine.export.graph import OUTPUTS, ExplainerGraph
-from vdm_engine.export.probes import FusedProbes, fused_probe_pass
+from vdm_engine.export.probes import GraphProbes
 from vdm_engine.ops import reference_ops
 
 from tests.conftest import ALL_OUTPUTS, make_tiny_gates
@@ -34,18 +35,22 @@ def _levels(backbone, k):
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_fused_probe_pass_equals_the_per_depth_reference(shared_tiny_explainer, k, close):
+def test_wide_probe_pass_equals_the_per_depth_reference(shared_tiny_explainer, k, close):
     ex = shared_tiny_explainer if k == 1 else Explainer(shared_tiny_explainer.backbone,
                                                         _levels(shared_tiny_explainer.backbone, k)).eval()
     levels = ex.gates.level_params()
     assert len({p.w1.data_ptr() for p in levels}) == k  # the levels really are different weights
     pv = torch.randn(7, 3, 32, 32)  # prime batch; T = 17 tokens, D = 36
+    per_depth, graph = reference_ops(probe_layout="per-depth"), GraphProbes(ex.gates, levels=True)
     with torch.no_grad():
-        logits, h0, want = ex.probe_pass(pv, reference_ops(), levels=True)  # (B, K, L+2, T)
-        got_logits, got_h0, got = fused_probe_pass(ex.backbone, FusedProbes(levels), pv)
-    assert got.shape == want.shape == (7, k, ex.backbone.num_hidden_states, 17) and got.dtype == torch.float32
-    close(got, want, 1e-5, 1e-5, f"log keep, {k} level(s)")
-    assert torch.equal(got_logits, logits) and torch.equal(got_h0, h0)
+        for levels_too in (True, False):
+            logits, h0, want = ex.probe_pass(pv, per_depth, levels=levels_too)  # (B, K, L+2, T) or (B, L+2, T)
+            for wide in (None, graph.wide() if levels_too else None):  # the gates' cache, the graph's buffers
+                got_logits, got_h0, got = ex.probe_pass(pv, reference_ops(), levels=levels_too, wide=wide)
+                assert got.shape == want.shape and got.dtype == torch.float32
+                assert want.shape[-2:] == (ex.backbone.num_hidden_states, 17)
+                close(got, want, 1e-5, 1e-5, f"log keep, {k} level(s), levels={levels_too}")
+                assert torch.equal(got_logits, logits) and torch.equal(got_h0, h0)
 
 
 def test_graph_module_outputs_equal_explainer_run(shared_tiny_explainer, close):
