@@ -294,6 +294,10 @@ class VdmServer:
         return Response(content=data, headers=headers, media_type=headers.pop("content-type"))
 
 
+#: Seconds a stopping replica may spend finishing its in-flight requests (a batch takes milliseconds).
+GRACEFUL_SHUTDOWN_S = 10.0
+
+
 def deployment(config: ServeConfig, *, env: dict[str, str] | None = None):
     """The ``VdmServer`` deployment with ``config``'s replicas, resources (``num_gpus`` per replica on
     CUDA, fractions allowed) and queue bounds; ``env``: environment variables for the replicas
@@ -308,6 +312,10 @@ def deployment(config: ServeConfig, *, env: dict[str, str] | None = None):
         max_ongoing_requests=config.ongoing,
         max_queued_requests=config.max_queued_requests,
         ray_actor_options=actor,
+        # A stopping replica finishes its in-flight requests (checked every half second) for at most
+        # GRACEFUL_SHUTDOWN_S, then is killed: Ctrl-C and replica replacement stay bounded.
+        graceful_shutdown_wait_loop_s=0.5,
+        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
     )
 
 
