@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--requests", type=int, default=400, help="requests per (endpoint, concurrency) level")
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds per level at most (default 60)")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="split each level into this many rounds, the endpoints taking turns (default 4)")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated in-flight request counts")
     p.add_argument("--endpoints", default=None,
                    help="comma-separated: predict, explain, oip (vdm-serve); oip, oip-png (triton); "
@@ -370,47 +372,80 @@ async def _level(url: str, bodies: list[tuple[bytes, dict]], concurrency: int, n
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    lat = np.asarray(latencies) * 1000.0
-    pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: float("nan"))
     return {"concurrency": concurrency, "sent": next_i, "ok": len(latencies), "errors": errors, "statuses": statuses,
-            "elapsed_s": elapsed, "throughput_rps": len(latencies) / elapsed if elapsed > 0 else 0.0,
-            "p50_ms": pct(50), "p90_ms": pct(90), "p95_ms": pct(95), "p99_ms": pct(99),
-            "mean_ms": float(lat.mean()) if len(lat) else float("nan"),
+            "elapsed_s": elapsed, "latencies_ms": [1000.0 * t for t in latencies],
             "stopped_by": "time limit" if next_i < n_requests else "request count"}
 
 
+def _pooled(rounds: list[dict]) -> dict:
+    """One level's rounds (``_level`` results plus counters) -> its totals and pooled latency percentiles."""
+    out = {"concurrency": rounds[0]["concurrency"], "rounds": len(rounds)}
+    for k in ("sent", "ok", "errors", "elapsed_s", "batches", "rows"):
+        out[k] = sum(r[k] for r in rounds)
+    out["statuses"] = {}
+    for r in rounds:
+        for k, v in r["statuses"].items():
+            out["statuses"][k] = out["statuses"].get(k, 0) + v
+    lat = np.asarray([t for r in rounds for t in r["latencies_ms"]])
+    pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: float("nan"))
+    out.update(throughput_rps=out["ok"] / out["elapsed_s"] if out["elapsed_s"] > 0 else 0.0,
+               p50_ms=pct(50), p90_ms=pct(90), p95_ms=pct(95), p99_ms=pct(99),
+               mean_ms=float(lat.mean()) if len(lat) else float("nan"),
+               stopped_by="time limit" if any(r["stopped_by"] == "time limit" for r in rounds) else "request count")
+    roles = sorted({k for r in rounds for k in r["cpu_s"]})
+    out["cpu_ms_per_request"] = {k: 1000.0 * sum(r["cpu_s"].get(k, 0.0) for r in rounds) / max(out["sent"], 1)
+                                 for k in roles}
+    out["mean_batch_size"] = out.pop("rows") / out["batches"] if out["batches"] else None
+    if "server" in rounds[0]:  # per request, as Triton measured it: waiting in its queue, and in execute
+        n = max(sum(r["server"]["count"] for r in rounds), 1)
+        out.update(server_queue_ms=sum(r["server"]["queue_ns"] for r in rounds) / n / 1e6,
+                   server_infer_ms=sum(r["server"]["infer_ns"] for r in rounds) / n / 1e6)
+    return out
+
+
 def run_load(target, *, endpoints: Sequence[str], concurrency: Sequence[int], n_requests: int, time_limit: float,
-             warmup: int, requests: dict[str, list[tuple[bytes, dict]]]) -> list[dict]:
+             warmup: int, requests: dict[str, list[tuple[bytes, dict]]], rounds: int = 1) -> list[dict]:
     """Every (endpoint, concurrency) level against ``target`` (``Server`` or ``TritonTarget``); the mean
     batch size from the server's own counters; CPU milliseconds per request by process role (the
-    server's process tree, when this run started it, and this client)."""
-    results = []
+    server's process tree, when this run started it, and this client).
+
+    Each concurrency's ``n_requests`` (and ``time_limit``) per endpoint are split into ``rounds`` and
+    the endpoints take turns round by round, the order rotated each round, so a change in the
+    machine's load falls on every endpoint alike; a level's latencies are pooled over its rounds.
+    """
     pid = _server_pid(target)
     for ep in endpoints:
-        url = target.url + target.path(ep)
         if warmup:
-            asyncio.run(_level(url, requests[ep], min(8, warmup), warmup, time_limit))
-        for c in concurrency:
-            b0, r0 = target.batch_counts(ep)
-            t0 = target.server_times() if hasattr(target, "server_times") else None
-            cpu0 = cpu_by_role(pid)
-            res = asyncio.run(_level(url, requests[ep], c, n_requests, time_limit))
-            cpu1 = cpu_by_role(pid)
-            b1, r1 = target.batch_counts(ep)
-            batches, rows = b1 - b0, r1 - r0
-            cpu_ms = {k: 1000.0 * (v - cpu0.get(k, 0.0)) / max(res["sent"], 1) for k, v in sorted(cpu1.items())}
-            res.update(endpoint=ep, batches=batches, mean_batch_size=rows / batches if batches else None,
-                       cpu_ms_per_request=cpu_ms)
-            if t0 is not None:  # per request, as Triton measured it: waiting in its queue, and in execute
-                t1 = target.server_times()
-                n = max(t1["count"] - t0["count"], 1)
-                res.update(server_queue_ms=(t1["queue_ns"] - t0["queue_ns"]) / n / 1e6,
-                           server_infer_ms=(t1["infer_ns"] - t0["infer_ns"]) / n / 1e6)
+            asyncio.run(_level(target.url + target.path(ep), requests[ep], min(8, warmup), warmup, time_limit))
+    results = []
+    for c in concurrency:
+        done: dict[str, list[dict]] = {ep: [] for ep in endpoints}
+        for r in range(rounds):
+            n = n_requests // rounds + (1 if r < n_requests % rounds else 0)
+            order = list(endpoints[r % len(endpoints):]) + list(endpoints[: r % len(endpoints)])
+            for ep in order:
+                if n == 0:
+                    continue
+                b0, r0 = target.batch_counts(ep)
+                t0 = target.server_times() if hasattr(target, "server_times") else None
+                cpu0 = cpu_by_role(pid)
+                res = asyncio.run(_level(target.url + target.path(ep), requests[ep], c, n, time_limit / rounds))
+                cpu1 = cpu_by_role(pid)
+                b1, r1 = target.batch_counts(ep)
+                res.update(batches=b1 - b0, rows=r1 - r0, cpu_s={k: v - cpu0.get(k, 0.0) for k, v in cpu1.items()})
+                if t0 is not None:
+                    t1 = target.server_times()
+                    res["server"] = {k: t1[k] - t0[k] for k in ("count", "queue_ns", "infer_ns")}
+                done[ep].append(res)
+        for ep in endpoints:
+            res = _pooled(done[ep])
+            res["endpoint"] = ep
             results.append(res)
+            cpu_ms = res["cpu_ms_per_request"]
             print(f"{ep:8s} c={c:3d}: {res['ok']:5d} ok, {res['errors']} errors, {res['throughput_rps']:8.1f} req/s, "
                   f"p50 {res['p50_ms']:7.2f} ms, p99 {res['p99_ms']:7.2f} ms, mean batch {res['mean_batch_size'] or 0:.2f}, "
                   "CPU ms/request " + ", ".join(f"{k} {v:.1f}" for k, v in cpu_ms.items()), file=sys.stderr)
-    return results
+    return sorted(results, key=lambda res: (list(endpoints).index(res["endpoint"]), list(concurrency).index(res["concurrency"])))
 
 
 def summary(results: list[dict]) -> list[dict]:
@@ -466,8 +501,8 @@ def markdown(doc: dict) -> str:
              f"{m['date_utc']}; load average before {doc['loadavg_before'][0]:.2f}, after {doc['loadavg_after'][0]:.2f}.",
              (f"ingress {cfg['ingress']}, " if cfg.get("ingress") else "") +
              f"max batch {cfg['max_batch']}, batch wait {cfg['batch_wait_ms']} ms, {cfg['requests']} requests or "
-             f"{cfg['time_limit']} s per level, one digit per request (PNG bytes; oip: its pixel_values tensor), "
-             "client on the same machine.", "",
+             f"{cfg['time_limit']} s per level" + (f" in {cfg['rounds']} rounds, the endpoints taking turns" if cfg.get("rounds", 1) > 1 else "")
+             + ", one digit per request (PNG bytes; oip: its pixel_values tensor), client on the same machine.", "",
              "| endpoint | concurrency | ok | errors | req/s | p50 ms | p95 ms | p99 ms | mean batch |"
              + (" server queue ms | server execute ms |" if timed else ""),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if timed else "")]
@@ -530,8 +565,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if bad or not endpoints:
         raise SystemExit(f"serve_load: --endpoints for --server {args.server} must be among {allowed}, "
                          f"got {args.endpoints!r}")
-    if not concurrency or min(concurrency) < 1 or args.requests < 1 or args.time_limit <= 0:
-        raise SystemExit("serve_load: --concurrency, --requests and --time-limit must be positive")
+    if not concurrency or min(concurrency) < 1 or args.requests < 1 or args.time_limit <= 0 or args.rounds < 1:
+        raise SystemExit("serve_load: --concurrency, --requests, --rounds and --time-limit must be positive")
     if args.url is not None:
         from urllib.parse import urlparse
 
@@ -556,12 +591,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         target.wait_ready()
         described = target.describe()
         results = run_load(target, endpoints=endpoints, concurrency=concurrency, n_requests=args.requests,
-                           time_limit=args.time_limit, warmup=args.warmup, requests=requests)
+                           time_limit=args.time_limit, warmup=args.warmup, requests=requests, rounds=args.rounds)
     finally:
         exit_code = target.stop()
     doc = {"config": {"server": args.server, "model": args.onnx or args.model, "device": args.device,
                       "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms, "requests": args.requests,
-                      "time_limit": args.time_limit, "concurrency": concurrency, "endpoints": endpoints,
+                      "rounds": args.rounds, "time_limit": args.time_limit, "concurrency": concurrency, "endpoints": endpoints,
                       "num_cpus_per_replica": args.num_cpus if args.server == "vdm-serve" else None,
                       "ingress": args.ingress if args.server == "vdm-serve" and not args.url else None,
                       "intra_op_threads": args.intra_op_threads if args.server == "triton" else None},

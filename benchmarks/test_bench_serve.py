@@ -18,14 +18,14 @@ pytest.importorskip("aiohttp")
 def test_serve_load_sized_down(benchmark, tmp_path):
     from benchmarks import serve_load
 
-    argv = ["--requests", "8", "--concurrency", "1,4", "--time-limit", "20", "--warmup", "1",
+    argv = ["--requests", "8", "--rounds", "2", "--concurrency", "1,4", "--time-limit", "20", "--warmup", "1",
             "--max-batch", "8", "--ingress", "proxy", "--out", str(tmp_path)]
     doc = benchmark.pedantic(serve_load.main, args=(argv,), rounds=1, iterations=1)
     assert [(r["endpoint"], r["concurrency"]) for r in doc["results"]] == [
         ("predict", 1), ("predict", 4), ("explain", 1), ("explain", 4)]
     for r in doc["results"]:
         assert r["ok"] + r["errors"] == r["sent"] and r["errors"] == 0, r
-        assert r["sent"] <= 8 and r["mean_batch_size"] >= 1.0
+        assert r["sent"] <= 8 and r["mean_batch_size"] >= 1.0 and r["rounds"] == 2
     assert doc["config"]["ingress"] == "proxy"
     assert doc["server_exit_code"] == 130  # Ctrl-C: clean shutdown through run_cli
     assert json.loads((tmp_path / "serve_load.json").read_text())["results"] == doc["results"]
