@@ -7,8 +7,8 @@ counted by ``torch.utils.flop_counter`` (matmuls and attention). Probe width D/4
 about 4.6% of a ViT-B/16 forward per level; D/8 half that, D/16 (the width that met the agreement bar
 on digits) a quarter.
 
-``test_levels_paired`` calls plain inference, single-level explain and K = 4 explain at D/8 and D/16
-back to back in every round (order rotated, ``test_bench_paired.round_order``), so each ratio sees
+``test_levels_paired`` calls plain inference, single-level explain and K = 4 explain at D/4, D/8 and
+D/16 back to back in every round (order rotated, ``test_bench_paired.round_order``), so each ratio sees
 the same load: it records the best (min) round of each and their ratios, by wall time and by the
 process's CPU time (which other processes on a shared machine disturb less; with one thread it is
 the time the work itself ran), and prints them beside each case's ``flop_ratio``. The ready command (about 2 minutes on vit-small):
@@ -87,7 +87,7 @@ def test_levels_paired(benchmark, measure, bench_config, bench_backbone, bench_e
             return bench_backbone.hf_forward(pv)
 
     explainers = {"explain/torch-reference": bench_explainer}
-    for suffix in ("-p8", "-p16"):
+    for suffix in ("", "-p8", "-p16"):
         explainers[f"explain/torch-levels4{suffix}"] = levels_explainer_for(
             bench_backbone, PROBE_DIVISORS[suffix], bench_config.device)
     variants = {"plain/torch": plain, **{case: ex.explain for case, ex in explainers.items()}}
