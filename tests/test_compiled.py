@@ -37,3 +37,24 @@ def test_compiled_matches_eager_through_padding_and_chunks(tiny_explainer, pixel
     assert calls == [4, 4, 4]  # 3 padded to 4; 5 as 4 + (1 padded to 4)
     with pytest.raises(ValueError, match="batch_sizes must be positive"):
         tiny_explainer.compile(batch_sizes=(0, 4), backend="aot_eager")
+
+
+def test_compiled_k_level_gates_return_the_ranking(tiny_backbone, pixels, close):
+    """K-level gates: the compiled explain returns patch_rank too, equal to eager."""
+    from vdm_engine import Explainer, Gates
+
+    from tests.conftest import make_tiny_gates
+
+    levels = []
+    for i in range(3):
+        g = make_tiny_gates(tiny_backbone)
+        with torch.no_grad():
+            g.add.add_(-1.5 * i)
+        levels.append(g)
+    ex = Explainer(tiny_backbone, Gates.stack(levels, main_level=1), kernels="reference").eval()
+    compiled = ex.compile(batch_sizes=(4,), backend="aot_eager")
+    assert compiled.outputs[-1] == "patch_rank"
+    got, expected = compiled.explain(pixels[:3]), ex.explain(pixels[:3])
+    assert got.patch_rank is not None and got.patch_rank.shape == (3, 16)
+    for name in ("logits", "patch_mask", "layer_masks", "patch_rank"):
+        close(getattr(got, name), getattr(expected, name), 1e-5, 1e-5, name)

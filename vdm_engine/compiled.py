@@ -46,8 +46,10 @@ class CompiledExplainer:
     """Bucketed compiled ``explain`` and ``predict`` of an ``Explainer`` (see ``Explainer.compile``).
 
     Attributes:
-        explainer: the eager explainer (its ops, gates and backbone are what is compiled).
+        explainer: the eager explainer (its ops, gates and backbone are what is compiled; the gates'
+            weights as they are when this is built).
         buckets: the batch sizes compiled, ascending.
+        outputs: what ``explain`` computes: logits, patch_mask, layer_masks, and patch_rank for K-level gates.
     """
 
     def __init__(self, explainer, batch_sizes: Sequence[int] = DEFAULT_BUCKETS, *, mode: str | None = None,
@@ -62,11 +64,16 @@ class CompiledExplainer:
         # Every bucket is one more static shape of the same code: allow that many recompilations.
         limit = torch._dynamo.config.cache_size_limit
         torch._dynamo.config.cache_size_limit = max(limit, 2 * len(self.buckets) + 2)
-        outputs = ("logits", "patch_mask", "layer_masks")
+        rank = explainer.gates.config.levels > 1
+        self.outputs = ("logits", "patch_mask", "layer_masks") + (("patch_rank",) if rank else ())
+        # The wide layout's joined weights, built once here: inside a compiled graph they would be
+        # rebuilt from the gate parameters on every call. The gates' weights are read at this point.
+        with torch.no_grad():
+            wide = explainer.gates.wide_probes(rank) if explainer.ops.probe_layout == "wide" else None
 
         def explain_core(pv):
-            out = explainer.run(pv, outputs)
-            return out["logits"], out["patch_mask"], out["layer_masks"]
+            out = explainer.run(pv, self.outputs, wide=wide)
+            return tuple(out[o] for o in self.outputs)
 
         self._explain = torch.compile(explain_core, **kw)
         self._predict = torch.compile(explainer.backbone.forward, **kw)
@@ -107,10 +114,11 @@ class CompiledExplainer:
 
         e = self.explainer
         e.backbone.check_pixels(pixel_values)
-        logits, patch_mask, layer_masks = self._bucketed(self._explain, pixel_values.to(e.backbone.device, e.backbone.dtype))
+        out = dict(zip(self.outputs, self._bucketed(self._explain, pixel_values.to(e.backbone.device, e.backbone.dtype))))
         return Explanation(
-            logits=logits, patch_mask=patch_mask, layer_masks=layer_masks, grid=e.backbone.grid,
+            logits=out["logits"], patch_mask=out["patch_mask"], layer_masks=out["layer_masks"], grid=e.backbone.grid,
             image_size=e.backbone.image_size, gates_source=e.gates.provenance.source, gates_sha256=e.gates.sha256,
+            patch_rank=out.get("patch_rank"),
         )
 
     def predict(self, pixel_values: torch.Tensor) -> torch.Tensor:
