@@ -7,6 +7,7 @@ import time
 import urllib.request
 
 from .config import ServeConfig
+from .raycluster import init_ray
 
 __all__ = ["start", "stop", "serve_forever", "wait_ready", "APP_NAME"]
 
@@ -44,8 +45,7 @@ def start(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, add
                 kwargs["num_cpus"] = num_cpus
             if metrics_port is not None:
                 kwargs["_metrics_export_port"] = metrics_port
-        # "local": always a new instance of our own, never one another process started on this machine
-        ray.init(address=address or "local", **kwargs)
+        init_ray(address, **kwargs)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(config), name=name, route_prefix=route_prefix, blocking=False)
     host, port = _proxy_address(host, port)
