@@ -119,6 +119,6 @@ class ExplainerGraph(nn.Module):
         if self.probes is None:
             ops, wide = reference_ops(probe_layout="per-depth"), None
         else:
-            ops, wide = reference_ops(), self.probes.wide()
+            ops, wide = reference_ops(probe_layout="wide"), self.probes.wide()
         out = self.explainer.run(self.pixel_values(x), self.outputs, threshold=self.threshold, ops=ops, wide=wide)
         return tuple(out[o] for o in self.outputs)

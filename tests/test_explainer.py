@@ -47,11 +47,16 @@ def test_exactly_one_backbone_forward_per_explain(tiny_explainer, pixels):
     assert calls == {"proj": 1, "layers": b.num_layers, "head": 1}
 
 
-@pytest.mark.parametrize("layout", ["per-depth", "wide"])
+@pytest.mark.parametrize("layout", ["per-depth", "wide", "auto", "auto-large"])
 def test_probes_run_inside_the_layer_loop(tiny_explainer, pixels, monkeypatch, layout):
     """Each depth's hidden state feeds its probe right after it is produced (per-depth: the whole probe;
-    wide: its projection, then one finish after the last layer); nothing stacks the L+2 states."""
+    wide: its projection, then one finish after the last layer); nothing stacks the L+2 states.
+    ``auto`` is wide for this small call, per depth once the call exceeds ``WIDE_MAX_ELEMENTS``."""
     import vdm_engine.explainer as explainer_module
+    import vdm_engine.ops as ops_module
+
+    if layout == "auto-large":
+        monkeypatch.setattr(ops_module, "WIDE_MAX_ELEMENTS", 0)
 
     b = tiny_explainer.backbone
     events = []
@@ -69,7 +74,7 @@ def test_probes_run_inside_the_layer_loop(tiny_explainer, pixels, monkeypatch, l
         events.append(("finish", len(projections)))
         return finish(h0, projections, probes)
 
-    ops = dataclasses.replace(tiny_explainer.ops, gate_probe=recording_probe, probe_layout=layout)
+    ops = dataclasses.replace(tiny_explainer.ops, gate_probe=recording_probe, probe_layout=layout.replace("-large", ""))
     monkeypatch.setattr(tiny_explainer, "ops", ops)
     monkeypatch.setattr(explainer_module, "project_depth", recording_project)
     monkeypatch.setattr(explainer_module, "finish_probes", recording_finish)
@@ -84,7 +89,7 @@ def test_probes_run_inside_the_layer_loop(tiny_explainer, pixels, monkeypatch, l
     expected = [("probe", 0, (5, T, D)), ("probe", 1, (5, T, D))]
     for k in range(b.num_layers):
         expected += [("layer", k), ("probe", k + 2, (5, T, D))]
-    if layout == "wide":
+    if layout in ("wide", "auto"):
         expected.append(("finish", b.num_hidden_states))
     assert events == expected
     assert ex.layer_masks.shape == (5, b.num_hidden_states, b.num_patches)

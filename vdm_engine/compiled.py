@@ -69,7 +69,7 @@ class CompiledExplainer:
         # The wide layout's joined weights, built once here: inside a compiled graph they would be
         # rebuilt from the gate parameters on every call. The gates' weights are read at this point.
         with torch.no_grad():
-            wide = explainer.gates.wide_probes(rank) if explainer.ops.probe_layout == "wide" else None
+            wide = explainer.gates.wide_probes(rank) if explainer.ops.probe_layout != "per-depth" else None
 
         def explain_core(pv):
             out = explainer.run(pv, self.outputs, wide=wide)

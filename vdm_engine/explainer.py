@@ -13,7 +13,7 @@ from . import masks
 from .backbone import Backbone, load_backbone
 from .gates import Gates, WideProbes, finish_probes, project_depth
 from .masks import kl_divergence
-from .ops import Ops, select_ops
+from .ops import Ops, probe_layout_for, select_ops
 from .provenance import GatesProvenance, classify_source
 from .registry import registered_gates, registry_home
 
@@ -228,9 +228,9 @@ class Explainer(nn.Module):
         """One backbone pass with the probes fed as each hidden state is produced.
 
         Only h0 is kept beyond its layer (every probe and the masked pass read it); no
-        (L+2, B, T, D) stack is built. ``ops.probe_layout`` decides the order of the maths: ``wide``
-        projects each depth (B, T, K*P) and finishes every probe after the last layer;
-        ``per-depth`` runs each depth's whole probe (a kernel) as its state appears.
+        (L+2, B, T, D) stack is built. ``ops.probe_layout`` decides the order of the maths
+        (``ops.probe_layout_for``): ``wide`` projects each depth (B, T, K*P) and finishes every probe
+        after the last layer; ``per-depth`` runs each depth's whole probe (a kernel) as its state appears.
 
         Args:
             levels: run the probes of every level of K-level gates on the same hidden states.
@@ -243,7 +243,9 @@ class Explainer(nn.Module):
         """
         ops = ops or self.ops
         first: list[torch.Tensor] = []  # [h0]
-        if ops.probe_layout == "wide":
+        c, b = self.gates.config, self.backbone
+        width = c.probe_size * (c.levels if levels else 1)
+        if probe_layout_for(ops, pixel_values.shape[0] * b.num_tokens, b.num_hidden_states, width) == "wide":
             probes = wide if wide is not None else self.gates.wide_probes(levels)
             projections: list[torch.Tensor] = []
 

@@ -21,12 +21,17 @@ import torch
 from .backbone import patch_mask_reference
 from .gates import gate_probe_levels_reference, gate_probe_reference
 
-__all__ = ["Ops", "OpsUnavailableError", "select_ops", "reference_ops", "resolve_mode", "MODES", "PROBE_LAYOUTS", "ENV_VAR",
-           "ENTRY_POINT_GROUP"]
+__all__ = ["Ops", "OpsUnavailableError", "select_ops", "reference_ops", "probe_layout_for", "resolve_mode", "MODES",
+           "PROBE_LAYOUTS", "WIDE_MAX_ELEMENTS", "ENV_VAR", "ENTRY_POINT_GROUP"]
 
 MODES = ("auto", "reference", "triton")
 #: ``Ops.probe_layout`` values.
-PROBE_LAYOUTS = ("wide", "per-depth")
+PROBE_LAYOUTS = ("auto", "wide", "per-depth")
+#: ``auto`` runs the wide layout while a call's first-layer outputs, B*T*S*K*P (the size of each of
+#: the wide layout's three buffers: projections, pre-activations, tanh), stay under this many
+#: elements (16 MiB in fp32), and per depth above it: a large call is bound by its matmuls, not by
+#: the op count the wide layout saves, and per depth its extra memory is one depth's (B, T, K*P).
+WIDE_MAX_ELEMENTS = 1 << 22
 ENV_VAR = "VDM_KERNELS"
 ENTRY_POINT_GROUP = "vdm_engine.ops"
 
@@ -52,11 +57,13 @@ class Ops:
         gate_probe_levels: ``(h0, hs, FusedProbes, depth) -> log_keep (B, K, T)`` float32, one
             depth's probes of every level of K-level gates (signature of
             ``gates.gate_probe_levels_reference``, the default).
-        probe_layout: how ``Explainer.probe_pass`` runs the probes. ``wide`` (the references): each
-            depth's hidden state is only projected (``gates.project_depth``, one matmul) and every
-            probe is finished at once after the last layer (``gates.finish_probes``), the fewest ops
-            for eager CPU and for graphs; ``per-depth``: the whole probe of each depth as it is
-            produced (``gate_probe`` / ``gate_probe_levels``), one kernel launch per depth.
+        probe_layout: how ``Explainer.probe_pass`` runs the probes (``probe_layout_for`` decides).
+            ``wide``: each depth's hidden state is only projected (``gates.project_depth``, one
+            matmul) and every probe is finished at once after the last layer
+            (``gates.finish_probes``), the fewest ops, for small calls and for graphs;
+            ``per-depth``: the whole probe of each depth as it is produced (``gate_probe`` /
+            ``gate_probe_levels``), one kernel launch per depth and the least memory; ``auto`` (the
+            references): wide for calls under ``WIDE_MAX_ELEMENTS``, else per depth.
     """
 
     gate_probe: Callable
@@ -71,13 +78,21 @@ class Ops:
             raise ValueError(f"probe_layout must be one of {PROBE_LAYOUTS}, got {self.probe_layout!r}")
 
 
-def reference_ops(reason: str = "plain-PyTorch references", probe_layout: str = "wide") -> Ops:
+def reference_ops(reason: str = "plain-PyTorch references", probe_layout: str = "auto") -> Ops:
     """The references: the CPU path, the ONNX export path and the ground truth of every kernel.
 
-    ``probe_layout="per-depth"`` runs the reference probe formula depth by depth instead (the
+    ``probe_layout``: ``auto`` (see ``Ops``), or force ``wide`` (the graph) or ``per-depth`` (the
     layout a kernel replaces; for comparisons).
     """
     return Ops(gate_probe_reference, patch_mask_reference, "reference", reason, probe_layout=probe_layout)
+
+
+def probe_layout_for(ops: Ops, rows: int, depths: int, width: int) -> str:
+    """``wide`` or ``per-depth`` for a probe pass of ``rows`` = B*T tokens, ``depths`` = S hidden states
+    and probes ``width`` = K*P wide, under ``ops.probe_layout``."""
+    if ops.probe_layout != "auto":
+        return ops.probe_layout
+    return "wide" if rows * depths * width <= WIDE_MAX_ELEMENTS else "per-depth"
 
 
 def resolve_mode(mode: str | None = None) -> str:
