@@ -3,10 +3,11 @@
 ``explain_dataset(BulkConfig(...))`` lists the images of a source in a fixed order
 (``bulk_sources``), cuts them into shards of ``shard_size`` consecutive indices, skips the shards
 already complete in ``out``, and streams the others through Ray Data in blocks of
-``BulkConfig.block_size`` images: decoding to uint8 images at the model size in CPU tasks (or, for
-sources held in memory, inside the actors), explaining in ``map_batches`` with ``_ExplainActor`` (one
-``ServingModel``, i.e. one ``Explainer`` or ``OnnxExplainer``, per actor; ``concurrency`` actors,
-``num_gpus_per_actor`` GPUs each), which returns fixed-shape numeric columns only. The driver adds
+``BulkConfig.block_size`` images: decoded to uint8 at the model size in CPU tasks (a source held in
+memory sends its uint8 images in the blocks instead), explained in ``map_batches`` by
+``_ExplainActor`` (one ``ServingModel``, i.e. one ``Explainer`` or ``OnnxExplainer``, per actor;
+``concurrency`` actors, ``num_gpus_per_actor`` GPUs each), which returns fixed-shape numeric
+columns only. The driver adds
 ids, paths and class names from the source table and writes each shard with pyarrow, atomically,
 once all its images have arrived (``bulk_output``), so a killed run resumes exactly: every image
 ends up once, either in a shard or in the errors file. The same call runs on a laptop (a local Ray
@@ -61,10 +62,6 @@ class BulkConfig:
         num_gpus_per_actor: GPUs per actor (fractions allowed); > 0 runs the explainer on CUDA.
         cpus_per_actor: Ray CPUs per actor, also its torch threads (rounded, at least 1).
         decode_cpus: Ray CPUs per decoding task.
-        fuse_decode: decode inside the explaining actor instead of in separate tasks (one Ray Data
-            stage instead of two). Default: when the source holds its images decoded in memory
-            (``BulkSource.in_memory``: digits, toy), where decoding is only indexing an array; files
-            and encoded bytes are decoded in their own tasks, beside the forward passes.
         address: an existing Ray cluster (``auto``, ``HOST:PORT``, ``ray://...``); None starts a local
             instance unless this process is already connected to one.
         limit: explain only the first ``limit`` images of the source.
@@ -85,7 +82,6 @@ class BulkConfig:
     num_gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     decode_cpus: float = 0.5
-    fuse_decode: bool | None = None
     address: str | None = None
     limit: int | None = None
     top_k: int = 5
@@ -128,10 +124,16 @@ class BulkConfig:
 
 
 # ----- decoding --------------------------------------------------------------------------------------
-def _read_rows(batch: dict, *, loader, image_spec, max_pixels: int | None) -> tuple[list, list[str]]:
-    """Rows of the source table -> their images ((h, w, 3) uint8 arrays, None when unreadable) and an
-    error per row ("" when readable). Files and bytes are reduced towards the model size while decoding."""
+def _decode_batch(batch: dict, *, loader, image_spec, max_pixels: int | None) -> dict:
+    """The decoding task: rows of the source table -> ``index`` (B,) int64, ``error`` (B,) str ("" when
+    readable) and ``pixels`` uint8 (B, H, W, 3) at the model size (zeros for unreadable rows).
+
+    Files and bytes are reduced towards the model size while decoding, then resized to it; rescaling
+    and normalising are the actor's (``ServingModel.preprocess``), so uint8 travels through the object
+    store, a quarter of the float32 bytes.
+    """
     from vdm_engine.images import decode_image, read_image
+    from vdm_engine.preprocessing import resize_images
 
     n = len(batch["index"])
     model_size = tuple(image_spec.size) if image_spec.do_resize else None
@@ -152,21 +154,8 @@ def _read_rows(batch: dict, *, loader, image_spec, max_pixels: int | None) -> tu
                                          model_size=model_size).pixels
         except Exception as e:  # unreadable: recorded, never fatal
             errors[i] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return images, errors
-
-
-def _decode_batch(batch: dict, *, loader, image_spec, max_pixels: int | None) -> dict:
-    """The decoding task: rows of the source table -> ``index`` (B,) int64, ``error`` (B,) str ("" when
-    readable) and ``pixels`` uint8 (B, H, W, 3) at the model size (zeros for unreadable rows).
-
-    Only the resize happens here; rescaling and normalising are the actor's (``ServingModel.preprocess``),
-    so a quarter of the float32 bytes travel through the object store.
-    """
-    from vdm_engine.preprocessing import resize_images
-
-    images, errors = _read_rows(batch, loader=loader, image_spec=image_spec, max_pixels=max_pixels)
-    ok = [i for i, e in enumerate(errors) if not e]
-    pixels = np.zeros((len(errors), *image_spec.size, 3), dtype=np.uint8)
+    ok = [i for i in range(n) if not errors[i]]
+    pixels = np.zeros((n, *image_spec.size, 3), dtype=np.uint8)
     if ok:
         pixels[ok] = resize_images([images[i] for i in ok], image_spec).numpy()
     return {"index": np.asarray(batch["index"], dtype=np.int64), "error": np.asarray(errors, dtype=str),
@@ -175,35 +164,30 @@ def _decode_batch(batch: dict, *, loader, image_spec, max_pixels: int | None) ->
 
 # ----- the explaining actor ----------------------------------------------------------------------
 class _ExplainActor:
-    """One explainer per actor. ``__call__`` explains a batch of decoded rows (``_decode_batch``'s
-    columns) or, with ``read`` (``_read_rows`` bound to the source), rows of the source that it reads
-    itself (the fused stage). It returns fixed-shape columns only (Ray Data tensor columns):
-    ``index``, ``error``, ``label_index``, ``score``, ``top_k_index``/``top_k_score`` (B, k),
-    ``patch_mask`` (B, N), ``kept_fraction``, and ``layer_masks`` (B, L+2, N), ``kl``, ``agree``,
-    ``masked_kept`` when asked. Ids, paths and class names are the driver's to add. Unreadable rows
-    pass through as NaN / -1."""
+    """One explainer per actor. ``__call__`` explains a batch of ``index`` (B,), ``pixels`` uint8
+    (B, h, w, 3) and optionally ``error`` (B,) str: ``_decode_batch``'s columns, or images held in
+    memory sent by the driver (``_in_memory_blocks``); ``ServingModel.preprocess`` resizes, rescales
+    and normalises them, as ``Explainer.preprocess``. It returns fixed-shape columns only (Ray Data
+    tensor columns): ``index``, ``error``, ``label_index``, ``score``, ``top_k_index``/``top_k_score``
+    (B, k), ``patch_mask`` (B, N), ``kept_fraction``, and ``layer_masks`` (B, L+2, N), ``kl``,
+    ``agree``, ``masked_kept`` when asked. Ids, paths and class names are the driver's to add.
+    Unreadable rows pass through as NaN / -1."""
 
-    def __init__(self, config: BulkConfig, device: str | None, threads: int, read=None):
+    def __init__(self, config: BulkConfig, device: str | None, threads: int):
         import torch
 
         from .backend import ServingModel
 
         torch.set_num_threads(threads)  # the rule: torch threads = the actor's Ray CPUs
         self.config = config
-        self.read = read
         self.model = ServingModel(config.serve_config(device), prog="vdm-explain")
 
     def __call__(self, batch: dict) -> dict:
         cfg = self.config
-        if self.read is not None:  # fused: the source rows, read here and preprocessed in one pass
-            images, errors = self.read(batch)
-            index, error = np.asarray(batch["index"], dtype=np.int64), np.asarray(errors, dtype=str)
-            ok = error == ""
-            x = self.model.preprocess([im for im, e in zip(images, errors) if not e]) if ok.any() else None
-        else:  # decoded: uint8 images at the model size
-            index, error = batch["index"], batch["error"]
-            ok = error == ""
-            x = self.model.preprocess(batch["pixels"] if ok.all() else batch["pixels"][ok]) if ok.any() else None
+        index, pixels = batch["index"], batch["pixels"]
+        error = batch["error"] if "error" in batch else np.full(len(index), "", dtype=str)
+        ok = error == ""
+        x = self.model.preprocess(pixels if ok.all() else pixels[ok]) if ok.any() else None
         n = len(index)
         N = self.model.grid[0] * self.model.grid[1]
         k = min(cfg.top_k, self.model.num_labels)
@@ -381,20 +365,19 @@ def _stream(config: BulkConfig, source: BulkSource, model, pending, out: Path, p
     if concurrency is None:
         concurrency = max(1, int(ray.cluster_resources().get("GPU", 0) // gpus)) if gpus > 0 else 1
     B = config.block_size(model.image_size)
-    fuse = source.in_memory if config.fuse_decode is None else config.fuse_decode
-    # One block per batch: the stages stream instead of waiting for a whole shard. Only what decoding
-    # reads travels (labels, ids and paths stay with the driver).
-    rows = pending.select(["index", "id", "path", "data"])
-    ds = ray.data.from_arrow([rows.slice(s, B) for s in range(0, rows.num_rows, B)])
-    how = dict(loader=source.loader, image_spec=model.image_spec, max_pixels=config.max_pixels)
-    if not fuse:
-        ds = ds.map_batches(functools.partial(_decode_batch, **how), batch_size=B, batch_format="numpy",
-                            num_cpus=config.decode_cpus)
+    if source.in_memory:  # the images themselves, as uint8 tensor columns: no decoding stage
+        ds = ray.data.from_arrow(_in_memory_blocks(source, pending, B))
+    else:  # rows to decode in CPU tasks beside the forward passes (ids, labels and paths stay here)
+        rows = pending.select(["index", "id", "path", "data"])
+        ds = ray.data.from_arrow([rows.slice(s, B) for s in range(0, rows.num_rows, B)])
+        ds = ds.map_batches(functools.partial(_decode_batch, loader=source.loader, image_spec=model.image_spec,
+                                              max_pixels=config.max_pixels),
+                            batch_size=B, batch_format="numpy", num_cpus=config.decode_cpus)
     ds = ds.map_batches(
         _ExplainActor, batch_size=B, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=config.cpus_per_actor, num_gpus=gpus or None,
         fn_constructor_kwargs={"config": config, "device": "cuda" if gpus > 0 else None,
-                               "threads": max(1, int(round(config.cpus_per_actor))), "read": functools.partial(_read_rows, **how) if fuse else None},
+                               "threads": max(1, int(round(config.cpus_per_actor)))},
     )
     expected = {k: min(S, n - k * S) for k in range(-(-n // S))}
     buffers: dict[int, list[dict]] = {}
@@ -414,6 +397,20 @@ def _stream(config: BulkConfig, source: BulkSource, model, pending, out: Path, p
     if buffers:  # cannot happen unless Ray Data lost or duplicated rows
         raise RuntimeError(f"shards {sorted(buffers)} did not receive all their images; rerun to complete them")
     return processed
+
+
+def _in_memory_blocks(source: BulkSource, pending, B: int) -> list:
+    """Blocks of ``B`` pending images of an in-memory source: ``index`` and ``pixels`` uint8 (B, h, w, 3)."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    index = pending.column("index").to_numpy()
+    blocks = []
+    for s in range(0, len(index), B):
+        idx = index[s : s + B]
+        blocks.append(pa.table({"index": pa.array(idx),
+                                "pixels": ArrowTensorArray.from_numpy(np.stack(source.loader(idx)))}))
+    return blocks
 
 
 def _flush(out: Path, k: int, parts: list[dict], source: BulkSource, labels: list[str], provenance: dict) -> int:

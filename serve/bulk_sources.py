@@ -50,8 +50,8 @@ class BulkSource:
             ``label`` int64 (true label, null when unknown), ``path`` string and ``data`` binary
             (either may be null).
         loader: ``loader(indices) -> list of (h, w, 3) uint8 arrays`` for rows without path or data.
-        in_memory: the loader returns arrays it holds decoded (digits, toy): nothing to decode, so a
-            bulk run reads them inside its explaining actors rather than in separate tasks.
+        in_memory: the loader returns arrays it holds decoded, all of one shape (digits, toy): a bulk
+            run sends them in its blocks instead of decoding them in separate tasks.
     """
 
     spec: str
