@@ -2,14 +2,14 @@
 
 Timed (``--benchmark-only``): the digits (1797) repeated twelve times (21564 images, 22 blocks of
 ``BulkConfig.block_size``, 1024 here) go through ``explain_dataset`` (digits are held in memory, so
-the one actor reads them itself: no decoding tasks; as many torch threads as the loop) and through
-a plain loop of ``preprocess`` + ``explain`` over the same images in batches of the same size, run
-before and after the pipeline in the same process. ``extra_info`` records the loop's rate (best
-pass), the pipeline's steady rate (the blocks after the first, over the time from the first to the
-last), its end-to-end rate (the whole ``explain_dataset`` call: the driver's model load, Ray Data
-and actor start-up, the model load in the actor, writing the shards), the start-up until the first
-block was back, ``ray.init``'s time (not part of either rate), and the ratios to the loop. Under
-plain ``pytest`` the case runs once on 256 images in blocks of 64. Ray's workers run at nice 0
+their uint8 images travel in the blocks and no decoding task runs; one actor with the loop's torch
+threads) and through a plain loop of ``preprocess`` + ``explain`` over the same images in batches
+of the same size, run before and after the pipeline in the same process. ``extra_info`` records the
+loop's rate (best pass), the pipeline's steady rate (the blocks after the first, over the time from
+the first to the last), its end-to-end rate (the whole ``explain_dataset`` call: the driver's model
+load, Ray Data and actor start-up, the model load in the actor, writing the shards), the start-up
+until the first block was back, ``ray.init``'s time (in neither rate), and the ratios to the loop.
+Under plain ``pytest`` the case runs once on 256 images in blocks of 64. Ray's workers run at nice 0
 here (``RAY_worker_niceness``), as the loop does.
 """
 
@@ -88,7 +88,7 @@ def test_bulk_digits_vs_explain_loop(benchmark, tmp_path):
     assert summary["block_size"] == batch
     loop, steady, e2e = max(loop_before, loop_after), summary["steady_images_per_s"], n / call_s
     benchmark.extra_info.update(
-        case="bulk/digits", images=n, batch=batch, shard_size=config.shard_size, actors=1, decode="in the actor",
+        case="bulk/digits", images=n, batch=batch, shard_size=config.shard_size, actors=1, decode="uint8 images in the blocks",
         actor_cpus=config.cpus_per_actor, torch_threads=threads, device_name=cpu_model_name(),
         loop_images_per_s=round(loop, 1), loop_before_images_per_s=round(loop_before, 1),
         loop_after_images_per_s=round(loop_after, 1), bulk_steady_images_per_s=steady,
