@@ -2,17 +2,22 @@
 
 ``explain_dataset(BulkConfig(...))`` lists the images of a source in a fixed order
 (``bulk_sources``), cuts them into shards of ``shard_size`` consecutive indices, skips the shards
-already complete in ``out``, and streams the others through Ray Data: decoding and preprocessing
-in CPU tasks, explaining in ``map_batches`` with ``_ExplainActor`` (one ``ServingModel``, i.e. one
-``Explainer`` or ``OnnxExplainer``, per actor; ``concurrency`` actors, ``num_gpus_per_actor`` GPUs
-each). The driver gathers each shard's rows and writes the shard atomically once all of them have
-arrived (``bulk_output``), so a killed run resumes exactly: every image ends up once, either in a
-shard or in the errors file. The same call runs on a laptop (a local Ray instance) and on a cluster
-(``address``); on a cluster ``out`` and image paths must be visible to the driver and the workers.
+already complete in ``out``, and streams the others through Ray Data in blocks of
+``BulkConfig.block_size`` images: decoded to uint8 at the model size in CPU tasks (a source held in
+memory sends its uint8 images in the blocks instead), explained in ``map_batches`` by
+``_ExplainActor`` (one ``ServingModel``, i.e. one ``Explainer`` or ``OnnxExplainer``, per actor;
+``concurrency`` actors, ``num_gpus_per_actor`` GPUs each), which returns fixed-shape numeric
+columns only. The driver adds
+ids, paths and class names from the source table and writes each shard with pyarrow, atomically,
+once all its images have arrived (``bulk_output``), so a killed run resumes exactly: every image
+ends up once, either in a shard or in the errors file. The same call runs on a laptop (a local Ray
+instance) and on a cluster (``address``); on a cluster ``out`` and image paths must be visible to
+the driver and the workers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -28,7 +33,10 @@ from .bulk_output import complete_shards, summarize, write_shard
 from .bulk_sources import BulkSource, open_bulk_source
 from .config import check_field
 
-__all__ = ["BulkConfig", "explain_dataset", "RUN_FIELDS"]
+__all__ = ["BulkConfig", "explain_dataset", "RUN_FIELDS", "MAX_BLOCK", "BLOCK_BYTES"]
+
+MAX_BLOCK = 1024  # images per block at most (BulkConfig.block_size)
+BLOCK_BYTES = 64 << 20  # float32 model input per block at most
 
 #: run.json fields that must match for a rerun to continue a run in the same folder.
 RUN_FIELDS = ("source", "n_images", "ids_sha256", "shard_size", "model", "model_sha256", "gates_sha256",
@@ -43,7 +51,11 @@ class BulkConfig:
         dataset: source spec (``bulk_sources.open_bulk_source``).
         out: output folder (created); a rerun with the same folder and settings resumes.
         model, gates, onnx, allow_backbone_mismatch: the explainer, as ``vdm-explain``.
-        batch_size: images per decoding task and per forward pass.
+        batch_size: images per Ray Data block, i.e. per decoding task and per forward pass. Default
+            (``block_size``): the largest power of two up to ``MAX_BLOCK`` (1024) whose float32 model
+            input stays within ``BLOCK_BYTES`` (64 MiB): 1024 for 32x32 digits, 64 at 224x224. Ray
+            Data costs tens of milliseconds per block whatever its size, so a block must be large
+            against that; the bound keeps a block's inputs and activations small beside an actor's memory.
         shard_size: images per Parquet shard (the unit of resumption).
         concurrency: explainer actors (default: one per ``num_gpus_per_actor`` GPUs of the cluster,
             else 1).
@@ -64,7 +76,7 @@ class BulkConfig:
     gates: str | None = None
     onnx: str | None = None
     allow_backbone_mismatch: bool = False
-    batch_size: int = 64
+    batch_size: int | None = None
     shard_size: int = 1024
     concurrency: int | None = None
     num_gpus_per_actor: float = 0.0
@@ -84,7 +96,7 @@ class BulkConfig:
 
         if self.onnx is not None and self.gates is not None:
             raise ValueError("BulkConfig.gates applies to model; an exported graph (onnx) carries its gates")
-        need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(self.batch_size is None or self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.shard_size >= 1, "shard_size", "must be >= 1")
         need(self.concurrency is None or self.concurrency >= 1, "concurrency", "must be >= 1")
         need(self.num_gpus_per_actor >= 0, "num_gpus_per_actor", "must be >= 0")
@@ -95,6 +107,14 @@ class BulkConfig:
         need(0.0 <= self.threshold < 1.0, "threshold", "must be in [0, 1)")
         need(self.max_pixels is None or self.max_pixels >= 1, "max_pixels", "must be >= 1")
 
+    def block_size(self, image_size: tuple[int, int]) -> int:
+        """Images per block: ``batch_size``, or the rule above for (H, W) model inputs."""
+        if self.batch_size is not None:
+            return self.batch_size
+        per_image = 3 * image_size[0] * image_size[1] * 4
+        fit = max(1, BLOCK_BYTES // per_image)
+        return min(MAX_BLOCK, 1 << (fit.bit_length() - 1))
+
     def serve_config(self, device: str | None = None):
         from .config import ServeConfig
 
@@ -103,16 +123,23 @@ class BulkConfig:
                            threshold=self.threshold)
 
 
-# ----- the decoding task -----------------------------------------------------------------------------
-def _decode_batch(batch: dict, *, loader, image_spec, uint8_input: bool, max_pixels: int | None) -> dict:
-    """Rows of the source table -> model inputs (B, ...) and an ``error`` per row ("" when readable)."""
+# ----- decoding --------------------------------------------------------------------------------------
+def _decode_batch(batch: dict, *, loader, image_spec, max_pixels: int | None) -> dict:
+    """The decoding task: rows of the source table -> ``index`` (B,) int64, ``error`` (B,) str ("" when
+    readable) and ``pixels`` uint8 (B, H, W, 3) at the model size (zeros for unreadable rows).
+
+    Files and bytes are reduced towards the model size while decoding, then resized to it; rescaling
+    and normalising are the actor's (``ServingModel.preprocess``), so uint8 travels through the object
+    store, a quarter of the float32 bytes.
+    """
     from vdm_engine.images import decode_image, read_image
-    from vdm_engine.preprocessing import preprocess_images, resize_images
+    from vdm_engine.preprocessing import resize_images
 
     n = len(batch["index"])
     model_size = tuple(image_spec.size) if image_spec.do_resize else None
     images, errors = [None] * n, [""] * n
-    by_loader = [i for i in range(n) if batch["path"][i] is None and batch["data"][i] is None]
+    paths, data = batch["path"], batch["data"]
+    by_loader = [i for i in range(n) if paths[i] is None and data[i] is None]
     if by_loader:
         for i, im in zip(by_loader, loader([batch["index"][i] for i in by_loader])):
             images[i] = im
@@ -120,92 +147,80 @@ def _decode_batch(batch: dict, *, loader, image_spec, uint8_input: bool, max_pix
         if images[i] is not None:
             continue
         try:
-            if batch["path"][i] is not None:
-                images[i] = read_image(batch["path"][i], max_pixels=max_pixels, model_size=model_size).pixels
+            if paths[i] is not None:
+                images[i] = read_image(paths[i], max_pixels=max_pixels, model_size=model_size).pixels
             else:
-                images[i] = decode_image(bytes(batch["data"][i]), name=str(batch["id"][i]), max_pixels=max_pixels,
+                images[i] = decode_image(bytes(data[i]), name=str(batch["id"][i]), max_pixels=max_pixels,
                                          model_size=model_size).pixels
         except Exception as e:  # unreadable: recorded, never fatal
             errors[i] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     ok = [i for i in range(n) if not errors[i]]
-    prep = resize_images if uint8_input else preprocess_images
-    x = prep([images[i] for i in ok], image_spec).numpy() if ok else None
-    shape = (n, *x.shape[1:]) if x is not None else (n, *((*image_spec.size, 3) if uint8_input else (3, *image_spec.size)))
-    pixels = np.zeros(shape, dtype=np.uint8 if uint8_input else np.float32)
+    pixels = np.zeros((n, *image_spec.size, 3), dtype=np.uint8)
     if ok:
-        pixels[ok] = x
-    return {
-        "index": np.asarray(batch["index"], dtype=np.int64),
-        "id": np.asarray([str(v) for v in batch["id"]], dtype=object),
-        "path": np.asarray(["" if v is None else str(v) for v in batch["path"]], dtype=object),
-        "true_label": np.asarray([-1 if v is None or v != v else int(v) for v in batch["label"]], dtype=np.int64),
-        "error": np.asarray(errors, dtype=object),
-        "pixels": pixels,
-    }
+        pixels[ok] = resize_images([images[i] for i in ok], image_spec).numpy()
+    return {"index": np.asarray(batch["index"], dtype=np.int64), "error": np.asarray(errors, dtype=str),
+            "pixels": pixels}
 
 
 # ----- the explaining actor ----------------------------------------------------------------------
 class _ExplainActor:
-    """One explainer per actor; ``__call__`` explains a decoded batch (error rows pass through as NaN)."""
+    """One explainer per actor. ``__call__`` explains a batch of ``index`` (B,), ``pixels`` uint8
+    (B, h, w, 3) and optionally ``error`` (B,) str: ``_decode_batch``'s columns, or images held in
+    memory sent by the driver (``_in_memory_blocks``); ``ServingModel.preprocess`` resizes, rescales
+    and normalises them, as ``Explainer.preprocess``. It returns fixed-shape columns only (Ray Data
+    tensor columns): ``index``, ``error``, ``label_index``, ``score``, ``top_k_index``/``top_k_score``
+    (B, k), ``patch_mask`` (B, N), ``kept_fraction``, and ``layer_masks`` (B, L+2, N), ``kl``,
+    ``agree``, ``masked_kept`` when asked. Ids, paths and class names are the driver's to add.
+    Unreadable rows pass through as NaN / -1."""
 
     def __init__(self, config: BulkConfig, device: str | None, threads: int):
         import torch
 
         from .backend import ServingModel
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # the rule: torch threads = the actor's Ray CPUs
         self.config = config
         self.model = ServingModel(config.serve_config(device), prog="vdm-explain")
-        self.id2label = self.model.id2label
 
     def __call__(self, batch: dict) -> dict:
-        import torch
-
         cfg = self.config
-        n = len(batch["index"])
-        ok = np.asarray([not e for e in batch["error"]], dtype=bool)
-        out = {k: batch[k] for k in ("index", "id", "path", "true_label", "error")}
+        index, pixels = batch["index"], batch["pixels"]
+        error = batch["error"] if "error" in batch else np.full(len(index), "", dtype=str)
+        ok = error == ""
+        x = self.model.preprocess(pixels if ok.all() else pixels[ok]) if ok.any() else None
+        n = len(index)
         N = self.model.grid[0] * self.model.grid[1]
         k = min(cfg.top_k, self.model.num_labels)
         cols = {
-            "label": np.full(n, "", dtype=object), "label_index": np.full(n, -1, np.int64),
-            "score": np.full(n, np.nan, np.float32), "top_k_index": np.full((n, k), -1, np.int64),
-            "top_k_label": np.full((n, k), "", dtype=object), "top_k_score": np.full((n, k), np.nan, np.float32),
+            "index": index, "error": error,
+            "label_index": np.full(n, -1, np.int64), "score": np.full(n, np.nan, np.float32),
+            "top_k_index": np.full((n, k), -1, np.int64), "top_k_score": np.full((n, k), np.nan, np.float32),
             "patch_mask": np.full((n, N), np.nan, np.float32), "kept_fraction": np.full(n, np.nan, np.float32),
         }
-        if ok.any():
-            x = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
-            res = self.model.explain_batch(x, verify=[True] * int(ok.sum()) if cfg.verify else None,
-                                           layer_masks=cfg.layer_masks)
-            probs = res["logits"].float().softmax(-1)
-            top = probs.topk(k, dim=-1)
-            idx = top.indices.numpy()
-            cols["top_k_index"][ok] = idx
-            cols["top_k_score"][ok] = top.values.numpy()
-            cols["top_k_label"][ok] = np.vectorize(lambda c: self.id2label.get(int(c), str(int(c))), otypes=[object])(idx)
-            cols["label_index"][ok] = idx[:, 0]
-            cols["label"][ok] = cols["top_k_label"][ok][:, 0]
-            cols["score"][ok] = top.values[:, 0].numpy()
-            pm = res["patch_mask"].float()
-            cols["patch_mask"][ok] = pm.numpy()
-            cols["kept_fraction"][ok] = (pm > cfg.threshold).float().mean(-1).numpy()
-            if cfg.layer_masks:
-                lm = res["layer_masks"].float().numpy()
-                cols["layer_masks"] = np.full((n, *lm.shape[1:]), np.nan, np.float32)
-                cols["layer_masks"][ok] = lm
-            if cfg.verify:
-                for name, dtype in (("kl", np.float32), ("agree", bool), ("masked_kept", np.float32)):
-                    cols[name] = np.zeros(n, dtype) if dtype is bool else np.full(n, np.nan, dtype)
-                    cols[name][ok] = res[name].numpy()
-        elif cfg.layer_masks or cfg.verify:  # a batch of errors only: keep the columns the other batches have
-            if cfg.layer_masks:
-                L = self.model.impl.backbone.num_hidden_states if not self.model.onnx else self.model.impl.num_hidden_states
-                cols["layer_masks"] = np.full((n, L, N), np.nan, np.float32)
-            if cfg.verify:
-                cols.update(kl=np.full(n, np.nan, np.float32), agree=np.zeros(n, bool),
-                            masked_kept=np.full(n, np.nan, np.float32))
-        out.update(cols)
-        return out
+        if cfg.layer_masks:
+            L = self.model.impl.backbone.num_hidden_states if not self.model.onnx else self.model.impl.num_hidden_states
+            cols["layer_masks"] = np.full((n, L, N), np.nan, np.float32)
+        if cfg.verify:
+            cols.update(kl=np.full(n, np.nan, np.float32), agree=np.zeros(n, bool),
+                        masked_kept=np.full(n, np.nan, np.float32))
+        if x is None:
+            return cols
+        m = int(ok.sum())
+        res = self.model.explain_batch(x, verify=[True] * m if cfg.verify else None, layer_masks=cfg.layer_masks)
+        top = res["logits"].float().softmax(-1).topk(k, dim=-1)
+        pm = res["patch_mask"].float()
+        cols["top_k_index"][ok] = top.indices.numpy()
+        cols["top_k_score"][ok] = top.values.numpy()
+        cols["label_index"][ok] = top.indices[:, 0].numpy()
+        cols["score"][ok] = top.values[:, 0].numpy()
+        cols["patch_mask"][ok] = pm.numpy()
+        cols["kept_fraction"][ok] = (pm > cfg.threshold).float().mean(-1).numpy()
+        if cfg.layer_masks:
+            cols["layer_masks"][ok] = res["layer_masks"].float().numpy()
+        if cfg.verify:
+            for name in ("kl", "agree", "masked_kept"):
+                cols[name][ok] = res[name].numpy()
+        return cols
 
 
 # ----- the driver ----------------------------------------------------------------------------------
@@ -277,8 +292,9 @@ def explain_dataset(config: BulkConfig, *, progress: bool = True, log=None, sour
 
     Returns:
         The summary written to ``out/summary.json``: ``images``, ``explained``, ``errors``,
-        ``seconds``, ``images_per_s`` (this run), ``startup_s`` (until the first shard was written),
-        ``steady_images_per_s`` (after it), ``kept_fraction`` histogram, ``agreement_rate``
+        ``seconds``, ``images_per_s`` (this run), ``startup_s`` (until the first block of results was
+        back: Ray, the actors and their model), ``steady_images_per_s`` (the later blocks over the
+        time from the first to the last), ``block_size``, ``kept_fraction`` histogram, ``agreement_rate``
         (``verify``), ``per_class`` counts and the provenance.
 
     Raises:
@@ -292,8 +308,8 @@ def explain_dataset(config: BulkConfig, *, progress: bool = True, log=None, sour
     out = Path(config.out)
     source = source if source is not None else open_bulk_source(config.dataset)
     if config.limit is not None and config.limit < len(source):
-        source = BulkSource(source.spec, f"{source.description} (first {config.limit})",
-                            source.table.slice(0, config.limit), source.loader)
+        source = dataclasses.replace(source, description=f"{source.description} (first {config.limit})",
+                                     table=source.table.slice(0, config.limit))
     model = ServingModel(config.serve_config(), prog="vdm-explain")  # the driver's: checks, provenance, preprocessing
     if config.verify and not model.can_verify:
         raise ValueError(f"--verify needs the masked pass; {config.onnx} lacks the kl/masked_logits outputs "
@@ -311,20 +327,21 @@ def explain_dataset(config: BulkConfig, *, progress: bool = True, log=None, sour
     provenance = {k: run[k] for k in ("model", "model_sha256", "gates_sha256", "gates_source", "backbone_mismatch")}
     provenance["source"] = config.dataset
     t0 = time.perf_counter()
-    processed, flushes = 0, []
+    processed, arrivals = 0, []
     if pending.num_rows:
         if done:
             log(f"vdm-explain: resuming {out}: {len(done)} of {n_shards} shards already complete")
-        processed = _stream(config, source, model, pending, out, provenance, progress, flushes)
+        processed = _stream(config, source, model, pending, out, provenance, progress, arrivals)
     seconds = time.perf_counter() - t0
     summary = summarize(out, run, seconds=seconds, processed=processed)
-    # Throughput once the pipeline runs: images of every shard after the first, over the time they took.
-    summary["startup_s"] = round(flushes[0][0] - t0, 3) if flushes else None
-    if len(flushes) > 1 and flushes[-1][0] > flushes[0][0]:
-        rest = sum(c for _, c in flushes[1:])
-        summary["steady_images_per_s"] = round(rest / (flushes[-1][0] - flushes[0][0]), 2)
-    else:
-        summary["steady_images_per_s"] = None
+    # Start-up: until the first block's results were back (Ray, the actors, the model loads).
+    # Steady: the images of every later block over the time from the first block to the last.
+    summary["startup_s"] = round(arrivals[0][0] - t0, 3) if arrivals else None
+    steady = None
+    if len(arrivals) > 1 and arrivals[-1][0] > arrivals[0][0]:
+        steady = round(sum(c for _, c in arrivals[1:]) / (arrivals[-1][0] - arrivals[0][0]), 2)
+    summary["steady_images_per_s"] = steady
+    summary["block_size"] = config.block_size(model.image_size)
     from .bulk_output import read_errors
 
     errors = read_errors(out)
@@ -334,8 +351,9 @@ def explain_dataset(config: BulkConfig, *, progress: bool = True, log=None, sour
 
 
 def _stream(config: BulkConfig, source: BulkSource, model, pending, out: Path, provenance: dict,
-            progress: bool, flushes: list) -> int:
-    """Run the pending rows through Ray Data and write each shard as soon as it is whole; images explained."""
+            progress: bool, arrivals: list) -> int:
+    """Run the pending rows through Ray Data and write each shard as soon as it is whole; images explained.
+    Appends (time, rows) to ``arrivals`` for every block of results once the driver has handled it."""
     import ray
 
     _ray_init(config.address)
@@ -346,13 +364,15 @@ def _stream(config: BulkConfig, source: BulkSource, model, pending, out: Path, p
     concurrency = config.concurrency
     if concurrency is None:
         concurrency = max(1, int(ray.cluster_resources().get("GPU", 0) // gpus)) if gpus > 0 else 1
-    # Blocks of one batch each: the decoding tasks and the actors stream instead of waiting for a whole shard.
-    B = config.batch_size
-    blocks = [pending.slice(s, B) for s in range(0, pending.num_rows, B)]
-    decode = functools.partial(_decode_batch, loader=source.loader, image_spec=model.image_spec,
-                               uint8_input=bool(model.onnx and model.impl.uint8_input), max_pixels=config.max_pixels)
-    ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(decode, batch_size=B, batch_format="numpy", num_cpus=config.decode_cpus)
+    B = config.block_size(model.image_size)
+    if source.in_memory:  # the images themselves, as uint8 tensor columns: no decoding stage
+        ds = ray.data.from_arrow(_in_memory_blocks(source, pending, B))
+    else:  # rows to decode in CPU tasks beside the forward passes (ids, labels and paths stay here)
+        rows = pending.select(["index", "id", "path", "data"])
+        ds = ray.data.from_arrow([rows.slice(s, B) for s in range(0, rows.num_rows, B)])
+        ds = ds.map_batches(functools.partial(_decode_batch, loader=source.loader, image_spec=model.image_spec,
+                                              max_pixels=config.max_pixels),
+                            batch_size=B, batch_format="numpy", num_cpus=config.decode_cpus)
     ds = ds.map_batches(
         _ExplainActor, batch_size=B, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=config.cpus_per_actor, num_gpus=gpus or None,
@@ -362,30 +382,50 @@ def _stream(config: BulkConfig, source: BulkSource, model, pending, out: Path, p
     expected = {k: min(S, n - k * S) for k in range(-(-n // S))}
     buffers: dict[int, list[dict]] = {}
     counts: dict[int, int] = {}
+    labels = [model.id2label.get(c, str(c)) for c in range(model.num_labels)]
     processed = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         shard_of = batch["index"] // S
         for k in np.unique(shard_of):
             k = int(k)
-            rows = {c: v[shard_of == k] for c, v in batch.items()}
-            buffers.setdefault(k, []).append(rows)
-            counts[k] = counts.get(k, 0) + len(rows["index"])
+            part = {c: v[shard_of == k] for c, v in batch.items()}
+            buffers.setdefault(k, []).append(part)
+            counts[k] = counts.get(k, 0) + len(part["index"])
             if counts[k] == expected[k]:
-                processed += _flush(out, k, buffers.pop(k), provenance)
-                flushes.append((time.perf_counter(), expected[k]))
+                processed += _flush(out, k, buffers.pop(k), source, labels, provenance)
+        arrivals.append((time.perf_counter(), len(batch["index"])))
     if buffers:  # cannot happen unless Ray Data lost or duplicated rows
         raise RuntimeError(f"shards {sorted(buffers)} did not receive all their images; rerun to complete them")
     return processed
 
 
-def _flush(out: Path, k: int, parts: list[dict], provenance: dict) -> int:
-    """Write shard ``k`` from its collected parts; the number of images explained in it."""
-    rows = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
-    order = np.argsort(rows["index"], kind="stable")
-    rows = {c: v[order] for c, v in rows.items()}
-    bad = np.asarray([bool(e) for e in rows["error"]], dtype=bool)
-    errors = [{"id": str(rows["id"][i]), "index": int(rows["index"][i]), "path": str(rows["path"][i]) or None,
-               "reason": str(rows["error"][i])} for i in np.flatnonzero(bad)]
-    good = {c: v[~bad] for c, v in rows.items() if c not in ("error", "pixels")}
-    write_shard(out, k, good, errors, provenance)
+def _in_memory_blocks(source: BulkSource, pending, B: int) -> list:
+    """Blocks of ``B`` pending images of an in-memory source: ``index`` and ``pixels`` uint8 (B, h, w, 3)."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    index = pending.column("index").to_numpy()
+    blocks = []
+    for s in range(0, len(index), B):
+        idx = index[s : s + B]
+        blocks.append(pa.table({"index": pa.array(idx),
+                                "pixels": ArrowTensorArray.from_numpy(np.stack(source.loader(idx)))}))
+    return blocks
+
+
+def _flush(out: Path, k: int, parts: list[dict], source: BulkSource, labels: list[str], provenance: dict) -> int:
+    """Write shard ``k`` from its collected parts (the actor's columns); the number of images explained in it."""
+    cols = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+    order = np.argsort(cols["index"], kind="stable")
+    cols = {c: v[order] for c, v in cols.items()}
+    import pyarrow as pa
+
+    reasons = cols.pop("error")
+    bad = reasons != ""
+    rows = source.table.take(pa.array(cols["index"]))  # image i is row i of the source table
+    errors = [{"id": rows.column("id")[i].as_py(), "index": int(cols["index"][i]),
+               "path": rows.column("path")[i].as_py(), "reason": str(reasons[i])} for i in np.flatnonzero(bad)]
+    if bad.any():
+        cols, rows = {c: v[~bad] for c, v in cols.items()}, rows.filter(pa.array(~bad))
+    write_shard(out, k, cols, rows, labels, errors, provenance)
     return int((~bad).sum())

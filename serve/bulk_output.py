@@ -47,39 +47,46 @@ def complete_shards(out: Path, n_shards: int) -> set[int]:
     return {k for k in range(n_shards) if shard_path(out, k).is_file()}
 
 
-def _shard_table(rows: dict, provenance: dict):
-    """A pyarrow Table from the actor's columns (already the shard's explained rows, sorted by index)."""
+def _shard_table(cols: dict, rows, labels: list[str], provenance: dict):
+    """A shard's pyarrow Table, built column by column (no Python per row).
+
+    ``cols``: the actor's numeric columns for the shard's explained images, sorted by index (numpy,
+    (n,) or (n, ...)); ``rows``: their rows of the source table (``id``, ``path``, ``label``);
+    ``labels``: class names by class index."""
     import pyarrow as pa
 
-    n = len(rows["index"])
-    top_idx, top_score = np.asarray(rows["top_k_index"]), np.asarray(rows["top_k_score"])
-    top_lab = np.asarray([list(r) for r in rows["top_k_label"]], dtype=object).reshape(top_idx.shape)
-    k = top_idx.shape[1] if n else 0
+    n = len(cols["index"])
+    names = pa.array(labels, pa.string())
+    top_idx = np.asarray(cols["top_k_index"], dtype=np.int32)
+    k = top_idx.shape[1]
     top = pa.StructArray.from_arrays(
-        [pa.array(top_idx.reshape(-1), pa.int32()), pa.array([str(v) for v in top_lab.reshape(-1)], pa.string()),
-         pa.array(top_score.reshape(-1), pa.float32())], names=["index", "label", "score"])
-    cols = {
-        "index": pa.array(rows["index"], pa.int64()),
-        "id": pa.array([str(v) for v in rows["id"]], pa.string()),
-        "path": pa.array([str(v) or None for v in rows["path"]], pa.string()),
-        "true_label": pa.array([int(v) if v >= 0 else None for v in rows["true_label"]], pa.int64()),
-        "label": pa.array([str(v) for v in rows["label"]], pa.string()),
-        "label_index": pa.array(rows["label_index"], pa.int32()),
-        "score": pa.array(rows["score"], pa.float32()),
-        "top_k": pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, max(k, 1))[: n + 1], pa.int32()), top),
-        "patch_mask": _fixed(rows["patch_mask"]),
-        "kept_fraction": pa.array(rows["kept_fraction"], pa.float32()),
+        [pa.array(top_idx.reshape(-1)), names.take(pa.array(top_idx.reshape(-1))),
+         pa.array(np.asarray(cols["top_k_score"], dtype=np.float32).reshape(-1))], names=["index", "label", "score"])
+    label_index = np.asarray(cols["label_index"], dtype=np.int32)
+    out = {
+        "index": pa.array(cols["index"], pa.int64()),
+        "id": rows.column("id").combine_chunks(),
+        "path": rows.column("path").combine_chunks(),
+        "true_label": rows.column("label").combine_chunks(),
+        "label": names.take(pa.array(label_index)),
+        "label_index": pa.array(label_index),
+        "score": pa.array(cols["score"], pa.float32()),
+        "top_k": pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * k), top),
+        "patch_mask": _fixed(cols["patch_mask"]),
+        "kept_fraction": pa.array(cols["kept_fraction"], pa.float32()),
     }
-    if "layer_masks" in rows:
-        cols["layer_masks"] = _fixed(rows["layer_masks"])
+    if "layer_masks" in cols:
+        out["layer_masks"] = _fixed(cols["layer_masks"])
     for name, typ in (("kl", pa.float32()), ("agree", pa.bool_()), ("masked_kept", pa.float32())):
-        if name in rows:
-            cols[name] = pa.array(rows[name], typ)
-    for name in ("model", "model_sha256", "gates_sha256", "gates_source"):
-        cols[name] = pa.array([provenance.get(name)] * n, pa.string()).dictionary_encode()
-    cols["backbone_mismatch"] = pa.array([bool(provenance.get("backbone_mismatch"))] * n, pa.bool_())
+        if name in cols:
+            out[name] = pa.array(cols[name], typ)
+    for name in ("model", "model_sha256", "gates_sha256", "gates_source"):  # one value per shard, dictionary-encoded
+        value = provenance.get(name)
+        indices = pa.array(np.zeros(n, np.int32)) if value is not None else pa.nulls(n, pa.int32())
+        out[name] = pa.DictionaryArray.from_arrays(indices, pa.array([] if value is None else [value], pa.string()))
+    out["backbone_mismatch"] = pa.array(np.full(n, bool(provenance.get("backbone_mismatch"))), pa.bool_())
     meta = {"vdm_engine.bulk": json.dumps(provenance, sort_keys=True)}
-    return pa.table(cols).replace_schema_metadata(meta)
+    return pa.table(out).replace_schema_metadata(meta)
 
 
 def _fixed(a: np.ndarray):
@@ -93,8 +100,9 @@ def _fixed(a: np.ndarray):
     return arr
 
 
-def write_shard(out: Path, k: int, rows: dict, errors: list[dict], provenance: dict) -> None:
-    """Write shard ``k`` atomically: its errors file (if any) first, then its parquet file (the marker)."""
+def write_shard(out: Path, k: int, cols: dict, rows, labels: list[str], errors: list[dict], provenance: dict) -> None:
+    """Write shard ``k`` atomically: its errors file (if any) first, then its parquet file (the marker).
+    ``cols``, ``rows``, ``labels``: the explained images (``_shard_table``)."""
     import pyarrow.parquet as pq
 
     from vdm_engine._io import atomic_path, atomic_write_bytes
@@ -104,7 +112,7 @@ def write_shard(out: Path, k: int, rows: dict, errors: list[dict], provenance: d
         atomic_write_bytes(ep, "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode())
     elif ep.exists():
         ep.unlink()  # left by an older attempt that read the files differently
-    table = _shard_table(rows, provenance)
+    table = _shard_table(cols, rows, labels, provenance)
     with atomic_path(shard_path(out, k), suffix=".parquet") as tmp:
         pq.write_table(table, tmp)
         with open(tmp, "rb+") as f:

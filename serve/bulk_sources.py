@@ -50,12 +50,15 @@ class BulkSource:
             ``label`` int64 (true label, null when unknown), ``path`` string and ``data`` binary
             (either may be null).
         loader: ``loader(indices) -> list of (h, w, 3) uint8 arrays`` for rows without path or data.
+        in_memory: the loader returns arrays it holds decoded, all of one shape (digits, toy): a bulk
+            run sends them in its blocks instead of decoding them in separate tasks.
     """
 
     spec: str
     description: str
     table: object
     loader: object | None = None
+    in_memory: bool = False
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -72,7 +75,7 @@ class BulkSource:
         t = t.set_column(0, "index", pa.array(np.arange(n * times, dtype=np.int64)))
         t = t.set_column(1, "id", pa.array(ids, pa.string()))
         loader = None if self.loader is None else _Modulo(self.loader, n)
-        return BulkSource(f"{self.spec}*{times}", f"{self.description}, {times} times", t, loader)
+        return BulkSource(f"{self.spec}*{times}", f"{self.description}, {times} times", t, loader, self.in_memory)
 
 
 # ----- loaders: picklable, cache what they load once per worker process --------------------------
@@ -191,7 +194,7 @@ def _digits(spec: str, split: str) -> BulkSource:
     _, labels = digits_split(split)
     offset = 0 if split == "all" else _DIGITS_SPLITS[split][0]
     return BulkSource(spec, f"digits ({split} split): {len(ids)} images", _table(ids, labels.tolist()),
-                      _DigitsLoader(offset))
+                      _DigitsLoader(offset), in_memory=True)
 
 
 def _toy(spec: str, rest: str) -> BulkSource:
@@ -207,7 +210,7 @@ def _toy(spec: str, rest: str) -> BulkSource:
     n, seed = (vals + list(_TOY_DEFAULT)[len(vals):])[:2]
     _, labels, _ = toy_batch(n, seed)
     return BulkSource(spec, f"toy: {n} images (toy_batch seed {seed})", _table(toy_ids(n, seed), labels.tolist()),
-                      _ToyLoader(n, seed))
+                      _ToyLoader(n, seed), in_memory=True)
 
 
 def _imagefolder(spec: str, path: str) -> BulkSource:

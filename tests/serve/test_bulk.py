@@ -118,6 +118,7 @@ def test_bulk_masks_equal_explainer(digits_run, reference):
     # summary.json: the same numbers as the shards
     assert summary == json.loads((out / "summary.json").read_text())
     assert (summary["images"], summary["explained"], summary["errors"], summary["complete"]) == (300, 300, 0, True)
+    assert summary["block_size"] == 50 and summary["startup_s"] > 0 and summary["steady_images_per_s"] > 0
     assert sum(summary["kept_fraction"]["counts"]) == 300
     assert summary["agreement_rate"] == pytest.approx(float(check.agree.float().mean()))
     assert sum(summary["per_class"].values()) == 300
@@ -147,6 +148,16 @@ def test_sigkill_midway_then_rerun_is_exact(digits_run, killed_driver, capsys):
         assert after[col] == full[col], col
     assert summary["explained"] == 300 and summary["complete"]
     assert not list(shards.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("batch_size, image_size, expected", [
+    (None, (32, 32), 1024), (None, (224, 224), 64), (None, (384, 384), 32), (None, (5000, 5000), 1), (50, (224, 224), 50),
+])
+def test_block_size_rule(batch_size, image_size, expected):
+    """The largest power of two up to 1024 whose float32 input fits 64 MiB, unless batch_size says."""
+    from vdm_engine.serve.bulk import BulkConfig
+
+    assert BulkConfig(dataset="digits", out="o", batch_size=batch_size).block_size(image_size) == expected
 
 
 def _png(a: np.ndarray) -> bytes:
@@ -195,7 +206,7 @@ def _decode(source, spec):
     from vdm_engine.serve.bulk import _decode_batch
 
     batch = {c: source.table.column(c).to_pylist() for c in source.table.column_names}
-    return _decode_batch(batch, loader=source.loader, image_spec=spec, uint8_input=False, max_pixels=None)
+    return _decode_batch(batch, loader=source.loader, image_spec=spec, max_pixels=None)
 
 
 def test_parquet_bytes_and_jsonl_paths(digit_folder, reference, tmp_path):
@@ -219,9 +230,11 @@ def test_parquet_bytes_and_jsonl_paths(digit_folder, reference, tmp_path):
     assert a.table.column("label").to_pylist() == list(range(len(data)))
     da, db = _decode(a, reference.backbone.image_spec), _decode(b, reference.backbone.image_spec)
     assert list(da["error"][:-1]) == list(db["error"]) == [""] * len(names) and "bad" in da["error"][-1]
-    expected = reference.preprocess([good[n] for n in names]).numpy()
-    np.testing.assert_array_equal(da["pixels"][:-1], expected)
-    np.testing.assert_array_equal(db["pixels"], expected)
+    # uint8 images at the model size; the actor's preprocess turns them into exactly the Explainer's input
+    assert da["pixels"].dtype == np.uint8 and da["pixels"].shape == (len(data), 32, 32, 3)
+    expected = reference.preprocess([good[n] for n in names])
+    assert torch.equal(reference.preprocess(da["pixels"][:-1]), expected)
+    assert torch.equal(reference.preprocess(db["pixels"]), expected)
 
 
 def test_hf_dataset_saved_to_disk(reference, tmp_path):
@@ -240,7 +253,7 @@ def test_hf_dataset_saved_to_disk(reference, tmp_path):
     assert source.table.column("id").to_pylist() == [f"train/{i}" for i in range(5)]
     assert source.table.column("label").to_pylist() == labels[:5].tolist()
     decoded = _decode(source, reference.backbone.image_spec)
-    np.testing.assert_array_equal(decoded["pixels"], reference.preprocess(list(images[:5])).numpy())
+    assert torch.equal(reference.preprocess(decoded["pixels"]), reference.preprocess(list(images[:5])))
     with pytest.raises(ValueError, match="splits \\['train'\\]"):
         datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dd"))
         open_bulk_source(f"hf:{tmp_path / 'dd'}:test")
