@@ -32,6 +32,7 @@ import numpy as np
 from .bulk_output import complete_shards, summarize, write_shard
 from .bulk_sources import BulkSource, open_bulk_source
 from .config import check_field
+from .raycluster import init_ray
 
 __all__ = ["BulkConfig", "explain_dataset", "RUN_FIELDS", "MAX_BLOCK", "BLOCK_BYTES"]
 
@@ -268,8 +269,7 @@ def _ray_init(address: str | None) -> None:
     kwargs = {"include_dashboard": False, "log_to_driver": False}
     if env:
         kwargs["runtime_env"] = {"env_vars": env}
-    # "local": a new instance of our own, never one another process started on this machine
-    ray.init(address=address or "local", **kwargs)
+    init_ray(address, **kwargs)
 
 
 def _pending_table(source: BulkSource, done: set[int], shard_size: int):

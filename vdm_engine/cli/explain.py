@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--top-k", type=int, default=5, help="classes listed in the caption and JSON (default 5)")
     opt.add_argument("--threshold", type=float, default=0.5, help="keep probability above which a patch is kept")
     opt.add_argument("--batch-size", type=int, default=None,
-                     help="images per forward pass (default 16; 64 with --dataset)")
+                     help="images per forward pass (default 16; with --dataset up to 1024 by image size, "
+                          "see BulkConfig.block_size)")
     opt.add_argument("--device", default=None, help="cpu or cuda (PyTorch path; default cpu)")
     opt.add_argument("--max-pixels", type=int, default=None, metavar="N",
                      help="refuse images with more pixels than this, before decoding "
@@ -268,7 +269,7 @@ def _bulk(args) -> int:
     try:
         config = BulkConfig(
             dataset=args.dataset, out=args.out, model=args.model or "vit-digits", gates=args.gates, onnx=args.onnx,
-            allow_backbone_mismatch=args.allow_backbone_mismatch, batch_size=64 if args.batch_size is None else args.batch_size,
+            allow_backbone_mismatch=args.allow_backbone_mismatch, batch_size=args.batch_size,
             shard_size=args.shard_size, concurrency=args.concurrency, num_gpus_per_actor=args.num_gpus_per_actor,
             cpus_per_actor=args.cpus_per_actor, address=args.address, limit=args.limit, top_k=args.top_k,
             threshold=args.threshold, layer_masks=args.layer_masks, verify=args.verify, max_pixels=args.max_pixels,
