@@ -2,8 +2,8 @@
 
 Timed (``--benchmark-only``): the digits (1797) repeated 48 times (86256 images, 85 blocks of
 ``BulkConfig.block_size``, 1024 here) go through ``explain_dataset`` (digits are held in memory, so
-their uint8 images travel in the blocks and no decoding task runs; one actor with the loop's torch
-threads) and through a plain loop of ``preprocess`` + ``explain`` over the same images in batches
+their uint8 images travel in the blocks and no decoding task runs; the default pool, one
+single-threaded actor per CPU, against a loop with one torch thread per CPU) and through a plain loop of ``preprocess`` + ``explain`` over the same images in batches
 of the same size, one pass before and one after the pipeline in the same process. ``extra_info``
 records the loop's rate (the better pass), the pipeline's steady rate (the blocks after the first,
 over the time from the first to the last), its end-to-end rate (the whole ``explain_dataset`` call: the driver's model
@@ -68,12 +68,12 @@ def test_bulk_digits_vs_explain_loop(benchmark, tmp_path):
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray_init_s = time.perf_counter() - t0
     try:
-        # One actor with the loop's thread count. In a shared instance (the tests' session, whose
-        # serve replicas hold some CPUs) it asks for a quarter of a CPU, so that it never waits on
-        # CPUs other users hold (it still runs torch on one thread).
-        cpus = min(float(threads), float(ray.cluster_resources().get("CPU", 1))) if own else 0.25
+        # Its own instance: the default pool, one single-threaded actor per CPU (the loop runs one
+        # thread per CPU). In a shared instance (the tests' session, whose serve replicas hold some
+        # CPUs) one actor asks for a quarter of a CPU, so that it never waits on CPUs others hold.
+        pool = dict(cpus_per_actor=1.0) if own else dict(cpus_per_actor=0.25, concurrency=1)
         config = BulkConfig(dataset=f"digits*{REPEAT}", out=str(tmp_path / "bulk"), batch_size=None if timed else 64,
-                            shard_size=1024 if timed else 64, cpus_per_actor=cpus)
+                            shard_size=1024 if timed else 64, **pool)
         batch = config.block_size(explainer.backbone.image_size)
         loop_before = _loop_rate(explainer, images, n, batch, passes=1)
         t0 = time.perf_counter()
@@ -88,8 +88,9 @@ def test_bulk_digits_vs_explain_loop(benchmark, tmp_path):
     assert summary["block_size"] == batch
     loop, steady, e2e = max(loop_before, loop_after), summary["steady_images_per_s"], n / call_s
     benchmark.extra_info.update(
-        case="bulk/digits", images=n, batch=batch, shard_size=config.shard_size, actors=1, decode="uint8 images in the blocks",
-        actor_cpus=config.cpus_per_actor, torch_threads=threads, device_name=cpu_model_name(),
+        case="bulk/digits", images=n, batch=batch, shard_size=config.shard_size,
+        actors=config.concurrency or int(os.cpu_count() // config.cpus_per_actor), decode="uint8 images in the blocks",
+        actor_cpus=config.cpus_per_actor, actor_threads=max(1, int(round(config.cpus_per_actor))), loop_threads=threads, device_name=cpu_model_name(),
         loop_images_per_s=round(loop, 1), loop_before_images_per_s=round(loop_before, 1),
         loop_after_images_per_s=round(loop_after, 1), bulk_steady_images_per_s=steady,
         bulk_end_to_end_images_per_s=round(e2e, 1), call_s=round(call_s, 2), startup_s=summary["startup_s"],

@@ -58,8 +58,9 @@ class BulkConfig:
             Data costs tens of milliseconds per block whatever its size, so a block must be large
             against that; the bound keeps a block's inputs and activations small beside an actor's memory.
         shard_size: images per Parquet shard (the unit of resumption).
-        concurrency: explainer actors (default: one per ``num_gpus_per_actor`` GPUs of the cluster,
-            else 1).
+        concurrency: explainer actors (default: as many as the cluster holds, one per
+            ``num_gpus_per_actor`` GPUs or else one per ``cpus_per_actor`` CPUs, started as
+            resources allow; see ``_actor_pool``).
         num_gpus_per_actor: GPUs per actor (fractions allowed); > 0 runs the explainer on CUDA.
         cpus_per_actor: Ray CPUs per actor, also its torch threads (rounded, at least 1).
         decode_cpus: Ray CPUs per decoding task.
@@ -272,6 +273,24 @@ def _ray_init(address: str | None) -> None:
     init_ray(address, **kwargs)
 
 
+def _actor_pool(config: BulkConfig, resources: dict, *, decoding: bool):
+    """The explainer actor pool: ``config.concurrency`` actors, or by default as many as the cluster
+    holds, from one up as resources free: one per ``num_gpus_per_actor`` GPUs, else one per
+    ``cpus_per_actor`` CPUs (less one decoding task's share when the source is decoded in tasks).
+    On a CPU, one single-threaded actor per core outruns one actor with a thread per core: the
+    driver and Ray's own processes take CPU time that stalls every thread of a multi-threaded call."""
+    import ray
+
+    if config.concurrency is not None:
+        return ray.data.ActorPoolStrategy(size=config.concurrency)
+    if config.num_gpus_per_actor > 0:
+        n = int(resources.get("GPU", 0) // config.num_gpus_per_actor)
+    else:
+        n = int((resources.get("CPU", 1) - (config.decode_cpus if decoding else 0.0)) // config.cpus_per_actor)
+    n = max(1, n)
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=n, initial_size=n)
+
+
 def _pending_table(source: BulkSource, done: set[int], shard_size: int):
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -361,9 +380,7 @@ def _stream(config: BulkConfig, source: BulkSource, model, pending, out: Path, p
     ctx.enable_progress_bars = progress
     S, n = config.shard_size, len(source)
     gpus = config.num_gpus_per_actor
-    concurrency = config.concurrency
-    if concurrency is None:
-        concurrency = max(1, int(ray.cluster_resources().get("GPU", 0) // gpus)) if gpus > 0 else 1
+    pool = _actor_pool(config, ray.cluster_resources(), decoding=not source.in_memory)
     B = config.block_size(model.image_size)
     if source.in_memory:  # the images themselves, as uint8 tensor columns: no decoding stage
         ds = ray.data.from_arrow(_in_memory_blocks(source, pending, B))
@@ -374,7 +391,7 @@ def _stream(config: BulkConfig, source: BulkSource, model, pending, out: Path, p
                                               max_pixels=config.max_pixels),
                             batch_size=B, batch_format="numpy", num_cpus=config.decode_cpus)
     ds = ds.map_batches(
-        _ExplainActor, batch_size=B, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency),
+        _ExplainActor, batch_size=B, batch_format="numpy", compute=pool,
         num_cpus=config.cpus_per_actor, num_gpus=gpus or None,
         fn_constructor_kwargs={"config": config, "device": "cuda" if gpus > 0 else None,
                                "threads": max(1, int(round(config.cpus_per_actor)))},

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # digits:test (300 images) in 30 shards of 10, explained in batches of 50 (fewer Ray blocks, a shorter run).
 # Half a CPU per actor: the uninterrupted run and the driver that gets killed fit the session's 2 CPUs
 # side by side (an actor still runs torch on one thread).
-DIGITS = dict(dataset="digits:test", shard_size=10, batch_size=50, layer_masks=True, verify=True, cpus_per_actor=0.5)
+DIGITS = dict(dataset="digits:test", shard_size=10, batch_size=50, layer_masks=True, verify=True, cpus_per_actor=0.5,
+              concurrency=1)
 
 
 def _run(out, **kw):
@@ -57,7 +58,7 @@ class KilledDriver:
         self.out = out
         self.cmd = [sys.executable, "-m", "vdm_engine.cli.explain", "--dataset", DIGITS["dataset"], "--out", str(out),
                     "--shard-size", str(DIGITS["shard_size"]), "--batch-size", str(DIGITS["batch_size"]),
-                    "--cpus-per-actor", str(DIGITS["cpus_per_actor"]), "--layer-masks", "--verify",
+                    "--cpus-per-actor", str(DIGITS["cpus_per_actor"]), "--concurrency", "1", "--layer-masks", "--verify",
                     "--address", address, "--no-progress"]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(self.cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -320,3 +321,21 @@ def test_eval_cli_diffmask_from_bad_folder(tmp_path, capsys):
                str(tmp_path / "e"), "--no-plots"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "not a bulk run folder" in err[0], err
+
+
+def test_actor_pool_sizes():
+    """Default pool: one actor per GPU share, else per CPU share (less a decoding task's), from one up;
+    an explicit concurrency is a fixed pool."""
+    from vdm_engine.serve.bulk import BulkConfig, _actor_pool
+
+    def sizes(resources, decoding=False, **kw):
+        p = _actor_pool(BulkConfig(dataset="digits", out="o", **kw), resources, decoding=decoding)
+        return p.min_size, p.max_size
+
+    assert sizes({"CPU": 2.0}) == (1, 2)
+    assert sizes({"CPU": 2.0}, decoding=True) == (1, 1)  # 1.5 CPUs left beside a 0.5-CPU decoding task
+    assert sizes({"CPU": 8.0}, cpus_per_actor=2.0) == (1, 4)
+    assert sizes({"CPU": 0.5}) == (1, 1)
+    assert sizes({"CPU": 16.0, "GPU": 4.0}, num_gpus_per_actor=0.5) == (1, 8)
+    assert sizes({"CPU": 16.0}, concurrency=3) == (3, 3)
+

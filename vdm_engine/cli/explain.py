@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                            "list of image paths or bytes")
     bulk.add_argument("--shard-size", type=int, default=1024, help="images per Parquet shard (default 1024)")
     bulk.add_argument("--concurrency", type=int, default=None,
-                      help="explainer actors (default: one per --num-gpus-per-actor GPUs, else 1)")
+                      help="explainer actors (default: as many as the cluster holds: one per --num-gpus-per-actor "
+                           "GPUs, else one per --cpus-per-actor CPUs)")
     bulk.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default 0: CPU)")
     bulk.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor (default 1)")
     bulk.add_argument("--address", default=None, help="join this Ray cluster (auto, HOST:PORT, ray://...); default: a local one")
