@@ -363,6 +363,29 @@ def test_sigterm_runs_cleanup_and_exits_143(capsys):
     assert signal.getsignal(signal.SIGTERM) is handler  # restored
 
 
+def test_sigint_interrupts_even_when_inherited_ignored(capsys):
+    """A CLI started as a background job of a non-interactive shell inherits SIGINT ignored; Ctrl-C
+    (or kill -INT) must still interrupt it: exit 130 after clean-up, the disposition restored."""
+    cleaned = []
+
+    def body():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)
+        finally:
+            cleaned.append(True)
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        t0 = time.monotonic()
+        assert run_cli("vdm-x", body) == 130
+        assert time.monotonic() - t0 < 5 and cleaned == [True]
+        assert capsys.readouterr().err.strip() == "vdm-x: interrupted"
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_onnx_explainer_names_the_missing_data_file(ws):
     pytest.importorskip("onnxruntime")
     from vdm_engine.runtime import OnnxExplainer

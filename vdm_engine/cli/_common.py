@@ -74,9 +74,12 @@ def run_cli(prog: str, body: Callable[[], int | None]) -> int:
     ``UsageError``, ``ValueError``, missing weights or gates, missing files -> 2;
     other runtime failures -> 1; Ctrl-C -> 130; SIGTERM -> 143 (handled like Ctrl-C, so clean-up runs).
     """
-    previous = None
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+        # Ctrl-C always interrupts, even where SIGINT came in ignored (a background job of a
+        # non-interactive shell inherits it so, and Python then installs no handler at all).
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning(prog)
@@ -94,8 +97,8 @@ def run_cli(prog: str, body: Callable[[], int | None]) -> int:
         print(f"{prog}: failed: {e}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
