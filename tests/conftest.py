@@ -102,6 +102,17 @@ def make_tiny_gates(backbone) -> Gates:
     return g.eval()
 
 
+def make_tiny_levels(backbone, k: int) -> list[Gates]:
+    """K ``make_tiny_gates``, each level's offsets 1.5 lower (sparser) than the one before."""
+    levels = []
+    for i in range(k):
+        g = make_tiny_gates(backbone)
+        with torch.no_grad():
+            g.add.add_(-1.5 * i)
+        levels.append(g)
+    return levels
+
+
 @pytest.fixture
 def tiny_gates(tiny_backbone):
     return make_tiny_gates(tiny_backbone)

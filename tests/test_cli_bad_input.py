@@ -345,45 +345,34 @@ def test_check_model(tmp_path, monkeypatch):
         check_model("a/b/c")
 
 
-def test_sigterm_runs_cleanup_and_exits_143(capsys):
+@pytest.mark.parametrize("signum, inherited, code, message", [
+    (signal.SIGTERM, None, 143, "terminated (SIGTERM)"),
+    # a CLI started as a background job of a non-interactive shell inherits SIGINT ignored; Ctrl-C
+    # (or kill -INT) must still interrupt it
+    (signal.SIGINT, signal.SIG_IGN, 130, "interrupted"),
+], ids=["sigterm", "sigint-inherited-ignored"])
+def test_signal_runs_cleanup_and_exits(signum, inherited, code, message, capsys):
+    """SIGTERM -> 143, SIGINT -> 130, each after the body's clean-up ran; the disposition restored."""
     cleaned = []
 
     def body():
         try:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
             time.sleep(10)
         finally:
             cleaned.append(True)
 
-    handler = signal.getsignal(signal.SIGTERM)
-    t0 = time.monotonic()
-    assert run_cli("vdm-x", body) == 143
-    assert time.monotonic() - t0 < 5 and cleaned == [True]
-    assert capsys.readouterr().err.strip() == "vdm-x: terminated (SIGTERM)"
-    assert signal.getsignal(signal.SIGTERM) is handler  # restored
-
-
-def test_sigint_interrupts_even_when_inherited_ignored(capsys):
-    """A CLI started as a background job of a non-interactive shell inherits SIGINT ignored; Ctrl-C
-    (or kill -INT) must still interrupt it: exit 130 after clean-up, the disposition restored."""
-    cleaned = []
-
-    def body():
-        try:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(10)
-        finally:
-            cleaned.append(True)
-
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.signal(signum, inherited) if inherited is not None else None
     try:
+        handler = signal.getsignal(signum)
         t0 = time.monotonic()
-        assert run_cli("vdm-x", body) == 130
+        assert run_cli("vdm-x", body) == code
         assert time.monotonic() - t0 < 5 and cleaned == [True]
-        assert capsys.readouterr().err.strip() == "vdm-x: interrupted"
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # restored
+        assert capsys.readouterr().err.strip() == f"vdm-x: {message}"
+        assert signal.getsignal(signum) is handler  # restored
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if previous is not None:
+            signal.signal(signum, previous)
 
 
 def test_onnx_explainer_names_the_missing_data_file(ws):

@@ -43,15 +43,9 @@ def test_compiled_k_level_gates_return_the_ranking(tiny_backbone, pixels, close)
     """K-level gates: the compiled explain returns patch_rank too, equal to eager."""
     from vdm_engine import Explainer, Gates
 
-    from tests.conftest import make_tiny_gates
+    from tests.conftest import make_tiny_levels
 
-    levels = []
-    for i in range(3):
-        g = make_tiny_gates(tiny_backbone)
-        with torch.no_grad():
-            g.add.add_(-1.5 * i)
-        levels.append(g)
-    ex = Explainer(tiny_backbone, Gates.stack(levels, main_level=1), kernels="reference").eval()
+    ex = Explainer(tiny_backbone, Gates.stack(make_tiny_levels(tiny_backbone, 3), main_level=1), kernels="reference").eval()
     compiled = ex.compile(batch_sizes=(4,), backend="aot_eager")
     assert compiled.outputs[-1] == "patch_rank"
     got, expected = compiled.explain(pixels[:3]), ex.explain(pixels[:3])

@@ -12,7 +12,7 @@ from vdm_engine import Explainer, GateConfig, Gates
 from vdm_engine.gates import (FusedProbes, finish_probes, fuse_levels, gate_probe_levels_reference, gate_probe_reference,
                               project_depth)
 
-from tests.conftest import make_tiny_gates
+from tests.conftest import make_tiny_levels
 
 
 @pytest.fixture(autouse=True)
@@ -130,12 +130,7 @@ def test_fuse_levels_layout():
 
 def test_probe_pass_one_fused_call_per_depth(tiny_backbone, pixels, close):
     """levels=True calls the levels op once per depth (not K times) and matches every level run alone."""
-    levels = []
-    for i in range(4):
-        g = make_tiny_gates(tiny_backbone)
-        with torch.no_grad():
-            g.add.add_(-1.5 * i)
-        levels.append(g)
+    levels = make_tiny_levels(tiny_backbone, 4)
     ex = Explainer(tiny_backbone, Gates.stack(levels, main_level=2), kernels="reference").eval()
     calls = []
 
