@@ -229,7 +229,7 @@ class Explainer(nn.Module):
 
         Only h0 is kept beyond its layer (every probe and the masked pass read it); no
         (L+2, B, T, D) stack is built. ``ops.probe_layout`` decides the order of the maths
-        (``ops.probe_layout_for``): ``wide`` projects each depth (B, T, K*P) and finishes every probe
+        (``ops.probe_layout_for``): ``wide`` projects each depth (B*T, K*P) and finishes every probe
         after the last layer; ``per-depth`` runs each depth's whole probe (a kernel) as its state appears.
 
         Args:

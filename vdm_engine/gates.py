@@ -372,8 +372,8 @@ class Gates(nn.Module):
     def wide_probes(self, levels: bool = False) -> WideProbes:
         """The probes as ``WideProbes`` (for ``project_depth`` / ``finish_probes``): the main level's,
         or with ``levels`` every level's (K columns per depth)."""
-        params = self.level_params() if levels else [self.probe_params()]
-        return self._derive(f"wide{int(levels)}", lambda: widen(fuse_levels(params)))
+        return self._derive(f"wide{int(levels)}",
+                            lambda: widen(fuse_levels(self.level_params() if levels else [self.probe_params()])))
 
     def _derive(self, name: str, build):
         """``build()``, cached under ``name`` while the weights stay the same tensors (same storage,
