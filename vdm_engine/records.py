@@ -41,14 +41,15 @@ def explanation_records(explanation, id2label: dict[int, str], *, top_k: int = 5
         ``score``), ``grid`` [h, w], ``patch_mask`` (h rows of w floats), ``threshold`` and
         ``kept_fraction``.
     """
-    grids = explanation.grid_mask().detach().float().cpu().numpy()
+    h, w = explanation.grid
+    masks = explanation.patch_mask.detach().float().cpu().tolist()  # (B, N) as Python floats: one conversion
     records = prediction_records(explanation.logits, id2label, top_k=top_k)
-    for rec, grid in zip(records, grids):
+    for rec, mask in zip(records, masks):
         rec.update({
-            "grid": list(explanation.grid),
-            "patch_mask": [[float(v) for v in row] for row in grid],
+            "grid": [h, w],
+            "patch_mask": [mask[r * w:(r + 1) * w] for r in range(h)],
             "threshold": threshold,
-            "kept_fraction": float((grid > threshold).mean()),
+            "kept_fraction": sum(v > threshold for v in mask) / len(mask),
         })
     return records
 
