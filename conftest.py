@@ -41,6 +41,9 @@ def pytest_cmdline_main(config):
     workers = min(WORKERS, os.cpu_count() or 1)
     if workers > 1:
         opt.numprocesses, opt.dist = workers, "loadscope"
+        # One intra-op thread per worker (and the processes they start) unless set: two workers
+        # of two spinning OpenMP threads each would share the two cores of the CI machine.
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     return None
 
 

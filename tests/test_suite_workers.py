@@ -64,11 +64,15 @@ def _config(args=(), source="testpaths", worker=False, **options):
 def test_only_the_whole_suite_is_spread_over_workers(case, spread, monkeypatch):
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # recorded, so whatever the hook sets is undone
+    monkeypatch.delenv("OMP_NUM_THREADS")
     c = _root_conftest()
     config = _config(**case)
     c.pytest_cmdline_main(config)
     workers = min(c.WORKERS, os.cpu_count() or 1)
     if spread and workers > 1:
         assert (config.option.numprocesses, config.option.dist) == (workers, "loadscope")
+        assert os.environ["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // workers))
     else:
         assert (config.option.numprocesses, config.option.dist) == (None, "no")
+        assert "OMP_NUM_THREADS" not in os.environ
