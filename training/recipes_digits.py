@@ -34,7 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["DigitsVariant", "VARIANTS", "train_variant", "score_variant", "target_check", "study", "ship", "main"]
+from vdm_engine.masks import patch_rank
+
+__all__ = ["DigitsVariant", "VARIANTS", "train_variant", "score_variant", "target_check", "RANKINGS",
+           "score_rankings", "study", "study_rankings", "ship", "main"]
 
 TEST_IMAGES = 300
 CHEFER = "chefer"
@@ -132,6 +135,11 @@ VARIANTS = [
     DigitsVariant("steps-2000", "2000 steps (not 1000)", train={"steps": 2000}),
     DigitsVariant("path-3-narrow", "K=3, budgets 0.03/0.1/0.3 (the shipped K=3 spacing, 600-step levels)",
                   levels=(0.03, 0.1, 0.3)),
+    DigitsVariant("path-dense-5", "K=5, budgets 0.003/0.01/0.03/0.1/0.3: three levels denser than the main one, "
+                  "so the patches the main level drops are ordered by the budget that drops them",
+                  levels=(0.003, 0.01, 0.03, 0.1, 0.3)),
+    DigitsVariant("path-8", "K=8, budgets 0.001 .. 2.0 (four levels denser than the main one, three sparser)",
+                  levels=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 2.0)),
     DigitsVariant("path-4", "K=4, budgets 0.1/0.3/1.0/3.0", levels=(0.1, 0.3, 1.0, 3.0)),
     DigitsVariant("path-4-wide", "K=4, budgets 0.03/0.1/0.5/2.0 (one level denser, two sparser)",
                   levels=(0.03, 0.1, 0.5, 2.0)),
@@ -285,18 +293,78 @@ def score_variant(backbone, gates, path, pixel_values: torch.Tensor, chefer: tor
         methods["diffmask-path"] = get_method("diffmask-path", Explainer(backbone, path).eval())
     res = evaluate(methods, backbone, pixel_values, config=PerturbationConfig(), progress=progress,
                    metrics=("perturbation", "insertion-deletion", "road"), precomputed={CHEFER: chefer})
-    out = {}
-    for m, entry in res["methods"].items():
-        out[m] = {}
-        for metric, setting, order in CURVES:
-            a, c = _aucs(entry, metric, setting, order), _aucs(res["methods"][CHEFER], metric, setting, order)
-            auc, sem = _mean_sem(a)
-            diff, diff_sem = _mean_sem(a - c)
-            out[m][_curve_name(metric, setting, order)] = {"auc": auc, "sem": sem, "diff": diff, "diff_sem": diff_sem}
+    out = _curve_figures(res)
     if path is not None:
         _, hidden = backbone.hidden_states(pixel_values)
         mask["path_kept_per_level"] = [float(x) for x in (path.level_masks(hidden) > 0.5).float().mean((0, 2))]
     return {"mask": mask, "methods": out}
+
+
+def _curve_figures(res: dict, reference: str = CHEFER, paired: str | None = None) -> dict:
+    """{method: {curve: {auc, sem, diff, diff_sem}}} from ``evaluate``'s result; ``diff`` is the mean per-image
+    AUC difference method - ``reference``; with ``paired``, also ``diff_<paired>`` / ``diff_<paired>_sem``."""
+    out = {}
+    for m, entry in res["methods"].items():
+        out[m] = {}
+        for metric, setting, order in CURVES:
+            a, c = _aucs(entry, metric, setting, order), _aucs(res["methods"][reference], metric, setting, order)
+            auc, sem = _mean_sem(a)
+            diff, diff_sem = _mean_sem(a - c)
+            cell = {"auc": auc, "sem": sem, "diff": diff, "diff_sem": diff_sem}
+            if paired is not None:
+                d, ds = _mean_sem(a - _aucs(res["methods"][paired], metric, setting, order))
+                cell.update({f"diff_{paired}": d, f"diff_{paired}_sem": ds})
+            out[m][_curve_name(metric, setting, order)] = cell
+    return out
+
+
+def _rank_with_tie(level_masks: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
+    """``masks.patch_rank``'s rank (1 + sparsest level keeping the patch) with another tie-break in [0, 1]."""
+    return patch_rank(level_masks).floor() + tie.clamp(0.0, 1.0 - 1e-6)
+
+
+def _log_keep(level_masks: torch.Tensor) -> torch.Tensor:
+    return level_masks.float().clamp_min(1e-30).log()
+
+
+# Candidate one-pass rankings of a path: (B, K, N) level keep probabilities, least sparse level first ->
+# (B, N) scores, higher = more relevant. "path-rank" is ``masks.patch_rank`` (what diffmask-path ships).
+RANKINGS = {
+    "path-rank": patch_rank,
+    "mean-keep": lambda p: p.float().mean(1),
+    "mean-log-keep": lambda p: _log_keep(p).mean(1),
+    "rank-mean-tie": lambda p: _rank_with_tie(p, p.float().mean(1)),
+    "rank-geomean-tie": lambda p: _rank_with_tie(p, _log_keep(p).mean(1).exp()),
+}
+
+
+@torch.no_grad()
+def score_rankings(backbone, path, pixel_values: torch.Tensor, chefer: torch.Tensor, *, progress: bool = False) -> dict:
+    """Every ``RANKINGS`` entry of one path on held-out digits, with paired differences to Chefer and to
+    ``path-rank``.
+
+    Args:
+        path: K-level ``Gates``; pixel_values: (M, 3, H, W); chefer: (M, N) Chefer et al. scores.
+
+    Returns:
+        {ranking: {curve: {auc, sem, diff, diff_sem, diff_path-rank, diff_path-rank_sem}, "target": target_check}}.
+    """
+    from vdm_engine.evaluation import PerturbationConfig, evaluate
+
+    _, hidden = backbone.hidden_states(pixel_values)
+    p = path.level_masks(hidden)
+    scores = {name: f(p).float() for name, f in RANKINGS.items()}
+    res = evaluate({**{n: None for n in scores}, CHEFER: None}, backbone, pixel_values, config=PerturbationConfig(),
+                   progress=progress, metrics=("perturbation", "insertion-deletion", "road"),
+                   precomputed={**scores, CHEFER: chefer})
+    curves = _curve_figures(res, paired="path-rank")
+    # target_check reads the mask figures too; the single-level mask is not what is ranked here
+    out = {}
+    for name in scores:
+        t = target_check({"mask": {"kept": 0.0, "agreement": 1.0}, "methods": {name: curves[name], CHEFER: curves[CHEFER]}}, name)
+        t.pop("mask")  # met by construction, so "all" reads the curves only
+        out[name] = {**curves[name], "target": t}
+    return out
 
 
 def target_check(figures: dict, method: str = "diffmask-path") -> dict:
@@ -332,12 +400,7 @@ def study(names, out: str | Path, *, cache: str | Path | None = None, progress: 
 
     Trained levels are cached in ``cache`` (default ``out/cache``) by their settings."""
     from vdm_engine._io import atomic_write_json
-    from vdm_engine.attribution import get_method
-    from vdm_engine.backbone import load_backbone
-    from vdm_engine.data import digits_split
     from vdm_engine.models import embedded_model_dir
-
-    from .recipes import RECIPES, _data
 
     table = _variants()
     unknown = [n for n in names or () if n not in table]
@@ -350,10 +413,7 @@ def study(names, out: str | Path, *, cache: str | Path | None = None, progress: 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ViT: one thread is fastest and keeps runs reproducible
     try:
-        bb = load_backbone(str(embedded_model_dir("vit-digits") / "backbone"))
-        data = _data("digits", RECIPES["digits"])
-        pv = bb.preprocess(digits_split("test")[0][:TEST_IMAGES])
-        chefer = get_method(CHEFER, backbone=bb)(pv, bb(pv).argmax(-1)).detach().float()
+        bb, data, pv, chefer = _setup()
         record.update(model="vit-digits", backbone_fingerprint=bb.fingerprint, test_images=int(len(pv)),
                       torch=torch.__version__, threads=1)
         if "shipped" not in record:  # the reference row: the gates files the package ships now
@@ -375,12 +435,57 @@ def study(names, out: str | Path, *, cache: str | Path | None = None, progress: 
             figures = score_variant(bb, trained["gates"], trained["path"], pv, chefer, progress=progress)
             entry = _variant_record(v, trained, figures, time.time() - t0)
             # merged into the file as it is now: studies of other variants may run beside this one
-            record = {**_load(out / "results.json"), **{k: x for k, x in record.items() if k != "variants"}}
+            record = {**_load(out / "results.json"), **{k: x for k, x in record.items() if k not in ("variants", "rankings")}}
             record["variants"][name] = entry
             atomic_write_json(out / "results.json", record)
             _write_markdown(record, out / "results.md")
             print(json.dumps({"variant": name, "mask": figures["mask"], "target_all": record["variants"][name]["target"]["all"],
                               "seconds": record["variants"][name]["seconds"]}), flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return record
+
+
+def _setup():
+    """(backbone, training data, (M, 3, H, W) test digits, (M, N) Chefer scores of them) of the study."""
+    from vdm_engine.attribution import get_method
+    from vdm_engine.backbone import load_backbone
+    from vdm_engine.data import digits_split
+    from vdm_engine.models import embedded_model_dir
+
+    from .recipes import RECIPES, _data
+
+    bb = load_backbone(str(embedded_model_dir("vit-digits") / "backbone"))
+    data = _data("digits", RECIPES["digits"])
+    pv = bb.preprocess(digits_split("test")[0][:TEST_IMAGES])
+    chefer = get_method(CHEFER, backbone=bb)(pv, bb(pv).argmax(-1)).detach().float()
+    return bb, data, pv, chefer
+
+
+def study_rankings(names, out: str | Path, *, cache: str | Path | None = None, progress: bool = False) -> dict:
+    """Score every ``RANKINGS`` entry of the named path variants' gates (retrained, or from ``cache``) into
+    ``out/results.json`` under ``rankings``; returns the record."""
+    from vdm_engine._io import atomic_write_json
+
+    table = _variants()
+    bad = [n for n in names if n not in table or not table[n].levels]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a path variant; expected one of "
+                         f"{', '.join(n for n, v in table.items() if v.levels)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bb, data, pv, chefer = _setup()
+        for name in names:
+            trained = train_variant(table[name], bb, data, cache=Path(cache) if cache is not None else out / "cache")
+            figures = score_rankings(bb, trained["path"], pv, chefer, progress=progress)
+            record = _load(out / "results.json")  # merged into the file as it is now (a study may run beside)
+            record.setdefault("rankings", {})[name] = {"levels_sha256": _state_sha(trained["path"]), "rankings": figures}
+            atomic_write_json(out / "results.json", record)
+            _write_markdown(record, out / "results.md")
+            print(json.dumps({"rankings": name, "target_all": {k: f["target"]["all"] for k, f in figures.items()}}), flush=True)
     finally:
         torch.set_num_threads(threads)
     return record
@@ -429,6 +534,7 @@ def _write_markdown(record: dict, path: Path) -> None:
     missing = [v.name for v in VARIANTS if v.name not in record["variants"]]
     if missing:
         lines += [f"Listed in `VARIANTS` but not run yet: {', '.join(missing)}.", ""]
+    lines += _rankings_markdown(record, short)
     rows = _in_order(record["variants"])
     if "shipped" in record:
         rows.insert(0, ("shipped gates files", {**record["shipped"], "seconds": 0, "variant": {
@@ -453,6 +559,29 @@ def _write_markdown(record: dict, path: Path) -> None:
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def _rankings_markdown(record: dict, short: dict) -> list[str]:
+    """One table per path scored with ``study_rankings``: each ranking's paired difference to Chefer and to
+    ``path-rank`` (what diffmask-path ships)."""
+    if not record.get("rankings"):
+        return []
+    lines = ["## Rankings of one path", "",
+             "The same K-level gates ranked several ways (`RANKINGS`, `study_rankings`): `path-rank` is "
+             "`masks.patch_rank` (sparsest level keeping the patch, ties by the keep probability at the level that "
+             "dropped it); `mean-keep` / `mean-log-keep` the mean over levels of the keep probability / its log; "
+             "`rank-mean-tie` / `rank-geomean-tie` path-rank's level with ties by the arithmetic / geometric mean keep "
+             "probability over levels. A cell reads `difference to Chefer (difference to path-rank ± its standard "
+             "error)`; * = the issue's target met on that curve.", ""]
+    for name, r in _in_order(record["rankings"]):
+        lines += [f"### {name}", "", "| ranking | " + " | ".join(short.values()) + " | target |",
+                  "|---|" + "---|" * len(short) + "---|"]
+        for m, c in r["rankings"].items():
+            cells = [f"{c[k]['diff']:+.3f}{'*' if c['target'][k]['met'] else ''} "
+                     f"({c[k]['diff_path-rank']:+.3f} ± {c[k]['diff_path-rank_sem']:.3f})" for k in short]
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {'met' if c['target']['all'] else 'missed'} |")
+        lines.append("")
+    return lines
 
 
 def _in_order(variants: dict) -> list:
@@ -531,6 +660,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=None, help="folder of trained levels, reused by settings (default OUT/cache)")
     parser.add_argument("--ship", default=None, metavar="NAME", help="write this variant's gates into --model-dir")
     parser.add_argument("--model-dir", default=None, help="model folder to ship into (backbone/, gates/, metrics.json)")
+    parser.add_argument("--rankings", action="store_true",
+                        help="score every RANKINGS entry of the --variants paths (their gates from the cache)")
     parser.add_argument("--report", action="store_true", help="only rewrite OUT/results.md from OUT/results.json")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
@@ -548,6 +679,11 @@ def main(argv=None) -> int:
             print(json.dumps({"shipped": args.ship, "evaluation": m["evaluation"]}))
             return 0
         names = [n.strip() for n in args.variants.split(",") if n.strip()] if args.variants else None
+        if args.rankings:
+            if not names:
+                raise ValueError("--rankings needs --variants (path variants, e.g. path-dense-5)")
+            study_rankings(names, args.out, cache=args.cache, progress=args.progress)
+            return 0
         study(names, args.out, cache=args.cache, progress=args.progress)
         return 0
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from vdm_engine.masks import patch_rank
 from vdm_engine.training import recipes, recipes_digits as rd
 
 
@@ -70,8 +71,34 @@ def test_train_and_score_a_path_variant_on_a_tiny_vit(tiny_backbone, tmp_path, m
     for k, c in fig["methods"]["diffmask-path"].items():
         assert fig["methods"][rd.CHEFER][k]["diff"] == 0.0
         assert c["diff"] == pytest.approx(c["auc"] - fig["methods"][rd.CHEFER][k]["auc"], abs=1e-9), k
-    record = {"test_images": 4, "variants": {"tiny": rd._variant_record(v, trained, fig, 1.0)}}
+    # the rankings, scored from precomputed level masks: path-rank reproduces diffmask-path's AUCs exactly
+    ranked = rd.score_rankings(tiny_backbone, path, pv, chefer)
+    assert set(ranked) == set(rd.RANKINGS)
+    for k, c in ranked["path-rank"].items():
+        if k != "target":
+            assert c["auc"] == pytest.approx(fig["methods"]["diffmask-path"][k]["auc"], abs=1e-9), k
+            assert (c["diff_path-rank"], c["diff_path-rank_sem"]) == (0.0, 0.0)
+    assert "mask" not in ranked["mean-keep"]["target"]
+    record = {"test_images": 4, "variants": {"tiny": rd._variant_record(v, trained, fig, 1.0)},
+              "rankings": {"tiny": {"levels_sha256": "x", "rankings": ranked}}}
     rd._write_markdown(record, tmp_path / "results.md")
     text = (tmp_path / "results.md").read_text()
-    assert "## tiny" in text and "| tiny | " in text
+    assert "## tiny" in text and "| tiny | " in text and "### tiny" in text and "| rank-mean-tie | " in text
     json.dumps(record)  # the record is JSON
+
+
+def test_rankings_hand_worked():
+    # levels least sparse first; patch 0 kept by every level, 1 by the first two, 2 and 3 by the first only
+    # (3 with higher keep probabilities at the sparser levels), 4 by none
+    p = torch.tensor([[[0.9, 0.8, 0.7, 0.6, 0.2],
+                       [0.9, 0.7, 0.1, 0.4, 0.1],
+                       [0.8, 0.2, 0.0, 0.3, 0.0]]])
+    torch.testing.assert_close(rd.RANKINGS["path-rank"](p), patch_rank(p))
+    torch.testing.assert_close(rd.RANKINGS["mean-keep"](p), p.mean(1))
+    tie = rd.RANKINGS["rank-mean-tie"](p)[0]
+    # rank 3 + 0.8667, 2 + 0.5667, 1 + 0.2667 (ties 2 vs 3 by the mean: 3 first), 1 + 0.4333, 0 + 0.1
+    torch.testing.assert_close(tie, torch.tensor([3 + 2.6 / 3, 2 + 1.7 / 3, 1 + 0.8 / 3, 1 + 1.3 / 3, 0.1]))
+    assert tie.argsort(descending=True).tolist() == [0, 1, 3, 2, 4]
+    geo = rd.RANKINGS["rank-geomean-tie"](p)[0]
+    torch.testing.assert_close(geo[2], torch.tensor(1.0), atol=1e-6, rtol=0)  # p = 0 clamps at 1e-30: tie ~ 0
+    assert geo.argsort(descending=True).tolist() == [0, 1, 3, 2, 4]
