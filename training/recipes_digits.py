@@ -28,7 +28,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,8 @@ class DigitsVariant:
         level_agreement: the agreement a sparser level's validation must reach to be selected
             (a level sparser than the main one is a ranking device, not a faithful mask).
         level_train: ``TrainConfig`` fields for the other levels only, over ``train``.
+        dense_placeholder: ``zeros`` trains the levels denser than the main one with a fixed zero placeholder
+            (they order the patches the main level drops); empty: the variant's ``placeholder``.
     """
 
     name: str
@@ -80,12 +82,15 @@ class DigitsVariant:
     level_steps: int = 600
     level_agreement: float = 0.5
     level_train: dict = field(default_factory=dict)
+    dense_placeholder: str = ""
 
     def __post_init__(self):
         if self.samples < 1 or 64 % self.samples:
             raise ValueError(f"DigitsVariant.samples must divide the batch of 64, got {self.samples}")
         if self.placeholder not in ("learned", "zeros"):
             raise ValueError(f"DigitsVariant.placeholder must be 'learned' or 'zeros', got {self.placeholder!r}")
+        if self.dense_placeholder not in ("", "learned", "zeros"):
+            raise ValueError(f"DigitsVariant.dense_placeholder must be '', 'learned' or 'zeros', got {self.dense_placeholder!r}")
         if self.levels:
             if list(self.levels) != sorted(self.levels) or len(set(self.levels)) != len(self.levels):
                 raise ValueError(f"DigitsVariant.levels must be increasing KL budgets, got {self.levels}")
@@ -140,6 +145,9 @@ VARIANTS = [
                   levels=(0.003, 0.01, 0.03, 0.1, 0.3)),
     DigitsVariant("path-8", "K=8, budgets 0.001 .. 2.0 (four levels denser than the main one, three sparser)",
                   levels=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 2.0)),
+    DigitsVariant("path-zeros-dense", "K=4, budgets 0.01/0.03/0.1/0.3: the two levels denser than the main one "
+                  "trained with a zero placeholder (they order the patches the main level drops)",
+                  levels=(0.01, 0.03, 0.1, 0.3), dense_placeholder="zeros"),
     DigitsVariant("path-4", "K=4, budgets 0.1/0.3/1.0/3.0", levels=(0.1, 0.3, 1.0, 3.0)),
     DigitsVariant("path-4-wide", "K=4, budgets 0.03/0.1/0.5/2.0 (one level denser, two sparser)",
                   levels=(0.03, 0.1, 0.5, 2.0)),
@@ -192,14 +200,14 @@ def _fresh_gates(backbone, cfg, placeholder: str):
         return Gates(gc)
 
 
-def _level_key(cfg, variant: DigitsVariant) -> str:
-    blob = json.dumps({"cfg": cfg.to_dict(), "samples": variant.samples, "placeholder": variant.placeholder},
-                      sort_keys=True)
+def _level_key(cfg, variant: DigitsVariant, placeholder: str) -> str:
+    blob = json.dumps({"cfg": cfg.to_dict(), "samples": variant.samples, "placeholder": placeholder}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _train_one(backbone, data, variant: DigitsVariant, cfg, cache: Path | None):
-    """Single-level gates for one config (loaded from ``cache`` when trained before); (gates, seconds)."""
+def _train_one(backbone, data, variant: DigitsVariant, cfg, cache: Path | None, placeholder: str | None = None):
+    """Single-level gates for one config (loaded from ``cache`` when trained before); (gates, seconds).
+    ``placeholder``: ``learned`` or ``zeros`` (default the variant's)."""
     import tempfile
 
     from vdm_engine import Explainer
@@ -207,7 +215,8 @@ def _train_one(backbone, data, variant: DigitsVariant, cfg, cache: Path | None):
 
     from .loop import train_gates
 
-    where = cache / _level_key(cfg, variant) if cache is not None else None
+    placeholder = placeholder or variant.placeholder
+    where = cache / _level_key(cfg, variant, placeholder) if cache is not None else None
     if where is not None and (where / "gates_config.json").is_file():
         g = Gates.from_pretrained(where, backbone)
         return g.eval(), float(g.metrics.get("seconds", 0.0))
@@ -215,13 +224,13 @@ def _train_one(backbone, data, variant: DigitsVariant, cfg, cache: Path | None):
     source = _repeated_source(train, variant.samples) if variant.samples > 1 else train
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="vdm-study-") as tmp:
-        r = train_gates(Explainer(backbone, _fresh_gates(backbone, cfg, variant.placeholder)), source,
+        r = train_gates(Explainer(backbone, _fresh_gates(backbone, cfg, placeholder)), source,
                         backbone.preprocess(data["gate_val"]), cfg, out_dir=tmp, register=False, progress=False)
     seconds = round(time.time() - t0, 1)
     g = r.gates.eval()
     g.metrics = {"eps": cfg.eps, "steps": cfg.steps, "selected": "best" if r.qualified else "last",
                  "validation": r.best or r.last, "train_config": cfg.to_dict(), "samples": variant.samples,
-                 "placeholder": variant.placeholder, "seconds": seconds}
+                 "placeholder": placeholder, "seconds": seconds}
     if where is not None:
         g.save_pretrained(where, backbone=backbone, metrics=g.metrics)
     return g, seconds
@@ -244,12 +253,31 @@ def train_variant(variant: DigitsVariant, backbone, data, *, cache: Path | None 
             if e == variant.eps:
                 levels.append(main)
                 continue
-            g, s = _train_one(backbone, data, variant, _train_config(variant, e, sparse_level=e > variant.eps), cache)
-            levels.append(g)
+            ph = variant.dense_placeholder if e < variant.eps and variant.dense_placeholder else None
+            g, s = _train_one(backbone, data, variant, _train_config(variant, e, sparse_level=e > variant.eps), cache, ph)
+            levels.append(_with_placeholder_of(g, main) if ph else g)
             secs.append(s)
         out["path"] = Gates.stack(levels, main_level=list(variant.levels).index(variant.eps)).eval()
         out["seconds"]["levels"] = secs
     return out
+
+
+def _with_placeholder_of(level, main):
+    """``level``'s probes in gates shaped like ``main``'s (learned or fixed placeholder), so ``Gates.stack``
+    joins them; the level's own placeholder (zeros) is kept: the ranking reads only its keep probabilities."""
+    from vdm_engine.gates import Gates
+
+    if level.config.placeholder == main.config.placeholder:
+        return level
+    out = Gates(replace(level.config, placeholder=main.config.placeholder))
+    with torch.no_grad():
+        for name in ("w1", "b1", "w2", "b2", "add"):
+            getattr(out, name).copy_(getattr(level, name))
+        out.placeholder.copy_(level.placeholder)
+    out.backbone_id, out.backbone_revision, out.backbone_fingerprint = \
+        level.backbone_id, level.backbone_revision, level.backbone_fingerprint
+    out.metrics = level.metrics
+    return out.eval()
 
 
 def _aucs(entry: dict, metric: str, setting, order: str) -> np.ndarray:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from vdm_engine.gates import Gates
 from vdm_engine.masks import patch_rank
 from vdm_engine.training import recipes, recipes_digits as rd
 
@@ -49,25 +50,31 @@ def test_variants_are_valid_and_repeated_batches_repeat_images():
 
 def test_train_and_score_a_path_variant_on_a_tiny_vit(tiny_backbone, tmp_path, monkeypatch):
     """A 3-step path variant (2 mask samples per image) on a random tiny ViT: levels stacked with the main
-    one, cached and reloaded, scored against Chefer (whose own differences are 0), written as markdown."""
+    one (the denser level trained with a zero placeholder), cached and reloaded, scored against Chefer
+    (whose own differences are 0), written as markdown."""
     from vdm_engine.attribution import get_method
 
     monkeypatch.setitem(recipes.GATE_CONFIGS, "digits", dict(steps=3, eval_interval=3, checkpoint_interval=3))
-    v = rd.DigitsVariant("tiny", "3 steps", levels=(0.1, 0.5), level_steps=2, samples=2)
+    v = rd.DigitsVariant("tiny", "3 steps", levels=(0.05, 0.1, 0.5), level_steps=2, samples=2, dense_placeholder="zeros")
     rng = np.random.default_rng(0)
     data = {"gate_train": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
             "gate_val": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)}
     trained = rd.train_variant(v, tiny_backbone, data, cache=tmp_path / "cache")
     path = trained["path"]
-    assert (path.config.levels, path.config.main_level) == (2, 0)
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert (path.config.levels, path.config.main_level, path.config.placeholder) == (3, 1, True)
+    assert len(list((tmp_path / "cache").iterdir())) == 3
+    dense = [g for g in (Gates.from_pretrained(d, tiny_backbone) for d in (tmp_path / "cache").iterdir())
+             if not g.config.placeholder]  # the zero-placeholder level, as trained
+    assert len(dense) == 1
+    torch.testing.assert_close(path.w1[: dense[0].w1.shape[0]], dense[0].w1, rtol=0, atol=0)
+    torch.testing.assert_close(path.placeholder, trained["gates"].placeholder, rtol=0, atol=0)
     again = rd.train_variant(v, tiny_backbone, data, cache=tmp_path / "cache")  # from the cache: same gates
     torch.testing.assert_close(again["path"].w1, path.w1, rtol=0, atol=0)
 
     pv = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     chefer = get_method(rd.CHEFER, backbone=tiny_backbone)(pv, tiny_backbone(pv).argmax(-1))
     fig = rd.score_variant(tiny_backbone, trained["gates"], path, pv, chefer)
-    assert set(fig["methods"]) == {"diffmask", "diffmask-path", rd.CHEFER} and len(fig["mask"]["path_kept_per_level"]) == 2
+    assert set(fig["methods"]) == {"diffmask", "diffmask-path", rd.CHEFER} and len(fig["mask"]["path_kept_per_level"]) == 3
     for k, c in fig["methods"]["diffmask-path"].items():
         assert fig["methods"][rd.CHEFER][k]["diff"] == 0.0
         assert c["diff"] == pytest.approx(c["auc"] - fig["methods"][rd.CHEFER][k]["auc"], abs=1e-9), k
