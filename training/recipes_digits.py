@@ -71,6 +71,7 @@ class DigitsVariant:
         level_train: ``TrainConfig`` fields for the other levels only, over ``train``.
         dense_placeholder: ``zeros`` trains the levels denser than the main one with a fixed zero placeholder
             (they order the patches the main level drops); empty: the variant's ``placeholder``.
+        sparse_placeholder: the same for the levels sparser than the main one (they order its kept patches).
     """
 
     name: str
@@ -83,14 +84,16 @@ class DigitsVariant:
     level_agreement: float = 0.5
     level_train: dict = field(default_factory=dict)
     dense_placeholder: str = ""
+    sparse_placeholder: str = ""
 
     def __post_init__(self):
         if self.samples < 1 or 64 % self.samples:
             raise ValueError(f"DigitsVariant.samples must divide the batch of 64, got {self.samples}")
         if self.placeholder not in ("learned", "zeros"):
             raise ValueError(f"DigitsVariant.placeholder must be 'learned' or 'zeros', got {self.placeholder!r}")
-        if self.dense_placeholder not in ("", "learned", "zeros"):
-            raise ValueError(f"DigitsVariant.dense_placeholder must be '', 'learned' or 'zeros', got {self.dense_placeholder!r}")
+        for name in ("dense_placeholder", "sparse_placeholder"):
+            if getattr(self, name) not in ("", "learned", "zeros"):
+                raise ValueError(f"DigitsVariant.{name} must be '', 'learned' or 'zeros', got {getattr(self, name)!r}")
         if self.levels:
             if list(self.levels) != sorted(self.levels) or len(set(self.levels)) != len(self.levels):
                 raise ValueError(f"DigitsVariant.levels must be increasing KL budgets, got {self.levels}")
@@ -145,12 +148,17 @@ VARIANTS = [
                   levels=(0.003, 0.01, 0.03, 0.1, 0.3)),
     DigitsVariant("path-8", "K=8, budgets 0.001 .. 2.0 (four levels denser than the main one, three sparser)",
                   levels=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 2.0)),
-    DigitsVariant("path-zeros-dense", "K=4, budgets 0.01/0.03/0.1/0.3: the two levels denser than the main one "
-                  "trained with a zero placeholder (they order the patches the main level drops)",
-                  levels=(0.01, 0.03, 0.1, 0.3), dense_placeholder="zeros"),
     DigitsVariant("path-4", "K=4, budgets 0.1/0.3/1.0/3.0", levels=(0.1, 0.3, 1.0, 3.0)),
     DigitsVariant("path-4-wide", "K=4, budgets 0.03/0.1/0.5/2.0 (one level denser, two sparser)",
                   levels=(0.03, 0.1, 0.5, 2.0)),
+    DigitsVariant("path-zeros-dense", "K=4, budgets 0.01/0.03/0.1/0.3: the two levels denser than the main one "
+                  "trained with a zero placeholder (they order the patches the main level drops)",
+                  levels=(0.01, 0.03, 0.1, 0.3), dense_placeholder="zeros"),
+    DigitsVariant("path-7", "K=7, budgets 0.001 .. 1.0: path-8 without its 2.0 level (which kept more than the 1.0 one)",
+                  levels=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)),
+    DigitsVariant("path-zeros-sparse", "K=4, budgets 0.03/0.1/0.3/1.0: the two levels sparser than the main one "
+                  "trained with a zero placeholder (they order the patches the main level keeps)",
+                  levels=(0.03, 0.1, 0.3, 1.0), sparse_placeholder="zeros"),
 ]
 
 
@@ -253,7 +261,7 @@ def train_variant(variant: DigitsVariant, backbone, data, *, cache: Path | None 
             if e == variant.eps:
                 levels.append(main)
                 continue
-            ph = variant.dense_placeholder if e < variant.eps and variant.dense_placeholder else None
+            ph = (variant.dense_placeholder if e < variant.eps else variant.sparse_placeholder) or None
             g, s = _train_one(backbone, data, variant, _train_config(variant, e, sparse_level=e > variant.eps), cache, ph)
             levels.append(_with_placeholder_of(g, main) if ph else g)
             secs.append(s)

@@ -41,6 +41,8 @@ def test_variants_are_valid_and_repeated_batches_repeat_images():
         rd.DigitsVariant("x", "x", levels=(0.3, 1.0))
     with pytest.raises(ValueError, match="increasing"):
         rd.DigitsVariant("x", "x", levels=(0.3, 0.1))
+    with pytest.raises(ValueError, match="sparse_placeholder"):
+        rd.DigitsVariant("x", "x", sparse_placeholder="noise")
     with pytest.raises(ValueError, match="samples"):
         rd.DigitsVariant("x", "x", samples=3)
     src = rd._repeated_source(torch.arange(10.0).view(10, 1, 1, 1), 4)
@@ -55,7 +57,8 @@ def test_train_and_score_a_path_variant_on_a_tiny_vit(tiny_backbone, tmp_path, m
     from vdm_engine.attribution import get_method
 
     monkeypatch.setitem(recipes.GATE_CONFIGS, "digits", dict(steps=3, eval_interval=3, checkpoint_interval=3))
-    v = rd.DigitsVariant("tiny", "3 steps", levels=(0.05, 0.1, 0.5), level_steps=2, samples=2, dense_placeholder="zeros")
+    v = rd.DigitsVariant("tiny", "3 steps", levels=(0.05, 0.1, 0.5), level_steps=2, samples=2, dense_placeholder="zeros",
+                         sparse_placeholder="learned")
     rng = np.random.default_rng(0)
     data = {"gate_train": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
             "gate_val": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)}
