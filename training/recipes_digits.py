@@ -383,7 +383,9 @@ def score_rankings(backbone, path, pixel_values: torch.Tensor, chefer: torch.Ten
         path: K-level ``Gates``; pixel_values: (M, 3, H, W); chefer: (M, N) Chefer et al. scores.
 
     Returns:
-        {ranking: {curve: {auc, sem, diff, diff_sem, diff_path-rank, diff_path-rank_sem}, "target": target_check}}.
+        {ranking: {curve: {auc, sem, diff, diff_sem, diff_path-rank, diff_path-rank_sem}, "target": target_check,
+        "prob": {"noise/positive": (S,) mean P(original class) per removed fraction, ...}}}; Chefer's under "chefer",
+        the fractions (S,) under "fractions".
     """
     from vdm_engine.evaluation import PerturbationConfig, evaluate
 
@@ -400,7 +402,16 @@ def score_rankings(backbone, path, pixel_values: torch.Tensor, chefer: torch.Ten
         t = target_check({"mask": {"kept": 0.0, "agreement": 1.0}, "methods": {name: curves[name], CHEFER: curves[CHEFER]}}, name)
         t.pop("mask")  # met by construction, so "all" reads the curves only
         out[name] = {**curves[name], "target": t}
+    for name in out:
+        out[name]["prob"] = _perturbation_probs(res["methods"][name])
+    out["fractions"] = [float(f) for f in res["fractions"]]
+    out[CHEFER] = {"prob": _perturbation_probs(res["methods"][CHEFER])}
     return out
+
+
+def _perturbation_probs(entry: dict) -> dict:
+    return {f"{s}/{o}": [round(float(x), 4) for x in entry[s][o]["prob"]] for s in ("noise", "mean")
+            for o in ("positive", "negative")}
 
 
 def target_check(figures: dict, method: str = "diffmask-path") -> dict:
@@ -521,7 +532,7 @@ def study_rankings(names, out: str | Path, *, cache: str | Path | None = None, p
             record.setdefault("rankings", {})[name] = {"levels_sha256": _state_sha(trained["path"]), "rankings": figures}
             atomic_write_json(out / "results.json", record)
             _write_markdown(record, out / "results.md")
-            print(json.dumps({"rankings": name, "target_all": {k: f["target"]["all"] for k, f in figures.items()}}), flush=True)
+            print(json.dumps({"rankings": name, "target_all": {k: figures[k]["target"]["all"] for k in RANKINGS}}), flush=True)
     finally:
         torch.set_num_threads(threads)
     return record
@@ -612,7 +623,8 @@ def _rankings_markdown(record: dict, short: dict) -> list[str]:
     for name, r in _in_order(record["rankings"]):
         lines += [f"### {name}", "", "| ranking | " + " | ".join(short.values()) + " | target |",
                   "|---|" + "---|" * len(short) + "---|"]
-        for m, c in r["rankings"].items():
+        for m in [k for k in RANKINGS if k in r["rankings"]]:
+            c = r["rankings"][m]
             cells = [f"{c[k]['diff']:+.3f}{'*' if c['target'][k]['met'] else ''} "
                      f"({c[k]['diff_path-rank']:+.3f} ± {c[k]['diff_path-rank_sem']:.3f})" for k in short]
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {'met' if c['target']['all'] else 'missed'} |")

@@ -83,9 +83,10 @@ def test_train_and_score_a_path_variant_on_a_tiny_vit(tiny_backbone, tmp_path, m
         assert c["diff"] == pytest.approx(c["auc"] - fig["methods"][rd.CHEFER][k]["auc"], abs=1e-9), k
     # the rankings, scored from precomputed level masks: path-rank reproduces diffmask-path's AUCs exactly
     ranked = rd.score_rankings(tiny_backbone, path, pv, chefer)
-    assert set(ranked) == set(rd.RANKINGS)
+    assert set(ranked) == {*rd.RANKINGS, rd.CHEFER, "fractions"}
+    assert len(ranked["mean-keep"]["prob"]["noise/negative"]) == len(ranked["fractions"])
     for k, c in ranked["path-rank"].items():
-        if k != "target":
+        if k not in ("target", "prob"):
             assert c["auc"] == pytest.approx(fig["methods"]["diffmask-path"][k]["auc"], abs=1e-9), k
             assert (c["diff_path-rank"], c["diff_path-rank_sem"]) == (0.0, 0.0)
     assert "mask" not in ranked["mean-keep"]["target"]
