@@ -159,6 +159,11 @@ VARIANTS = [
     DigitsVariant("path-zeros-sparse", "K=4, budgets 0.03/0.1/0.3/1.0: the two levels sparser than the main one "
                   "trained with a zero placeholder (they order the patches the main level keeps)",
                   levels=(0.03, 0.1, 0.3, 1.0), sparse_placeholder="zeros"),
+    DigitsVariant("path-zeros-sparse-seed-1", "path-zeros-sparse with seed 1 for every level (is its gain under noise "
+                  "more than the run-to-run spread?)", train={"seed": 1}, levels=(0.03, 0.1, 0.3, 1.0),
+                  sparse_placeholder="zeros"),
+    DigitsVariant("path-zeros-sparse-seed-2", "path-zeros-sparse with seed 2 for every level", train={"seed": 2},
+                  levels=(0.03, 0.1, 0.3, 1.0), sparse_placeholder="zeros"),
 ]
 
 
