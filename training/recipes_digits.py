@@ -28,13 +28,16 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["DigitsVariant", "VARIANTS", "train_variant", "score_variant", "target_check", "study", "ship", "main"]
+from vdm_engine.masks import patch_rank
+
+__all__ = ["DigitsVariant", "VARIANTS", "train_variant", "score_variant", "target_check", "RANKINGS",
+           "score_rankings", "study", "study_rankings", "ship", "main"]
 
 TEST_IMAGES = 300
 CHEFER = "chefer"
@@ -66,6 +69,9 @@ class DigitsVariant:
         level_agreement: the agreement a sparser level's validation must reach to be selected
             (a level sparser than the main one is a ranking device, not a faithful mask).
         level_train: ``TrainConfig`` fields for the other levels only, over ``train``.
+        dense_placeholder: ``zeros`` trains the levels denser than the main one with a fixed zero placeholder
+            (they order the patches the main level drops); empty: the variant's ``placeholder``.
+        sparse_placeholder: the same for the levels sparser than the main one (they order its kept patches).
     """
 
     name: str
@@ -77,12 +83,17 @@ class DigitsVariant:
     level_steps: int = 600
     level_agreement: float = 0.5
     level_train: dict = field(default_factory=dict)
+    dense_placeholder: str = ""
+    sparse_placeholder: str = ""
 
     def __post_init__(self):
         if self.samples < 1 or 64 % self.samples:
             raise ValueError(f"DigitsVariant.samples must divide the batch of 64, got {self.samples}")
         if self.placeholder not in ("learned", "zeros"):
             raise ValueError(f"DigitsVariant.placeholder must be 'learned' or 'zeros', got {self.placeholder!r}")
+        for name in ("dense_placeholder", "sparse_placeholder"):
+            if getattr(self, name) not in ("", "learned", "zeros"):
+                raise ValueError(f"DigitsVariant.{name} must be '', 'learned' or 'zeros', got {getattr(self, name)!r}")
         if self.levels:
             if list(self.levels) != sorted(self.levels) or len(set(self.levels)) != len(self.levels):
                 raise ValueError(f"DigitsVariant.levels must be increasing KL budgets, got {self.levels}")
@@ -132,9 +143,27 @@ VARIANTS = [
     DigitsVariant("steps-2000", "2000 steps (not 1000)", train={"steps": 2000}),
     DigitsVariant("path-3-narrow", "K=3, budgets 0.03/0.1/0.3 (the shipped K=3 spacing, 600-step levels)",
                   levels=(0.03, 0.1, 0.3)),
+    DigitsVariant("path-dense-5", "K=5, budgets 0.003/0.01/0.03/0.1/0.3: three levels denser than the main one, "
+                  "so the patches the main level drops are ordered by the budget that drops them",
+                  levels=(0.003, 0.01, 0.03, 0.1, 0.3)),
+    DigitsVariant("path-8", "K=8, budgets 0.001 .. 2.0 (four levels denser than the main one, three sparser)",
+                  levels=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 2.0)),
     DigitsVariant("path-4", "K=4, budgets 0.1/0.3/1.0/3.0", levels=(0.1, 0.3, 1.0, 3.0)),
     DigitsVariant("path-4-wide", "K=4, budgets 0.03/0.1/0.5/2.0 (one level denser, two sparser)",
                   levels=(0.03, 0.1, 0.5, 2.0)),
+    DigitsVariant("path-zeros-dense", "K=4, budgets 0.01/0.03/0.1/0.3: the two levels denser than the main one "
+                  "trained with a zero placeholder (they order the patches the main level drops)",
+                  levels=(0.01, 0.03, 0.1, 0.3), dense_placeholder="zeros"),
+    DigitsVariant("path-7", "K=7, budgets 0.001 .. 1.0: path-8 without its 2.0 level (which kept more than the 1.0 one)",
+                  levels=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)),
+    DigitsVariant("path-zeros-sparse", "K=4, budgets 0.03/0.1/0.3/1.0: the two levels sparser than the main one "
+                  "trained with a zero placeholder (they order the patches the main level keeps)",
+                  levels=(0.03, 0.1, 0.3, 1.0), sparse_placeholder="zeros"),
+    DigitsVariant("path-zeros-sparse-seed-1", "path-zeros-sparse with seed 1 for every level (is its gain under noise "
+                  "more than the run-to-run spread?)", train={"seed": 1}, levels=(0.03, 0.1, 0.3, 1.0),
+                  sparse_placeholder="zeros"),
+    DigitsVariant("path-zeros-sparse-seed-2", "path-zeros-sparse with seed 2 for every level", train={"seed": 2},
+                  levels=(0.03, 0.1, 0.3, 1.0), sparse_placeholder="zeros"),
 ]
 
 
@@ -184,14 +213,14 @@ def _fresh_gates(backbone, cfg, placeholder: str):
         return Gates(gc)
 
 
-def _level_key(cfg, variant: DigitsVariant) -> str:
-    blob = json.dumps({"cfg": cfg.to_dict(), "samples": variant.samples, "placeholder": variant.placeholder},
-                      sort_keys=True)
+def _level_key(cfg, variant: DigitsVariant, placeholder: str) -> str:
+    blob = json.dumps({"cfg": cfg.to_dict(), "samples": variant.samples, "placeholder": placeholder}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _train_one(backbone, data, variant: DigitsVariant, cfg, cache: Path | None):
-    """Single-level gates for one config (loaded from ``cache`` when trained before); (gates, seconds)."""
+def _train_one(backbone, data, variant: DigitsVariant, cfg, cache: Path | None, placeholder: str | None = None):
+    """Single-level gates for one config (loaded from ``cache`` when trained before); (gates, seconds).
+    ``placeholder``: ``learned`` or ``zeros`` (default the variant's)."""
     import tempfile
 
     from vdm_engine import Explainer
@@ -199,7 +228,8 @@ def _train_one(backbone, data, variant: DigitsVariant, cfg, cache: Path | None):
 
     from .loop import train_gates
 
-    where = cache / _level_key(cfg, variant) if cache is not None else None
+    placeholder = placeholder or variant.placeholder
+    where = cache / _level_key(cfg, variant, placeholder) if cache is not None else None
     if where is not None and (where / "gates_config.json").is_file():
         g = Gates.from_pretrained(where, backbone)
         return g.eval(), float(g.metrics.get("seconds", 0.0))
@@ -207,13 +237,13 @@ def _train_one(backbone, data, variant: DigitsVariant, cfg, cache: Path | None):
     source = _repeated_source(train, variant.samples) if variant.samples > 1 else train
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="vdm-study-") as tmp:
-        r = train_gates(Explainer(backbone, _fresh_gates(backbone, cfg, variant.placeholder)), source,
+        r = train_gates(Explainer(backbone, _fresh_gates(backbone, cfg, placeholder)), source,
                         backbone.preprocess(data["gate_val"]), cfg, out_dir=tmp, register=False, progress=False)
     seconds = round(time.time() - t0, 1)
     g = r.gates.eval()
     g.metrics = {"eps": cfg.eps, "steps": cfg.steps, "selected": "best" if r.qualified else "last",
                  "validation": r.best or r.last, "train_config": cfg.to_dict(), "samples": variant.samples,
-                 "placeholder": variant.placeholder, "seconds": seconds}
+                 "placeholder": placeholder, "seconds": seconds}
     if where is not None:
         g.save_pretrained(where, backbone=backbone, metrics=g.metrics)
     return g, seconds
@@ -236,12 +266,31 @@ def train_variant(variant: DigitsVariant, backbone, data, *, cache: Path | None 
             if e == variant.eps:
                 levels.append(main)
                 continue
-            g, s = _train_one(backbone, data, variant, _train_config(variant, e, sparse_level=e > variant.eps), cache)
-            levels.append(g)
+            ph = (variant.dense_placeholder if e < variant.eps else variant.sparse_placeholder) or None
+            g, s = _train_one(backbone, data, variant, _train_config(variant, e, sparse_level=e > variant.eps), cache, ph)
+            levels.append(_with_placeholder_of(g, main) if ph else g)
             secs.append(s)
         out["path"] = Gates.stack(levels, main_level=list(variant.levels).index(variant.eps)).eval()
         out["seconds"]["levels"] = secs
     return out
+
+
+def _with_placeholder_of(level, main):
+    """``level``'s probes in gates shaped like ``main``'s (learned or fixed placeholder), so ``Gates.stack``
+    joins them; the level's own placeholder (zeros) is kept: the ranking reads only its keep probabilities."""
+    from vdm_engine.gates import Gates
+
+    if level.config.placeholder == main.config.placeholder:
+        return level
+    out = Gates(replace(level.config, placeholder=main.config.placeholder))
+    with torch.no_grad():
+        for name in ("w1", "b1", "w2", "b2", "add"):
+            getattr(out, name).copy_(getattr(level, name))
+        out.placeholder.copy_(level.placeholder)
+    out.backbone_id, out.backbone_revision, out.backbone_fingerprint = \
+        level.backbone_id, level.backbone_revision, level.backbone_fingerprint
+    out.metrics = level.metrics
+    return out.eval()
 
 
 def _aucs(entry: dict, metric: str, setting, order: str) -> np.ndarray:
@@ -285,18 +334,89 @@ def score_variant(backbone, gates, path, pixel_values: torch.Tensor, chefer: tor
         methods["diffmask-path"] = get_method("diffmask-path", Explainer(backbone, path).eval())
     res = evaluate(methods, backbone, pixel_values, config=PerturbationConfig(), progress=progress,
                    metrics=("perturbation", "insertion-deletion", "road"), precomputed={CHEFER: chefer})
-    out = {}
-    for m, entry in res["methods"].items():
-        out[m] = {}
-        for metric, setting, order in CURVES:
-            a, c = _aucs(entry, metric, setting, order), _aucs(res["methods"][CHEFER], metric, setting, order)
-            auc, sem = _mean_sem(a)
-            diff, diff_sem = _mean_sem(a - c)
-            out[m][_curve_name(metric, setting, order)] = {"auc": auc, "sem": sem, "diff": diff, "diff_sem": diff_sem}
+    out = _curve_figures(res)
     if path is not None:
         _, hidden = backbone.hidden_states(pixel_values)
         mask["path_kept_per_level"] = [float(x) for x in (path.level_masks(hidden) > 0.5).float().mean((0, 2))]
     return {"mask": mask, "methods": out}
+
+
+def _curve_figures(res: dict, reference: str = CHEFER, paired: str | None = None) -> dict:
+    """{method: {curve: {auc, sem, diff, diff_sem}}} from ``evaluate``'s result; ``diff`` is the mean per-image
+    AUC difference method - ``reference``; with ``paired``, also ``diff_<paired>`` / ``diff_<paired>_sem``."""
+    out = {}
+    for m, entry in res["methods"].items():
+        out[m] = {}
+        for metric, setting, order in CURVES:
+            a, c = _aucs(entry, metric, setting, order), _aucs(res["methods"][reference], metric, setting, order)
+            auc, sem = _mean_sem(a)
+            diff, diff_sem = _mean_sem(a - c)
+            cell = {"auc": auc, "sem": sem, "diff": diff, "diff_sem": diff_sem}
+            if paired is not None:
+                d, ds = _mean_sem(a - _aucs(res["methods"][paired], metric, setting, order))
+                cell.update({f"diff_{paired}": d, f"diff_{paired}_sem": ds})
+            out[m][_curve_name(metric, setting, order)] = cell
+    return out
+
+
+def _rank_with_tie(level_masks: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
+    """``masks.patch_rank``'s rank (1 + sparsest level keeping the patch) with another tie-break in [0, 1]."""
+    return patch_rank(level_masks).floor() + tie.clamp(0.0, 1.0 - 1e-6)
+
+
+def _log_keep(level_masks: torch.Tensor) -> torch.Tensor:
+    return level_masks.float().clamp_min(1e-30).log()
+
+
+# Candidate one-pass rankings of a path: (B, K, N) level keep probabilities, least sparse level first ->
+# (B, N) scores, higher = more relevant. "path-rank" is ``masks.patch_rank`` (what diffmask-path ships).
+RANKINGS = {
+    "path-rank": patch_rank,
+    "mean-keep": lambda p: p.float().mean(1),
+    "mean-log-keep": lambda p: _log_keep(p).mean(1),
+    "rank-mean-tie": lambda p: _rank_with_tie(p, p.float().mean(1)),
+    "rank-geomean-tie": lambda p: _rank_with_tie(p, _log_keep(p).mean(1).exp()),
+}
+
+
+@torch.no_grad()
+def score_rankings(backbone, path, pixel_values: torch.Tensor, chefer: torch.Tensor, *, progress: bool = False) -> dict:
+    """Every ``RANKINGS`` entry of one path on held-out digits, with paired differences to Chefer and to
+    ``path-rank``.
+
+    Args:
+        path: K-level ``Gates``; pixel_values: (M, 3, H, W); chefer: (M, N) Chefer et al. scores.
+
+    Returns:
+        {ranking: {curve: {auc, sem, diff, diff_sem, diff_path-rank, diff_path-rank_sem}, "target": target_check,
+        "prob": {"noise/positive": (S,) mean P(original class) per removed fraction, ...}}}; Chefer's under "chefer",
+        the fractions (S,) under "fractions".
+    """
+    from vdm_engine.evaluation import PerturbationConfig, evaluate
+
+    _, hidden = backbone.hidden_states(pixel_values)
+    p = path.level_masks(hidden)
+    scores = {name: f(p).float() for name, f in RANKINGS.items()}
+    res = evaluate({**{n: None for n in scores}, CHEFER: None}, backbone, pixel_values, config=PerturbationConfig(),
+                   progress=progress, metrics=("perturbation", "insertion-deletion", "road"),
+                   precomputed={**scores, CHEFER: chefer})
+    curves = _curve_figures(res, paired="path-rank")
+    # target_check reads the mask figures too; the single-level mask is not what is ranked here
+    out = {}
+    for name in scores:
+        t = target_check({"mask": {"kept": 0.0, "agreement": 1.0}, "methods": {name: curves[name], CHEFER: curves[CHEFER]}}, name)
+        t.pop("mask")  # met by construction, so "all" reads the curves only
+        out[name] = {**curves[name], "target": t}
+    for name in out:
+        out[name]["prob"] = _perturbation_probs(res["methods"][name])
+    out["fractions"] = [float(f) for f in res["fractions"]]
+    out[CHEFER] = {"prob": _perturbation_probs(res["methods"][CHEFER])}
+    return out
+
+
+def _perturbation_probs(entry: dict) -> dict:
+    return {f"{s}/{o}": [round(float(x), 4) for x in entry[s][o]["prob"]] for s in ("noise", "mean")
+            for o in ("positive", "negative")}
 
 
 def target_check(figures: dict, method: str = "diffmask-path") -> dict:
@@ -332,12 +452,7 @@ def study(names, out: str | Path, *, cache: str | Path | None = None, progress: 
 
     Trained levels are cached in ``cache`` (default ``out/cache``) by their settings."""
     from vdm_engine._io import atomic_write_json
-    from vdm_engine.attribution import get_method
-    from vdm_engine.backbone import load_backbone
-    from vdm_engine.data import digits_split
     from vdm_engine.models import embedded_model_dir
-
-    from .recipes import RECIPES, _data
 
     table = _variants()
     unknown = [n for n in names or () if n not in table]
@@ -350,10 +465,7 @@ def study(names, out: str | Path, *, cache: str | Path | None = None, progress: 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ViT: one thread is fastest and keeps runs reproducible
     try:
-        bb = load_backbone(str(embedded_model_dir("vit-digits") / "backbone"))
-        data = _data("digits", RECIPES["digits"])
-        pv = bb.preprocess(digits_split("test")[0][:TEST_IMAGES])
-        chefer = get_method(CHEFER, backbone=bb)(pv, bb(pv).argmax(-1)).detach().float()
+        bb, data, pv, chefer = _setup()
         record.update(model="vit-digits", backbone_fingerprint=bb.fingerprint, test_images=int(len(pv)),
                       torch=torch.__version__, threads=1)
         if "shipped" not in record:  # the reference row: the gates files the package ships now
@@ -375,12 +487,57 @@ def study(names, out: str | Path, *, cache: str | Path | None = None, progress: 
             figures = score_variant(bb, trained["gates"], trained["path"], pv, chefer, progress=progress)
             entry = _variant_record(v, trained, figures, time.time() - t0)
             # merged into the file as it is now: studies of other variants may run beside this one
-            record = {**_load(out / "results.json"), **{k: x for k, x in record.items() if k != "variants"}}
+            record = {**_load(out / "results.json"), **{k: x for k, x in record.items() if k not in ("variants", "rankings")}}
             record["variants"][name] = entry
             atomic_write_json(out / "results.json", record)
             _write_markdown(record, out / "results.md")
             print(json.dumps({"variant": name, "mask": figures["mask"], "target_all": record["variants"][name]["target"]["all"],
                               "seconds": record["variants"][name]["seconds"]}), flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return record
+
+
+def _setup():
+    """(backbone, training data, (M, 3, H, W) test digits, (M, N) Chefer scores of them) of the study."""
+    from vdm_engine.attribution import get_method
+    from vdm_engine.backbone import load_backbone
+    from vdm_engine.data import digits_split
+    from vdm_engine.models import embedded_model_dir
+
+    from .recipes import RECIPES, _data
+
+    bb = load_backbone(str(embedded_model_dir("vit-digits") / "backbone"))
+    data = _data("digits", RECIPES["digits"])
+    pv = bb.preprocess(digits_split("test")[0][:TEST_IMAGES])
+    chefer = get_method(CHEFER, backbone=bb)(pv, bb(pv).argmax(-1)).detach().float()
+    return bb, data, pv, chefer
+
+
+def study_rankings(names, out: str | Path, *, cache: str | Path | None = None, progress: bool = False) -> dict:
+    """Score every ``RANKINGS`` entry of the named path variants' gates (retrained, or from ``cache``) into
+    ``out/results.json`` under ``rankings``; returns the record."""
+    from vdm_engine._io import atomic_write_json
+
+    table = _variants()
+    bad = [n for n in names if n not in table or not table[n].levels]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a path variant; expected one of "
+                         f"{', '.join(n for n, v in table.items() if v.levels)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bb, data, pv, chefer = _setup()
+        for name in names:
+            trained = train_variant(table[name], bb, data, cache=Path(cache) if cache is not None else out / "cache")
+            figures = score_rankings(bb, trained["path"], pv, chefer, progress=progress)
+            record = _load(out / "results.json")  # merged into the file as it is now (a study may run beside)
+            record.setdefault("rankings", {})[name] = {"levels_sha256": _state_sha(trained["path"]), "rankings": figures}
+            atomic_write_json(out / "results.json", record)
+            _write_markdown(record, out / "results.md")
+            print(json.dumps({"rankings": name, "target_all": {k: figures[k]["target"]["all"] for k in RANKINGS}}), flush=True)
     finally:
         torch.set_num_threads(threads)
     return record
@@ -429,6 +586,7 @@ def _write_markdown(record: dict, path: Path) -> None:
     missing = [v.name for v in VARIANTS if v.name not in record["variants"]]
     if missing:
         lines += [f"Listed in `VARIANTS` but not run yet: {', '.join(missing)}.", ""]
+    lines += _rankings_markdown(record, short)
     rows = _in_order(record["variants"])
     if "shipped" in record:
         rows.insert(0, ("shipped gates files", {**record["shipped"], "seconds": 0, "variant": {
@@ -453,6 +611,30 @@ def _write_markdown(record: dict, path: Path) -> None:
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def _rankings_markdown(record: dict, short: dict) -> list[str]:
+    """One table per path scored with ``study_rankings``: each ranking's paired difference to Chefer and to
+    ``path-rank`` (what diffmask-path ships)."""
+    if not record.get("rankings"):
+        return []
+    lines = ["## Rankings of one path", "",
+             "The same K-level gates ranked several ways (`RANKINGS`, `study_rankings`): `path-rank` is "
+             "`masks.patch_rank` (sparsest level keeping the patch, ties by the keep probability at the level that "
+             "dropped it); `mean-keep` / `mean-log-keep` the mean over levels of the keep probability / its log; "
+             "`rank-mean-tie` / `rank-geomean-tie` path-rank's level with ties by the arithmetic / geometric mean keep "
+             "probability over levels. A cell reads `difference to Chefer (difference to path-rank ± its standard "
+             "error)`; * = the issue's target met on that curve.", ""]
+    for name, r in _in_order(record["rankings"]):
+        lines += [f"### {name}", "", "| ranking | " + " | ".join(short.values()) + " | target |",
+                  "|---|" + "---|" * len(short) + "---|"]
+        for m in [k for k in RANKINGS if k in r["rankings"]]:
+            c = r["rankings"][m]
+            cells = [f"{c[k]['diff']:+.3f}{'*' if c['target'][k]['met'] else ''} "
+                     f"({c[k]['diff_path-rank']:+.3f} ± {c[k]['diff_path-rank_sem']:.3f})" for k in short]
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {'met' if c['target']['all'] else 'missed'} |")
+        lines.append("")
+    return lines
 
 
 def _in_order(variants: dict) -> list:
@@ -531,6 +713,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=None, help="folder of trained levels, reused by settings (default OUT/cache)")
     parser.add_argument("--ship", default=None, metavar="NAME", help="write this variant's gates into --model-dir")
     parser.add_argument("--model-dir", default=None, help="model folder to ship into (backbone/, gates/, metrics.json)")
+    parser.add_argument("--rankings", action="store_true",
+                        help="score every RANKINGS entry of the --variants paths (their gates from the cache)")
     parser.add_argument("--report", action="store_true", help="only rewrite OUT/results.md from OUT/results.json")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
@@ -548,6 +732,11 @@ def main(argv=None) -> int:
             print(json.dumps({"shipped": args.ship, "evaluation": m["evaluation"]}))
             return 0
         names = [n.strip() for n in args.variants.split(",") if n.strip()] if args.variants else None
+        if args.rankings:
+            if not names:
+                raise ValueError("--rankings needs --variants (path variants, e.g. path-dense-5)")
+            study_rankings(names, args.out, cache=args.cache, progress=args.progress)
+            return 0
         study(names, args.out, cache=args.cache, progress=args.progress)
         return 0
 

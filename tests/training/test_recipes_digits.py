@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from vdm_engine.gates import Gates
+from vdm_engine.masks import patch_rank
 from vdm_engine.training import recipes, recipes_digits as rd
 
 
@@ -39,6 +41,8 @@ def test_variants_are_valid_and_repeated_batches_repeat_images():
         rd.DigitsVariant("x", "x", levels=(0.3, 1.0))
     with pytest.raises(ValueError, match="increasing"):
         rd.DigitsVariant("x", "x", levels=(0.3, 0.1))
+    with pytest.raises(ValueError, match="sparse_placeholder"):
+        rd.DigitsVariant("x", "x", sparse_placeholder="noise")
     with pytest.raises(ValueError, match="samples"):
         rd.DigitsVariant("x", "x", samples=3)
     src = rd._repeated_source(torch.arange(10.0).view(10, 1, 1, 1), 4)
@@ -48,30 +52,64 @@ def test_variants_are_valid_and_repeated_batches_repeat_images():
 
 def test_train_and_score_a_path_variant_on_a_tiny_vit(tiny_backbone, tmp_path, monkeypatch):
     """A 3-step path variant (2 mask samples per image) on a random tiny ViT: levels stacked with the main
-    one, cached and reloaded, scored against Chefer (whose own differences are 0), written as markdown."""
+    one (the denser level trained with a zero placeholder), cached and reloaded, scored against Chefer
+    (whose own differences are 0), written as markdown."""
     from vdm_engine.attribution import get_method
 
     monkeypatch.setitem(recipes.GATE_CONFIGS, "digits", dict(steps=3, eval_interval=3, checkpoint_interval=3))
-    v = rd.DigitsVariant("tiny", "3 steps", levels=(0.1, 0.5), level_steps=2, samples=2)
+    v = rd.DigitsVariant("tiny", "3 steps", levels=(0.05, 0.1, 0.5), level_steps=2, samples=2, dense_placeholder="zeros",
+                         sparse_placeholder="learned")
     rng = np.random.default_rng(0)
     data = {"gate_train": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
             "gate_val": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)}
     trained = rd.train_variant(v, tiny_backbone, data, cache=tmp_path / "cache")
     path = trained["path"]
-    assert (path.config.levels, path.config.main_level) == (2, 0)
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert (path.config.levels, path.config.main_level, path.config.placeholder) == (3, 1, True)
+    assert len(list((tmp_path / "cache").iterdir())) == 3
+    dense = [g for g in (Gates.from_pretrained(d, tiny_backbone) for d in (tmp_path / "cache").iterdir())
+             if not g.config.placeholder]  # the zero-placeholder level, as trained
+    assert len(dense) == 1
+    torch.testing.assert_close(path.w1[: dense[0].w1.shape[0]], dense[0].w1, rtol=0, atol=0)
+    torch.testing.assert_close(path.placeholder, trained["gates"].placeholder, rtol=0, atol=0)
     again = rd.train_variant(v, tiny_backbone, data, cache=tmp_path / "cache")  # from the cache: same gates
     torch.testing.assert_close(again["path"].w1, path.w1, rtol=0, atol=0)
 
     pv = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     chefer = get_method(rd.CHEFER, backbone=tiny_backbone)(pv, tiny_backbone(pv).argmax(-1))
     fig = rd.score_variant(tiny_backbone, trained["gates"], path, pv, chefer)
-    assert set(fig["methods"]) == {"diffmask", "diffmask-path", rd.CHEFER} and len(fig["mask"]["path_kept_per_level"]) == 2
+    assert set(fig["methods"]) == {"diffmask", "diffmask-path", rd.CHEFER} and len(fig["mask"]["path_kept_per_level"]) == 3
     for k, c in fig["methods"]["diffmask-path"].items():
         assert fig["methods"][rd.CHEFER][k]["diff"] == 0.0
         assert c["diff"] == pytest.approx(c["auc"] - fig["methods"][rd.CHEFER][k]["auc"], abs=1e-9), k
-    record = {"test_images": 4, "variants": {"tiny": rd._variant_record(v, trained, fig, 1.0)}}
+    # the rankings, scored from precomputed level masks: path-rank reproduces diffmask-path's AUCs exactly
+    ranked = rd.score_rankings(tiny_backbone, path, pv, chefer)
+    assert set(ranked) == {*rd.RANKINGS, rd.CHEFER, "fractions"}
+    assert len(ranked["mean-keep"]["prob"]["noise/negative"]) == len(ranked["fractions"])
+    for k, c in ranked["path-rank"].items():
+        if k not in ("target", "prob"):
+            assert c["auc"] == pytest.approx(fig["methods"]["diffmask-path"][k]["auc"], abs=1e-9), k
+            assert (c["diff_path-rank"], c["diff_path-rank_sem"]) == (0.0, 0.0)
+    assert "mask" not in ranked["mean-keep"]["target"]
+    record = {"test_images": 4, "variants": {"tiny": rd._variant_record(v, trained, fig, 1.0)},
+              "rankings": {"tiny": {"levels_sha256": "x", "rankings": ranked}}}
     rd._write_markdown(record, tmp_path / "results.md")
     text = (tmp_path / "results.md").read_text()
-    assert "## tiny" in text and "| tiny | " in text
+    assert "## tiny" in text and "| tiny | " in text and "### tiny" in text and "| rank-mean-tie | " in text
     json.dumps(record)  # the record is JSON
+
+
+def test_rankings_hand_worked():
+    # levels least sparse first; patch 0 kept by every level, 1 by the first two, 2 and 3 by the first only
+    # (3 with higher keep probabilities at the sparser levels), 4 by none
+    p = torch.tensor([[[0.9, 0.8, 0.7, 0.6, 0.2],
+                       [0.9, 0.7, 0.1, 0.4, 0.1],
+                       [0.8, 0.2, 0.0, 0.3, 0.0]]])
+    torch.testing.assert_close(rd.RANKINGS["path-rank"](p), patch_rank(p))
+    torch.testing.assert_close(rd.RANKINGS["mean-keep"](p), p.mean(1))
+    tie = rd.RANKINGS["rank-mean-tie"](p)[0]
+    # rank 3 + 0.8667, 2 + 0.5667, 1 + 0.2667 (ties 2 vs 3 by the mean: 3 first), 1 + 0.4333, 0 + 0.1
+    torch.testing.assert_close(tie, torch.tensor([3 + 2.6 / 3, 2 + 1.7 / 3, 1 + 0.8 / 3, 1 + 1.3 / 3, 0.1]))
+    assert tie.argsort(descending=True).tolist() == [0, 1, 3, 2, 4]
+    geo = rd.RANKINGS["rank-geomean-tie"](p)[0]
+    torch.testing.assert_close(geo[2], torch.tensor(1.0), atol=1e-6, rtol=0)  # p = 0 clamps at 1e-30: tie ~ 0
+    assert geo.argsort(descending=True).tolist() == [0, 1, 3, 2, 4]
