@@ -10,8 +10,8 @@ matters for the ratios and takes half a minute more to export and run.
 The whole suite (``pytest`` with no paths) runs on ``WORKERS`` pytest-xdist workers when xdist is
 installed (the ``dev`` extra): a test module never splits over two workers (its module fixtures run
 once), and every test that uses Ray (``RAY_TESTS``) runs on one worker, which then holds the one
-shared Ray instance (``pytest_xdist_make_scheduler``). A selection of paths, ``-n``/``--dist`` given, ``--pdb``, or timed benchmarks
-run in one process as before.
+shared Ray instance (``pytest_xdist_make_scheduler``). A selection of paths, ``-n``/``--dist``,
+``--pdb``, ``--collect-only`` or timed benchmarks run in one process as before.
 """
 
 from __future__ import annotations
