@@ -7,6 +7,11 @@ request is one PNG digit (300 different test digits in turn). The server's own `
 read before and after each level, so the mean batch size is the one the server formed
 (rows / batches), not one guessed from the client.
 
+A level's requests per endpoint are split into ``--rounds`` rounds, the endpoints taking turns over
+one client session. The explain / predict p99 ratio comes with a 95% interval from a paired
+bootstrap over rounds (``paired_p99_ratio``): on a shared 2-core machine a slow stretch lands on a
+few rounds, and the interval says how far the ratio moves with them.
+
 ``--server triton`` drives a real Triton Inference Server instead (``vdm_engine.export.tritonserver``:
 the ``nvidia-pytriton`` wheel's ``tritonserver`` on loopback) serving the graph exported from
 ``--model`` with the python backend and the ensemble, over the Open Inference Protocol: ``oip`` sends
