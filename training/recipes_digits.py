@@ -185,6 +185,16 @@ VARIANTS = [
                   levels=(0.03, 0.1, 0.3, 1.0), sparse_replacement="mean+noise"),
     DigitsVariant("path-eval-sparse-seed-1", "path-eval-sparse with seed 1 for every level", train={"seed": 1},
                   levels=(0.03, 0.1, 0.3, 1.0), sparse_replacement="mean+noise"),
+    DigitsVariant("path-mixed-sparse-seed-2", "path-mixed-sparse with seed 2 for every level", train={"seed": 2},
+                  levels=(0.03, 0.1, 0.3, 1.0), sparse_replacement="placeholder+zeros"),
+    DigitsVariant("path-mixed4-sparse", "K=4, budgets 0.03/0.1/0.3/1.0: the two levels sparser than the main one trained "
+                  "with four replacements cycled over the rows (learned placeholder, zeros, the image's mean patch, "
+                  "a uniform-noise patch)", levels=(0.03, 0.1, 0.3, 1.0), sparse_replacement="placeholder+zeros+mean+noise"),
+    DigitsVariant("path-mixed-5", "K=5, budgets 0.03/0.1/0.3/1.0/2.0: path-mixed-sparse with a third sparser level "
+                  "(2.0, mixed replacement) to order the patches kept last", levels=(0.03, 0.1, 0.3, 1.0, 2.0),
+                  sparse_replacement="placeholder+zeros"),
+    DigitsVariant("path-mixed4-sparse-seed-1", "path-mixed4-sparse with seed 1 for every level", train={"seed": 1},
+                  levels=(0.03, 0.1, 0.3, 1.0), sparse_replacement="placeholder+zeros+mean+noise"),
 ]
 
 
