@@ -193,6 +193,13 @@ VARIANTS = [
     DigitsVariant("path-mixed-5", "K=5, budgets 0.03/0.1/0.3/1.0/2.0: path-mixed-sparse with a third sparser level "
                   "(2.0, mixed replacement) to order the patches kept last", levels=(0.03, 0.1, 0.3, 1.0, 2.0),
                   sparse_replacement="placeholder+zeros"),
+    DigitsVariant("path-zeros-mean-sparse", "K=4, budgets 0.03/0.1/0.3/1.0: the two levels sparser than the main one "
+                  "trained with alternate rows a zero placeholder / the image's mean patch",
+                  levels=(0.03, 0.1, 0.3, 1.0), sparse_replacement="zeros+mean"),
+    DigitsVariant("path-mixed-5-seed-1", "path-mixed-5 with seed 1 for every level", train={"seed": 1},
+                  levels=(0.03, 0.1, 0.3, 1.0, 2.0), sparse_replacement="placeholder+zeros"),
+    DigitsVariant("path-mixed-6", "K=6, budgets 0.03/0.1/0.3/1.0/2.0/4.0: path-mixed-5 with a fourth sparser level",
+                  levels=(0.03, 0.1, 0.3, 1.0, 2.0, 4.0), sparse_replacement="placeholder+zeros"),
     DigitsVariant("path-mixed4-sparse-seed-1", "path-mixed4-sparse with seed 1 for every level", train={"seed": 1},
                   levels=(0.03, 0.1, 0.3, 1.0), sparse_replacement="placeholder+zeros+mean+noise"),
 ]
