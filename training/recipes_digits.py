@@ -200,6 +200,13 @@ VARIANTS = [
                   levels=(0.03, 0.1, 0.3, 1.0, 2.0), sparse_replacement="placeholder+zeros"),
     DigitsVariant("path-mixed-6", "K=6, budgets 0.03/0.1/0.3/1.0/2.0/4.0: path-mixed-5 with a fourth sparser level",
                   levels=(0.03, 0.1, 0.3, 1.0, 2.0, 4.0), sparse_replacement="placeholder+zeros"),
+    DigitsVariant("path-mixed-5-seed-2", "path-mixed-5 with seed 2 for every level", train={"seed": 2},
+                  levels=(0.03, 0.1, 0.3, 1.0, 2.0), sparse_replacement="placeholder+zeros"),
+    DigitsVariant("path-mixed-6b", "K=6, budgets 0.03/0.1/0.3/1.0/2.0/3.0: path-mixed-5 with a 3.0 level (4.0 keeps nothing) "
+                  "to order the two or three patches removed first", levels=(0.03, 0.1, 0.3, 1.0, 2.0, 3.0),
+                  sparse_replacement="placeholder+zeros"),
+    DigitsVariant("path-mixed-6b-seed-1", "path-mixed-6b with seed 1 for every level", train={"seed": 1},
+                  levels=(0.03, 0.1, 0.3, 1.0, 2.0, 3.0), sparse_replacement="placeholder+zeros"),
     DigitsVariant("path-mixed4-sparse-seed-1", "path-mixed4-sparse with seed 1 for every level", train={"seed": 1},
                   levels=(0.03, 0.1, 0.3, 1.0), sparse_replacement="placeholder+zeros+mean+noise"),
 ]
