@@ -207,6 +207,11 @@ VARIANTS = [
                   sparse_replacement="placeholder+zeros"),
     DigitsVariant("path-mixed-6b-seed-1", "path-mixed-6b with seed 1 for every level", train={"seed": 1},
                   levels=(0.03, 0.1, 0.3, 1.0, 2.0, 3.0), sparse_replacement="placeholder+zeros"),
+    DigitsVariant("path-mixed-6c", "path-mixed-6b with the sparser levels selected at >= 30% validation agreement "
+                  "(not 50%; the 3.0 level of path-mixed-6b was selected at step 200-300, less sparse than the 2.0 one)",
+                  levels=(0.03, 0.1, 0.3, 1.0, 2.0, 3.0), sparse_replacement="placeholder+zeros", level_agreement=0.3),
+    DigitsVariant("path-mixed-6c-seed-1", "path-mixed-6c with seed 1 for every level", train={"seed": 1},
+                  levels=(0.03, 0.1, 0.3, 1.0, 2.0, 3.0), sparse_replacement="placeholder+zeros", level_agreement=0.3),
     DigitsVariant("path-mixed4-sparse-seed-1", "path-mixed4-sparse with seed 1 for every level", train={"seed": 1},
                   levels=(0.03, 0.1, 0.3, 1.0), sparse_replacement="placeholder+zeros+mean+noise"),
 ]
