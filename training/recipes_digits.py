@@ -212,8 +212,11 @@ VARIANTS = [
                   levels=(0.03, 0.1, 0.3, 1.0, 2.0, 3.0), sparse_replacement="placeholder+zeros", level_agreement=0.3),
     DigitsVariant("path-mixed-6c-seed-1", "path-mixed-6c with seed 1 for every level", train={"seed": 1},
                   levels=(0.03, 0.1, 0.3, 1.0, 2.0, 3.0), sparse_replacement="placeholder+zeros", level_agreement=0.3),
-    DigitsVariant("path-mixed4-sparse-seed-1", "path-mixed4-sparse with seed 1 for every level", train={"seed": 1},
-                  levels=(0.03, 0.1, 0.3, 1.0), sparse_replacement="placeholder+zeros+mean+noise"),
+    DigitsVariant("path-mixed4-5", "K=5, budgets 0.03/0.1/0.3/1.0/2.0: path-mixed-5 with the four replacements of "
+                  "path-mixed4-sparse for the sparser levels (does the mean patch in training help the mean-replacement "
+                  "positive test?)", levels=(0.03, 0.1, 0.3, 1.0, 2.0), sparse_replacement="placeholder+zeros+mean+noise"),
+    DigitsVariant("path-mixed4-5-seed-1", "path-mixed4-5 with seed 1 for every level", train={"seed": 1},
+                  levels=(0.03, 0.1, 0.3, 1.0, 2.0), sparse_replacement="placeholder+zeros+mean+noise"),
 ]
 
 
