@@ -217,6 +217,10 @@ VARIANTS = [
                   "positive test?)", levels=(0.03, 0.1, 0.3, 1.0, 2.0), sparse_replacement="placeholder+zeros+mean+noise"),
     DigitsVariant("path-mixed4-5-seed-1", "path-mixed4-5 with seed 1 for every level", train={"seed": 1},
                   levels=(0.03, 0.1, 0.3, 1.0, 2.0), sparse_replacement="placeholder+zeros+mean+noise"),
+    DigitsVariant("path-mixed-5-long", "path-mixed-5 with 1200-step levels (not 600)", levels=(0.03, 0.1, 0.3, 1.0, 2.0),
+                  sparse_replacement="placeholder+zeros", level_steps=1200),
+    DigitsVariant("path-mixed-5-long-seed-1", "path-mixed-5-long with seed 1 for every level", train={"seed": 1},
+                  levels=(0.03, 0.1, 0.3, 1.0, 2.0), sparse_replacement="placeholder+zeros", level_steps=1200),
 ]
 
 
