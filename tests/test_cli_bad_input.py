@@ -164,6 +164,9 @@ ROWS = [
      lambda w: ["--model", "vit-digits", "--data", "digits", "--device", "tpu", "--out", w.out_dir], "invalid choice"),
     ("train-unknown-model", "train", lambda w: ["--model", "nonexistent", "--data", "digits", "--out", w.out_dir],
      "no such model 'nonexistent'"),
+    ("train-bad-replacement", "train",
+     lambda w: ["--model", "vit-digits", "--data", "digits", "--replacement", "mean+blur", "--out", w.out_dir],
+     r"TrainConfig\.replacement 'mean\+blur': kinds must be"),
 ]
 
 

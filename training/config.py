@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 
 from vdm_engine._io import dataclass_from_dict
 
+from .replacement import replacement_kinds
+
 __all__ = ["TrainConfig", "PRECISIONS", "DEPTH_SAMPLING", "L0_FORMS"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -45,6 +47,10 @@ class TrainConfig:
         seed: seeds data order, depth choice and gate noise.
         precision: autocast dtype of the frozen ViT on CUDA (``fp32`` = no autocast).
         grad_clip: max gradient norm of probes and placeholder (0 = off).
+        replacement: what a dropped patch becomes during training: ``placeholder`` (the gates'
+            placeholder, as in explanations), or kinds joined by ``+`` (``placeholder``, ``zeros``,
+            ``mean``, ``noise``), row b of a batch taking kind b mod their count (see ``replacement``).
+            Validation and checkpoint selection always use the placeholder.
     """
 
     steps: int = 3000
@@ -72,6 +78,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"
     grad_clip: float = 1.0
+    replacement: str = "placeholder"
 
     def __post_init__(self):
         def positive(name, strict=True):
@@ -99,6 +106,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.depth_sampling must be one of {DEPTH_SAMPLING}, got {self.depth_sampling!r}")
         if self.l0 not in L0_FORMS:
             raise ValueError(f"TrainConfig.l0 must be one of {L0_FORMS}, got {self.l0!r}")
+        try:
+            replacement_kinds(self.replacement)
+        except (ValueError, AttributeError, TypeError) as e:
+            raise ValueError(f"TrainConfig.{e}") from None
         if self.probe_size is not None and self.probe_size < 1:
             raise ValueError(f"TrainConfig.probe_size must be >= 1 or None, got {self.probe_size}")
 

@@ -20,6 +20,8 @@ from vdm_engine import masks
 from vdm_engine.gates import Gates
 from vdm_engine.masks import kl_divergence
 
+from .replacement import masked_logits_replaced, replacement_kinds, row_replacements
+
 __all__ = ["GateObjective", "StepStats", "autocast_context", "clean_pass", "depth_weights", "hard_mask_validation"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -67,11 +69,13 @@ class GateObjective(nn.Module):
         l0: ``"prob"`` (mean keep probability) or ``"log"`` (mean log keep probability).
         precision: autocast dtype of the masked forward.
         mask_fn: the patch-masking op (``Ops.patch_mask``); default the reference.
+        replacement: what dropped patches become (``TrainConfig.replacement``); default the gates'
+            placeholder for every row.
     """
 
     def __init__(
         self, backbone, gates: Gates, *, alpha_init: float, eps: float, l0: str = "prob", precision: str = "fp32",
-        mask_fn: Callable | None = None,
+        mask_fn: Callable | None = None, replacement: str = "placeholder",
     ):
         super().__init__()
         object.__setattr__(self, "backbone", backbone)  # not registered: frozen and never synchronised
@@ -79,9 +83,12 @@ class GateObjective(nn.Module):
         self.alpha = nn.Parameter(torch.full((gates.config.num_hidden_states,), float(alpha_init)))
         self.eps, self.l0, self.precision = float(eps), l0, precision
         self.mask_fn = mask_fn
+        replacement_kinds(replacement)  # validates
+        self.replacement = replacement
 
     def forward(
-        self, logits: torch.Tensor, hidden: torch.Tensor, depth: int, generator: torch.Generator | None = None
+        self, logits: torch.Tensor, hidden: torch.Tensor, depth: int, generator: torch.Generator | None = None,
+        pixel_values: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, StepStats]:
         """Loss of one step.
 
@@ -89,7 +96,8 @@ class GateObjective(nn.Module):
             logits: (B, C) original logits (no grad).
             hidden: (L+2, B, T, D) hidden states of the clean pass (no grad).
             depth: aggregation depth k in [0, L+1].
-            generator: RNG of the hard-concrete noise.
+            generator: RNG of the hard-concrete noise (and of ``noise`` replacement pixels).
+            pixel_values: (B, 3, H, W) the batch, needed by ``mean`` / ``noise`` replacements.
 
         Returns:
             scalar loss and ``StepStats``.
@@ -97,7 +105,12 @@ class GateObjective(nn.Module):
         gates, log_keep = self.gates.sample(hidden.float(), depth, generator)  # (B, N), (B, N)
         patches = hidden[0, :, 1:]  # (B, N, D) patch projections without position embeddings
         with autocast_context(patches.device, self.precision):
-            masked = self.backbone.masked_logits_from_patches(patches, gates, self.gates.placeholder, mask_fn=self.mask_fn)
+            if self.replacement == "placeholder":
+                masked = self.backbone.masked_logits_from_patches(patches, gates, self.gates.placeholder, mask_fn=self.mask_fn)
+            else:  # one replacement per row (and patch), blended in by the same masking op
+                r = row_replacements(self.replacement, patches, self.gates.placeholder, backbone=self.backbone,
+                                     pixel_values=pixel_values, generator=generator)
+                masked = masked_logits_replaced(self.backbone, patches, gates, r, mask_fn=self.mask_fn)
         masked = masked.float()
         kl = kl_divergence(logits, masked)  # (B,)
         l0 = (log_keep.exp() if self.l0 == "prob" else log_keep).mean(-1)  # (B,)

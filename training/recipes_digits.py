@@ -72,6 +72,9 @@ class DigitsVariant:
         dense_placeholder: ``zeros`` trains the levels denser than the main one with a fixed zero placeholder
             (they order the patches the main level drops); empty: the variant's ``placeholder``.
         sparse_placeholder: the same for the levels sparser than the main one (they order its kept patches).
+        sparse_replacement: ``TrainConfig.replacement`` of the levels sparser than the main one, e.g.
+            ``placeholder+zeros`` (half the rows of a batch the learned placeholder, half zeros) or
+            ``mean+noise`` (evaluation's replacements); empty: every row the placeholder.
     """
 
     name: str
@@ -85,6 +88,7 @@ class DigitsVariant:
     level_train: dict = field(default_factory=dict)
     dense_placeholder: str = ""
     sparse_placeholder: str = ""
+    sparse_replacement: str = ""
 
     def __post_init__(self):
         if self.samples < 1 or 64 % self.samples:
@@ -94,6 +98,13 @@ class DigitsVariant:
         for name in ("dense_placeholder", "sparse_placeholder"):
             if getattr(self, name) not in ("", "learned", "zeros"):
                 raise ValueError(f"DigitsVariant.{name} must be '', 'learned' or 'zeros', got {getattr(self, name)!r}")
+        if self.sparse_replacement:
+            from .replacement import replacement_kinds
+
+            try:
+                replacement_kinds(self.sparse_replacement)
+            except ValueError as e:
+                raise ValueError(f"DigitsVariant.sparse_{e}") from None
         if self.levels:
             if list(self.levels) != sorted(self.levels) or len(set(self.levels)) != len(self.levels):
                 raise ValueError(f"DigitsVariant.levels must be increasing KL budgets, got {self.levels}")
@@ -164,6 +175,52 @@ VARIANTS = [
                   sparse_placeholder="zeros"),
     DigitsVariant("path-zeros-sparse-seed-2", "path-zeros-sparse with seed 2 for every level", train={"seed": 2},
                   levels=(0.03, 0.1, 0.3, 1.0), sparse_placeholder="zeros"),
+    DigitsVariant("path-mixed-sparse", "K=4, budgets 0.03/0.1/0.3/1.0: the two levels sparser than the main one trained "
+                  "with a mixed replacement (alternate rows of a batch the learned placeholder / a zero placeholder)",
+                  levels=(0.03, 0.1, 0.3, 1.0), sparse_replacement="placeholder+zeros"),
+    DigitsVariant("path-mixed-sparse-seed-1", "path-mixed-sparse with seed 1 for every level", train={"seed": 1},
+                  levels=(0.03, 0.1, 0.3, 1.0), sparse_replacement="placeholder+zeros"),
+    DigitsVariant("path-eval-sparse", "K=4, budgets 0.03/0.1/0.3/1.0: the two levels sparser than the main one trained "
+                  "with evaluation's replacements (alternate rows: the image's mean patch / a uniform-noise patch)",
+                  levels=(0.03, 0.1, 0.3, 1.0), sparse_replacement="mean+noise"),
+    DigitsVariant("path-eval-sparse-seed-1", "path-eval-sparse with seed 1 for every level", train={"seed": 1},
+                  levels=(0.03, 0.1, 0.3, 1.0), sparse_replacement="mean+noise"),
+    DigitsVariant("path-mixed-sparse-seed-2", "path-mixed-sparse with seed 2 for every level", train={"seed": 2},
+                  levels=(0.03, 0.1, 0.3, 1.0), sparse_replacement="placeholder+zeros"),
+    DigitsVariant("path-mixed4-sparse", "K=4, budgets 0.03/0.1/0.3/1.0: the two levels sparser than the main one trained "
+                  "with four replacements cycled over the rows (learned placeholder, zeros, the image's mean patch, "
+                  "a uniform-noise patch)", levels=(0.03, 0.1, 0.3, 1.0), sparse_replacement="placeholder+zeros+mean+noise"),
+    DigitsVariant("path-mixed-5", "K=5, budgets 0.03/0.1/0.3/1.0/2.0: path-mixed-sparse with a third sparser level "
+                  "(2.0, mixed replacement) to order the patches kept last", levels=(0.03, 0.1, 0.3, 1.0, 2.0),
+                  sparse_replacement="placeholder+zeros"),
+    DigitsVariant("path-zeros-mean-sparse", "K=4, budgets 0.03/0.1/0.3/1.0: the two levels sparser than the main one "
+                  "trained with alternate rows a zero placeholder / the image's mean patch",
+                  levels=(0.03, 0.1, 0.3, 1.0), sparse_replacement="zeros+mean"),
+    DigitsVariant("path-mixed-5-seed-1", "path-mixed-5 with seed 1 for every level", train={"seed": 1},
+                  levels=(0.03, 0.1, 0.3, 1.0, 2.0), sparse_replacement="placeholder+zeros"),
+    DigitsVariant("path-mixed-6", "K=6, budgets 0.03/0.1/0.3/1.0/2.0/4.0: path-mixed-5 with a fourth sparser level",
+                  levels=(0.03, 0.1, 0.3, 1.0, 2.0, 4.0), sparse_replacement="placeholder+zeros"),
+    DigitsVariant("path-mixed-5-seed-2", "path-mixed-5 with seed 2 for every level", train={"seed": 2},
+                  levels=(0.03, 0.1, 0.3, 1.0, 2.0), sparse_replacement="placeholder+zeros"),
+    DigitsVariant("path-mixed-6b", "K=6, budgets 0.03/0.1/0.3/1.0/2.0/3.0: path-mixed-5 with a 3.0 level (4.0 keeps nothing) "
+                  "to order the two or three patches removed first", levels=(0.03, 0.1, 0.3, 1.0, 2.0, 3.0),
+                  sparse_replacement="placeholder+zeros"),
+    DigitsVariant("path-mixed-6b-seed-1", "path-mixed-6b with seed 1 for every level", train={"seed": 1},
+                  levels=(0.03, 0.1, 0.3, 1.0, 2.0, 3.0), sparse_replacement="placeholder+zeros"),
+    DigitsVariant("path-mixed-6c", "path-mixed-6b with the sparser levels selected at >= 30% validation agreement "
+                  "(not 50%; the 3.0 level of path-mixed-6b was selected at step 200-300, less sparse than the 2.0 one)",
+                  levels=(0.03, 0.1, 0.3, 1.0, 2.0, 3.0), sparse_replacement="placeholder+zeros", level_agreement=0.3),
+    DigitsVariant("path-mixed-6c-seed-1", "path-mixed-6c with seed 1 for every level", train={"seed": 1},
+                  levels=(0.03, 0.1, 0.3, 1.0, 2.0, 3.0), sparse_replacement="placeholder+zeros", level_agreement=0.3),
+    DigitsVariant("path-mixed4-5", "K=5, budgets 0.03/0.1/0.3/1.0/2.0: path-mixed-5 with the four replacements of "
+                  "path-mixed4-sparse for the sparser levels (does the mean patch in training help the mean-replacement "
+                  "positive test?)", levels=(0.03, 0.1, 0.3, 1.0, 2.0), sparse_replacement="placeholder+zeros+mean+noise"),
+    DigitsVariant("path-mixed4-5-seed-1", "path-mixed4-5 with seed 1 for every level", train={"seed": 1},
+                  levels=(0.03, 0.1, 0.3, 1.0, 2.0), sparse_replacement="placeholder+zeros+mean+noise"),
+    DigitsVariant("path-mixed-5-long", "path-mixed-5 with 1200-step levels (not 600)", levels=(0.03, 0.1, 0.3, 1.0, 2.0),
+                  sparse_replacement="placeholder+zeros", level_steps=1200),
+    DigitsVariant("path-mixed-5-long-seed-1", "path-mixed-5-long with seed 1 for every level", train={"seed": 1},
+                  levels=(0.03, 0.1, 0.3, 1.0, 2.0), sparse_replacement="placeholder+zeros", level_steps=1200),
 ]
 
 
@@ -181,6 +238,8 @@ def _train_config(variant: DigitsVariant, eps: float | None = None, *, sparse_le
         kw.update(eps=float(eps), eps_valid=1.5 * float(eps), steps=variant.level_steps)
         if sparse_level:
             kw["agreement"] = variant.level_agreement
+            if variant.sparse_replacement:
+                kw["replacement"] = variant.sparse_replacement
     kw["checkpoint_interval"] = kw["steps"]
     kw.setdefault("seed", 0)
     return TrainConfig(**kw)
@@ -214,7 +273,10 @@ def _fresh_gates(backbone, cfg, placeholder: str):
 
 
 def _level_key(cfg, variant: DigitsVariant, placeholder: str) -> str:
-    blob = json.dumps({"cfg": cfg.to_dict(), "samples": variant.samples, "placeholder": placeholder}, sort_keys=True)
+    d = cfg.to_dict()
+    if d["replacement"] == "placeholder":  # the default: levels cached before the field existed keep their keys
+        del d["replacement"]
+    blob = json.dumps({"cfg": d, "samples": variant.samples, "placeholder": placeholder}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -21,6 +21,7 @@ from vdm_engine.gates import Gates
 
 from .config import TrainConfig
 from .objective import GateObjective, StepStats, clean_pass, depth_weights
+from .replacement import needs_pixels
 
 __all__ = ["TrainState", "StepOutput", "TrainingDiverged", "train_step", "first_divergence", "HEALTH_FIELDS"]
 
@@ -73,7 +74,7 @@ class TrainState:
         cfg, device = config, backbone.device
         gates.to(device).train()
         obj = GateObjective(backbone, gates, alpha_init=cfg.alpha_init, eps=cfg.eps, l0=cfg.l0,
-                            precision=cfg.precision, mask_fn=mask_fn)
+                            precision=cfg.precision, mask_fn=mask_fn, replacement=cfg.replacement)
         obj.alpha.data = obj.alpha.data.to(device)
         groups = [{"params": _probe_params(gates), "lr": cfg.lr_probe}]
         if isinstance(gates.placeholder, torch.nn.Parameter):
@@ -149,7 +150,10 @@ def train_step(state: TrainState, pixel_values: torch.Tensor, step: int, *, dept
             raise TrainingDiverged(f"the Lagrange multipliers became NaN/Inf before step {step + 1}")
         depth = int(torch.multinomial(w, 1, generator=state.gen_depth))
     logits, hidden = clean_pass(obj.backbone, pixel_values, cfg.precision)
-    loss, stats = state.model(logits, hidden, depth, state.gen_noise)
+    if needs_pixels(cfg.replacement):
+        loss, stats = state.model(logits, hidden, depth, state.gen_noise, pixel_values=pixel_values)
+    else:
+        loss, stats = state.model(logits, hidden, depth, state.gen_noise)
 
     state.opt.zero_grad(set_to_none=True)
     state.opt_alpha.zero_grad(set_to_none=True)

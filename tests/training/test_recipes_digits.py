@@ -50,6 +50,26 @@ def test_variants_are_valid_and_repeated_batches_repeat_images():
     assert got == [7.0] * 4 + [2.0] * 4
 
 
+def test_sparse_replacement_reaches_only_the_sparser_levels():
+    """``sparse_replacement`` sets ``TrainConfig.replacement`` of the levels sparser than the main one; the cache
+    key of a level with the default replacement is the key it had before the field existed."""
+    import hashlib
+
+    with pytest.raises(ValueError, match="DigitsVariant.sparse_replacement 'placeholder\\+blur'"):
+        rd.DigitsVariant("x", "x", sparse_replacement="placeholder+blur")
+    v = rd.DigitsVariant("x", "x", levels=(0.03, 0.1, 0.3), sparse_replacement="placeholder+zeros")
+    assert rd._train_config(v).replacement == "placeholder"
+    assert rd._train_config(v, 0.03).replacement == "placeholder"
+    assert rd._train_config(v, 0.3, sparse_level=True).replacement == "placeholder+zeros"
+    cfg = rd._train_config(v, 0.03)
+    old = {k: x for k, x in cfg.to_dict().items() if k != "replacement"}
+    blob = json.dumps({"cfg": old, "samples": 1, "placeholder": "learned"}, sort_keys=True)
+    assert rd._level_key(cfg, v, "learned") == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    sparse = rd._train_config(v, 0.3, sparse_level=True)
+    assert rd._level_key(sparse, v, "learned") != rd._level_key(rd._train_config(rd.DigitsVariant(
+        "y", "y", levels=(0.03, 0.1, 0.3)), 0.3, sparse_level=True), v, "learned")
+
+
 def test_train_and_score_a_path_variant_on_a_tiny_vit(tiny_backbone, tmp_path, monkeypatch):
     """A 3-step path variant (2 mask samples per image) on a random tiny ViT: levels stacked with the main
     one (the denser level trained with a zero placeholder), cached and reloaded, scored against Chefer

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--agreement", type=float, default=None, help="agreement bound for the best checkpoint")
     opt.add_argument("--seed", type=int, default=None)
     opt.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    opt.add_argument("--replacement", default=None,
+                     help="what dropped patches become while training: placeholder (default), or kinds "
+                     "(placeholder, zeros, mean, noise) joined by '+', cycled over the rows of a batch")
     opt.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="autocast of the frozen ViT")
     opt.add_argument(
         "--threads", type=int, default=None,
@@ -67,6 +70,7 @@ _FIELDS = {
     "lr_alpha": "lr_alpha", "alpha_init": "alpha_init", "alpha_max": "alpha_max", "mul": "mul", "add_init": "add_init",
     "eval_interval": "eval_interval", "checkpoint_interval": "checkpoint_interval", "val_size": "val_size",
     "eps_valid": "eps_valid", "agreement": "agreement", "seed": "seed", "precision": "precision",
+    "replacement": "replacement",
 }
 
 
@@ -98,13 +102,14 @@ def _run(args) -> int:
     check_device(args.device)
     check_model(args.model, revision=args.revision)
     given = {f: getattr(args, a) for a, f in _FIELDS.items() if getattr(args, a) is not None}
+    fresh = None if args.resume else TrainConfig(**given)  # bad settings refused before anything is written
     # Before anything slow or written: refuse to clobber a run in --out, or to resume a missing or other run.
     # (``train`` checks the data too, once the source is open, still before loading the model.)
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, model=args.model, steps=given.get("steps"))
     check_out_dir(args.out, keep=True)  # kept: torchrun ranks check it at the same time
     # A resumed run keeps its own settings, except what is given again (e.g. more --steps or a lower
     # --lr after a divergence); with the same arguments it continues exactly.
-    config = resume_config(args.out, **given) if args.resume else TrainConfig(**given)
+    config = resume_config(args.out, **given) if args.resume else fresh
     quiet_transformers()  # its weight-loading bar would interleave with ours
     try:
         result = train(
