@@ -55,6 +55,14 @@ def test_masked_logits_replaced_equals_blending_by_hand(tiny_backbone, batch, cl
     close(masked_logits_replaced(tiny_backbone, x, g, r), want, 1e-5, 1e-5, "logits")
 
 
+def _gates(backbone):
+    """Fresh training gates with a random (non-zero) placeholder, so zeros rows differ from placeholder rows."""
+    gates = new_gates(backbone, TrainConfig()).train()
+    with torch.no_grad():
+        gates.placeholder.normal_()
+    return gates
+
+
 def _loss_and_grads(backbone, gates, logits, hidden, replacement, pv=None):
     obj = GateObjective(backbone, gates, alpha_init=3.0, eps=0.1, replacement=replacement)
     loss, _ = obj(logits, hidden, 2, torch.Generator().manual_seed(5), pixel_values=pv)
@@ -65,9 +73,7 @@ def _loss_and_grads(backbone, gates, logits, hidden, replacement, pv=None):
 def test_every_row_the_placeholder_equals_the_default_path(tiny_backbone, batch, close):
     """The per-row path with every row the placeholder gives the default loss and gradients."""
     _, logits, hidden = batch
-    gates = new_gates(tiny_backbone, TrainConfig()).train()
-    with torch.no_grad():
-        gates.placeholder.normal_()
+    gates = _gates(tiny_backbone)
     loss0, grads0 = _loss_and_grads(tiny_backbone, gates, logits, hidden, "placeholder")
     loss1, grads1 = _loss_and_grads(tiny_backbone, gates, logits, hidden, "placeholder+placeholder")
     close(loss1, loss0, 1e-5, 1e-5, "loss")
@@ -78,9 +84,7 @@ def test_every_row_the_placeholder_equals_the_default_path(tiny_backbone, batch,
 def test_mixed_loss_equals_a_per_row_reference(tiny_backbone, batch, close):
     """``placeholder+zeros``: even rows masked with the placeholder, odd rows with zeros (plain forward)."""
     _, logits, hidden = batch
-    gates = new_gates(tiny_backbone, TrainConfig()).train()
-    with torch.no_grad():
-        gates.placeholder.normal_()
+    gates = _gates(tiny_backbone)
     loss, _ = _loss_and_grads(tiny_backbone, gates, logits, hidden, "placeholder+zeros")
     g, log_keep = gates.sample(hidden, 2, torch.Generator().manual_seed(5))
     x = hidden[0, :, 1:]
