@@ -315,7 +315,8 @@ def train_variant(variant: DigitsVariant, backbone, data, *, cache: Path | None 
     """Train a variant's single-level gates and, with ``levels``, its K-level path gates.
 
     Returns:
-        {"gates": Gates, "path": Gates | None, "seconds": {"main": s, "levels": [s, ...]}} (seconds 0 when cached).
+        {"gates": Gates, "path": Gates | None, "seconds": {"main": s, "levels": [s, ...]}}; gates loaded
+        from ``cache`` report the seconds their training took when they were trained (0 if not recorded).
     """
     from vdm_engine.gates import Gates
 
