@@ -8,11 +8,12 @@ from vdm_engine._io import dataclass_from_dict
 
 from .replacement import replacement_kinds
 
-__all__ = ["TrainConfig", "PRECISIONS", "DEPTH_SAMPLING", "L0_FORMS"]
+__all__ = ["TrainConfig", "PRECISIONS", "DEPTH_SAMPLING", "L0_FORMS", "OBJECTIVES"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEPTH_SAMPLING = ("uniform", "adaptive")
 L0_FORMS = ("prob", "log")
+OBJECTIVES = ("keep", "delete")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,12 @@ class TrainConfig:
             placeholder, as in explanations), or kinds joined by ``+`` (``placeholder``, ``zeros``,
             ``mean``, ``noise``), row b of a batch taking kind b mod their count (see ``replacement``).
             Validation and checkpoint selection always use the placeholder.
+        objective: ``"keep"`` (DiffMask: the fewest patches kept with ``KL <= eps``) or ``"delete"``
+            (a necessity level: the fewest patches removed with ``KL >= eps``). With ``"delete"`` the gate
+            value g is read as "removed": the masked pass keeps ``1 - g``, the L0 term penalises mean(g)
+            and the loss is ``alpha_k * (eps - KL) + L0_k``; a checkpoint qualifies when its hard mask
+            (remove the patches with g > ``threshold``) gives ``KL >= eps_valid`` and agreement
+            ``<= agreement``, and the one removing the fewest patches (then the highest KL) is selected.
     """
 
     steps: int = 3000
@@ -79,6 +86,7 @@ class TrainConfig:
     precision: str = "fp32"
     grad_clip: float = 1.0
     replacement: str = "placeholder"
+    objective: str = "keep"
 
     def __post_init__(self):
         def positive(name, strict=True):
@@ -110,11 +118,18 @@ class TrainConfig:
             replacement_kinds(self.replacement)
         except (ValueError, AttributeError, TypeError) as e:
             raise ValueError(f"TrainConfig.{e}") from None
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"TrainConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.probe_size is not None and self.probe_size < 1:
             raise ValueError(f"TrainConfig.probe_size must be >= 1 or None, got {self.probe_size}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a dict; ``objective`` only when not ``"keep"``, so default runs record (and cache
+        keys hash) exactly what they did before the field existed."""
+        d = asdict(self)
+        if d["objective"] == "keep":
+            del d["objective"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

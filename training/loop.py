@@ -159,8 +159,9 @@ def _check_health(health: list[torch.Tensor], step: int) -> None:
 def _validate(backbone, gates: Gates, val_shard: torch.Tensor, cfg: TrainConfig, mask_fn, step: int) -> dict:
     """The ``val`` record of the hard mask on the validation images of every rank."""
     gates.eval()
+    delete = cfg.objective == "delete"
     sums = hard_mask_validation(backbone, gates, val_shard, threshold=cfg.threshold, precision=cfg.precision,
-                                mask_fn=mask_fn)
+                                mask_fn=mask_fn, invert=delete)
     gates.train()
     for v in sums.values():
         all_reduce_sum(v)
@@ -170,13 +171,19 @@ def _validate(backbone, gates: Gates, val_shard: torch.Tensor, cfg: TrainConfig,
         "kept": float(sums["kept"]) / n, "kept_depth": [round(float(x) / n, 4) for x in sums["kept_depth"]],
         "images": int(n),
     }
-    rec["qualified"] = rec["kl"] <= cfg.eps_valid and rec["agreement"] >= cfg.agreement
+    if delete:  # the prediction must change: KL at least eps_valid, agreement at most ``agreement``
+        rec["qualified"] = rec["kl"] >= cfg.eps_valid and rec["agreement"] <= cfg.agreement
+    else:
+        rec["qualified"] = rec["kl"] <= cfg.eps_valid and rec["agreement"] >= cfg.agreement
     return rec
 
 
-def _is_better(rec: dict, best: dict | None) -> bool:
+def _is_better(rec: dict, best: dict | None, delete: bool = False) -> bool:
+    """Fewer patches kept (``delete``: removed); ties: lower KL (``delete``: higher)."""
     if best is None:
         return True
+    if delete:
+        return (rec["kept"], -rec["kl"]) < (best["kept"], -best["kl"])
     return (rec["kept"], rec["kl"]) < (best["kept"], best["kl"])
 
 
@@ -361,7 +368,7 @@ def train_gates(
                 history.append(rec)
                 last_val = rec
                 log(rec)
-                if rec["qualified"] and _is_better(rec, best):
+                if rec["qualified"] and _is_better(rec, best, cfg.objective == "delete"):
                     best = rec
                     best_state = {k: v.detach().cpu().clone() for k, v in gates.state_dict().items()}
                 bar.set_postfix(
@@ -398,7 +405,8 @@ def _finish(gates, backbone, cfg, info, out_dir, step, best, best_state, last_va
         "steps": step,
         "world_size": info.world_size,
     }
-    failure = mask_failure(chosen, qualified=qualified, eps_valid=cfg.eps_valid, agreement=cfg.agreement)
+    bounds = {} if cfg.objective == "delete" else {"eps_valid": cfg.eps_valid, "agreement": cfg.agreement}  # keep's wording
+    failure = mask_failure(chosen, qualified=qualified, **bounds)
     metrics["learned_mask"] = failure is None
     if failure is not None:
         metrics["did_not_learn"] = failure

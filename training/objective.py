@@ -5,7 +5,10 @@ a depth k mask the patch embeddings; the masked forward gives ``p_masked``; the 
 
     alpha_k * (KL(p_orig || p_masked) - eps) + L0_k
 
-is minimised over the probes and the placeholder and maximised over ``alpha_k``.
+is minimised over the probes and the placeholder and maximised over ``alpha_k``. The ``delete``
+objective (a necessity level) reads the gate value g as "removed": the masked pass keeps ``1 - g``
+and the loss is ``alpha_k * (eps - KL) + L0_k`` (fewest patches removed such that the prediction
+changes), so its gates rank the patches whose removal hurts most with no change to inference.
 """
 
 from __future__ import annotations
@@ -71,11 +74,12 @@ class GateObjective(nn.Module):
         mask_fn: the patch-masking op (``Ops.patch_mask``); default the reference.
         replacement: what dropped patches become (``TrainConfig.replacement``); default the gates'
             placeholder for every row.
+        objective: ``"keep"`` (default) or ``"delete"`` (``TrainConfig.objective``).
     """
 
     def __init__(
         self, backbone, gates: Gates, *, alpha_init: float, eps: float, l0: str = "prob", precision: str = "fp32",
-        mask_fn: Callable | None = None, replacement: str = "placeholder",
+        mask_fn: Callable | None = None, replacement: str = "placeholder", objective: str = "keep",
     ):
         super().__init__()
         object.__setattr__(self, "backbone", backbone)  # not registered: frozen and never synchronised
@@ -85,6 +89,9 @@ class GateObjective(nn.Module):
         self.mask_fn = mask_fn
         replacement_kinds(replacement)  # validates
         self.replacement = replacement
+        if objective not in ("keep", "delete"):
+            raise ValueError(f"GateObjective.objective must be 'keep' or 'delete', got {objective!r}")
+        self.objective = objective
 
     def forward(
         self, logits: torch.Tensor, hidden: torch.Tensor, depth: int, generator: torch.Generator | None = None,
@@ -100,21 +107,25 @@ class GateObjective(nn.Module):
             pixel_values: (B, 3, H, W) the batch, needed by ``mean`` / ``noise`` replacements.
 
         Returns:
-            scalar loss and ``StepStats``.
+            scalar loss and ``StepStats`` (with ``delete``, ``kept`` is the mean gate value: the fraction removed).
         """
         gates, log_keep = self.gates.sample(hidden.float(), depth, generator)  # (B, N), (B, N)
+        delete = self.objective == "delete"
+        keep = 1.0 - gates if delete else gates  # (B, N) what the masked pass keeps
         patches = hidden[0, :, 1:]  # (B, N, D) patch projections without position embeddings
         with autocast_context(patches.device, self.precision):
             if self.replacement == "placeholder":
-                masked = self.backbone.masked_logits_from_patches(patches, gates, self.gates.placeholder, mask_fn=self.mask_fn)
+                masked = self.backbone.masked_logits_from_patches(patches, keep, self.gates.placeholder, mask_fn=self.mask_fn)
             else:  # one replacement per row (and patch), blended in by the same masking op
                 r = row_replacements(self.replacement, patches, self.gates.placeholder, backbone=self.backbone,
                                      pixel_values=pixel_values, generator=generator)
-                masked = masked_logits_replaced(self.backbone, patches, gates, r, mask_fn=self.mask_fn)
+                masked = masked_logits_replaced(self.backbone, patches, keep, r, mask_fn=self.mask_fn)
         masked = masked.float()
         kl = kl_divergence(logits, masked)  # (B,)
         l0 = (log_keep.exp() if self.l0 == "prob" else log_keep).mean(-1)  # (B,)
-        loss = self.alpha[depth] * (kl.mean() - self.eps) + l0.mean()
+        # keep: KL <= eps; delete: KL >= eps (the prediction must change). alpha_k >= 0 in both.
+        slack = self.eps - kl.mean() if delete else kl.mean() - self.eps
+        loss = self.alpha[depth] * slack + l0.mean()
         with torch.no_grad():
             stats = StepStats(
                 kl.mean(), gates.mean(), l0.mean(), (masked.argmax(-1) == logits.argmax(-1)).float().mean()
@@ -149,11 +160,14 @@ def hard_mask_validation(
     precision: str = "fp32",
     batch_size: int = 256,
     mask_fn: Callable | None = None,
+    invert: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Sums over a validation batch with the deterministic hard mask (keep prob > ``threshold``).
 
     Args:
         pixel_values: (V, 3, H, W).
+        invert: the ``delete`` objective: the masked pass removes the patches above ``threshold``
+            (and keeps the rest); ``kept`` / ``kept_depth`` still count the patches above it.
 
     Returns:
         sums (0-d float64 tensors) ``kl``, ``agree``, ``kept``, ``count``, and ``kept_depth`` (L+2,):
@@ -168,10 +182,11 @@ def hard_mask_validation(
         layer = masks.layer_masks(gates.log_keep_prob(hidden.float()))  # (B, L+2, N)
         keep = masks.hard_mask(layer[:, -1], threshold)
         with autocast_context(dev, precision):
-            checked = masks.masked_pass(backbone, hidden[0, :, 1:], logits, keep, gates.placeholder, mask_fn)
+            checked = masks.masked_pass(backbone, hidden[0, :, 1:], logits, ~keep if invert else keep,
+                                        gates.placeholder, mask_fn)
         out["kl"] += checked.kl.double().sum()
         out["agree"] += checked.agree.double().sum()
-        out["kept"] += checked.kept_fraction.double().sum()
+        out["kept"] += keep.float().mean(-1).double().sum()  # as MaskedPass.kept_fraction
         out["count"] += len(pv)
         out["kept_depth"] += (layer > threshold).double().mean(-1).sum(0)
     return out

@@ -75,6 +75,12 @@ class DigitsVariant:
         sparse_replacement: ``TrainConfig.replacement`` of the levels sparser than the main one, e.g.
             ``placeholder+zeros`` (half the rows of a batch the learned placeholder, half zeros) or
             ``mean+noise`` (evaluation's replacements); empty: every row the placeholder.
+        deletion_levels: KL floors delta of deletion-trained levels (``TrainConfig.objective = "delete"``:
+            the fewest patches removed such that KL >= delta), appended after ``levels`` as the
+            sparsest levels in the given order, so the patches whose removal changes the prediction
+            rank first. Each trains ``level_steps`` steps over ``train`` and ``level_train`` and is
+            selected at validation KL >= delta / 2 and agreement <= ``level_agreement``.
+        deletion_replacement: ``TrainConfig.replacement`` of the deletion levels; empty: ``sparse_replacement``.
     """
 
     name: str
@@ -89,6 +95,8 @@ class DigitsVariant:
     dense_placeholder: str = ""
     sparse_placeholder: str = ""
     sparse_replacement: str = ""
+    deletion_levels: tuple = ()
+    deletion_replacement: str = ""
 
     def __post_init__(self):
         if self.samples < 1 or 64 % self.samples:
@@ -98,13 +106,17 @@ class DigitsVariant:
         for name in ("dense_placeholder", "sparse_placeholder"):
             if getattr(self, name) not in ("", "learned", "zeros"):
                 raise ValueError(f"DigitsVariant.{name} must be '', 'learned' or 'zeros', got {getattr(self, name)!r}")
-        if self.sparse_replacement:
-            from .replacement import replacement_kinds
+        for prefix in ("sparse", "deletion"):
+            if getattr(self, f"{prefix}_replacement"):
+                from .replacement import replacement_kinds
 
-            try:
-                replacement_kinds(self.sparse_replacement)
-            except ValueError as e:
-                raise ValueError(f"DigitsVariant.sparse_{e}") from None
+                try:
+                    replacement_kinds(getattr(self, f"{prefix}_replacement"))
+                except ValueError as e:
+                    raise ValueError(f"DigitsVariant.{prefix}_{e}") from None
+        if self.deletion_levels and (not self.levels or any(not d > 0 for d in self.deletion_levels)):
+            raise ValueError(f"DigitsVariant.deletion_levels must be KL floors > 0 added to a path (levels), "
+                             f"got {self.deletion_levels} with levels {self.levels}")
         if self.levels:
             if list(self.levels) != sorted(self.levels) or len(set(self.levels)) != len(self.levels):
                 raise ValueError(f"DigitsVariant.levels must be increasing KL budgets, got {self.levels}")
@@ -222,18 +234,43 @@ VARIANTS = [
     DigitsVariant("path-mixed-5-long-seed-1", "path-mixed-5-long with seed 1 for every level", train={"seed": 1},
                   levels=(0.03, 0.1, 0.3, 1.0, 2.0), sparse_replacement="placeholder+zeros", level_steps=1200),
 ]
+_MIXED_5 = {"levels": (0.03, 0.1, 0.3, 1.0, 2.0), "sparse_replacement": "placeholder+zeros"}
+VARIANTS += [
+    DigitsVariant("path-mixed-5-del-1", "path-mixed-5 with a deletion level (fewest patches removed with KL >= 1.0, "
+                  "mixed replacement placeholder/zeros) as the sparsest level: the necessary patches rank first",
+                  deletion_levels=(1.0,), **_MIXED_5),
+    DigitsVariant("path-mixed-5-del-1-seed-1", "path-mixed-5-del-1 with seed 1 for every level", train={"seed": 1},
+                  deletion_levels=(1.0,), **_MIXED_5),
+    DigitsVariant("path-mixed-5-del-2", "path-mixed-5 with a deletion level at KL >= 2.0 (placeholder/zeros)",
+                  deletion_levels=(2.0,), **_MIXED_5),
+    DigitsVariant("path-mixed-5-del-2-seed-1", "path-mixed-5-del-2 with seed 1 for every level", train={"seed": 1},
+                  deletion_levels=(2.0,), **_MIXED_5),
+    DigitsVariant("path-mixed-5-del-1-zm", "path-mixed-5 with a deletion level at KL >= 1.0 trained with rows cycling "
+                  "the learned placeholder, zeros and the image's mean patch", deletion_levels=(1.0,),
+                  deletion_replacement="placeholder+zeros+mean", **_MIXED_5),
+    DigitsVariant("path-mixed-5-del-1-zm-seed-1", "path-mixed-5-del-1-zm with seed 1 for every level", train={"seed": 1},
+                  deletion_levels=(1.0,), deletion_replacement="placeholder+zeros+mean", **_MIXED_5),
+]
 
 
 def _variants() -> dict:
     return {v.name: v for v in VARIANTS}
 
 
-def _train_config(variant: DigitsVariant, eps: float | None = None, *, sparse_level: bool = False):
+def _train_config(variant: DigitsVariant, eps: float | None = None, *, sparse_level: bool = False,
+                  deletion: bool = False):
     from .config import TrainConfig
     from .recipes import GATE_CONFIGS
 
     kw = {**GATE_CONFIGS["digits"], **variant.train}
-    if eps is not None and eps != variant.eps:
+    if deletion:  # eps is the KL floor delta
+        kw.update(variant.level_train)
+        kw.update(eps=float(eps), eps_valid=0.5 * float(eps), steps=variant.level_steps, objective="delete",
+                  agreement=variant.level_agreement)
+        rep = variant.deletion_replacement or variant.sparse_replacement
+        if rep:
+            kw["replacement"] = rep
+    elif eps is not None and eps != variant.eps:
         kw.update(variant.level_train)
         kw.update(eps=float(eps), eps_valid=1.5 * float(eps), steps=variant.level_steps)
         if sparse_level:
@@ -331,6 +368,11 @@ def train_variant(variant: DigitsVariant, backbone, data, *, cache: Path | None 
                 continue
             ph = (variant.dense_placeholder if e < variant.eps else variant.sparse_placeholder) or None
             g, s = _train_one(backbone, data, variant, _train_config(variant, e, sparse_level=e > variant.eps), cache, ph)
+            levels.append(_with_placeholder_of(g, main) if ph else g)
+            secs.append(s)
+        for delta in variant.deletion_levels:  # the sparsest levels: their "kept" patches are the necessary ones
+            ph = variant.sparse_placeholder or None
+            g, s = _train_one(backbone, data, variant, _train_config(variant, delta, deletion=True), cache, ph)
             levels.append(_with_placeholder_of(g, main) if ph else g)
             secs.append(s)
         out["path"] = Gates.stack(levels, main_level=list(variant.levels).index(variant.eps)).eval()

@@ -74,7 +74,8 @@ class TrainState:
         cfg, device = config, backbone.device
         gates.to(device).train()
         obj = GateObjective(backbone, gates, alpha_init=cfg.alpha_init, eps=cfg.eps, l0=cfg.l0,
-                            precision=cfg.precision, mask_fn=mask_fn, replacement=cfg.replacement)
+                            precision=cfg.precision, mask_fn=mask_fn, replacement=cfg.replacement,
+                            objective=cfg.objective)
         obj.alpha.data = obj.alpha.data.to(device)
         groups = [{"params": _probe_params(gates), "lr": cfg.lr_probe}]
         if isinstance(gates.placeholder, torch.nn.Parameter):
