@@ -250,6 +250,25 @@ VARIANTS += [
                   deletion_replacement="placeholder+zeros+mean", **_MIXED_5),
     DigitsVariant("path-mixed-5-del-1-zm-seed-1", "path-mixed-5-del-1-zm with seed 1 for every level", train={"seed": 1},
                   deletion_levels=(1.0,), deletion_replacement="placeholder+zeros+mean", **_MIXED_5),
+    DigitsVariant("path-mixed-5-del-2-zm", "path-mixed-5 with a deletion level at KL >= 2.0 trained with rows cycling "
+                  "the learned placeholder, zeros and the image's mean patch", deletion_levels=(2.0,),
+                  deletion_replacement="placeholder+zeros+mean", **_MIXED_5),
+    DigitsVariant("path-mixed-5-del-2-zm-seed-1", "path-mixed-5-del-2-zm with seed 1 for every level", train={"seed": 1},
+                  deletion_levels=(2.0,), deletion_replacement="placeholder+zeros+mean", **_MIXED_5),
+    DigitsVariant("path-mixed-5-del-1-mean", "path-mixed-5 with a deletion level at KL >= 1.0 trained with the image's "
+                  "mean patch for every row (the mean-replacement test's replacement)", deletion_levels=(1.0,),
+                  deletion_replacement="mean", **_MIXED_5),
+    DigitsVariant("path-mixed-5-del-1-mean-seed-1", "path-mixed-5-del-1-mean with seed 1 for every level",
+                  train={"seed": 1}, deletion_levels=(1.0,), deletion_replacement="mean", **_MIXED_5),
+    DigitsVariant("path-mixed-5-del-21", "path-mixed-5 with two deletion levels (placeholder/zeros): KL >= 2.0, then "
+                  "KL >= 1.0 as the sparsest (it removes fewer patches)", deletion_levels=(2.0, 1.0), **_MIXED_5),
+    DigitsVariant("path-mixed-5-del-21-seed-1", "path-mixed-5-del-21 with seed 1 for every level", train={"seed": 1},
+                  deletion_levels=(2.0, 1.0), **_MIXED_5),
+    DigitsVariant("path-mixed-5-del-21-zm", "path-mixed-5 with two deletion levels (placeholder/zeros/mean): KL >= 2.0, "
+                  "then KL >= 1.0 as the sparsest", deletion_levels=(2.0, 1.0), deletion_replacement="placeholder+zeros+mean",
+                  **_MIXED_5),
+    DigitsVariant("path-mixed-5-del-21-zm-seed-1", "path-mixed-5-del-21-zm with seed 1 for every level", train={"seed": 1},
+                  deletion_levels=(2.0, 1.0), deletion_replacement="placeholder+zeros+mean", **_MIXED_5),
 ]
 
 
