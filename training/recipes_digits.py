@@ -269,6 +269,10 @@ VARIANTS += [
                   **_MIXED_5),
     DigitsVariant("path-mixed-5-del-21-zm-seed-1", "path-mixed-5-del-21-zm with seed 1 for every level", train={"seed": 1},
                   deletion_levels=(2.0, 1.0), deletion_replacement="placeholder+zeros+mean", **_MIXED_5),
+    DigitsVariant("path-mixed-5-del-1-zm-seed-2", "path-mixed-5-del-1-zm with seed 2 for every level", train={"seed": 2},
+                  deletion_levels=(1.0,), deletion_replacement="placeholder+zeros+mean", **_MIXED_5),
+    DigitsVariant("path-mixed-5-del-21-zm-seed-2", "path-mixed-5-del-21-zm with seed 2 for every level", train={"seed": 2},
+                  deletion_levels=(2.0, 1.0), deletion_replacement="placeholder+zeros+mean", **_MIXED_5),
 ]
 
 
