@@ -244,7 +244,8 @@ def train_gates(
             ``vdm_engine.registry.registration_decision``): None (default) only when the model has
             no gates yet, registered or shipped; True also replaces existing gates (raises
             ``RegistrationRefused`` after saving the run when the gates did not learn a mask);
-            False never. Gates that did not learn a mask are never registered.
+            False never. Gates that did not learn a mask, and deletion levels (``objective="delete"``;
+            True raises ``ValueError``), are never registered.
         register_as: the model name to register under (default: the backbone's ``name_or_path``).
         progress: show a tqdm bar with live KL / kept fraction / agreement / alpha.
         log_interval: steps between ``train`` lines in the metrics log.
@@ -272,6 +273,11 @@ def train_gates(
     source = _pixel_source(backbone, train_images)
     if register not in (None, True, False):
         raise ValueError(f"register must be None, True or False, got {register!r} (the model name goes in register_as)")
+    if cfg.objective == "delete":  # a necessity level reads g as "removed": never a model's explaining gates
+        if register:
+            raise ValueError("register=True with TrainConfig.objective='delete': a deletion level's gates mark the "
+                             "patches to remove, not to keep; stack them into K-level gates instead")
+        register = False
     check_run_dir(out_dir, resume=resume, overwrite=overwrite, model=backbone.name_or_path,
                   data=data_id(source.spec), steps=cfg.steps)
     if val_images is None:

@@ -190,3 +190,18 @@ def test_autocast_precision_trains(tiny_backbone, toy_pixels, tmp_path, precisio
     assert res.step == 10 and res.gates.w1.dtype == torch.float32
     assert all(torch.isfinite(p).all() for p in res.gates.parameters())
     assert all(0 <= r["kl"] < 10 and 0 <= r["kept"] <= 1 for r in res.history)
+
+
+def test_deletion_gates_are_never_registered(tiny_backbone, toy_pixels, tmp_path):
+    """A deletion level marks patches to remove: register=None leaves the registry alone, True is refused."""
+    from vdm_engine.registry import registered_gates
+
+    train, val = toy_pixels
+    before = registered_gates(tiny_backbone.name_or_path)
+    cfg = replace(SMALL, steps=10, eval_interval=10, checkpoint_interval=10, objective="delete")
+    with pytest.raises(ValueError, match="objective='delete'"):
+        train_gates(_explainer(tiny_backbone, cfg), train, val, cfg, out_dir=tmp_path / "a", progress=False, register=True)
+    assert not (tmp_path / "a").exists()
+    res = train_gates(_explainer(tiny_backbone, cfg), train, val, cfg, out_dir=tmp_path / "b", progress=False)
+    assert res.registered is None and "not registered" in res.registration
+    assert registered_gates(tiny_backbone.name_or_path) == before
