@@ -124,12 +124,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.probe_size must be >= 1 or None, got {self.probe_size}")
 
     def to_dict(self) -> dict:
-        """The fields as a dict; ``objective`` only when not ``"keep"``, so default runs record (and cache
-        keys hash) exactly what they did before the field existed."""
-        d = asdict(self)
-        if d["objective"] == "keep":
-            del d["objective"]
-        return d
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

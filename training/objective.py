@@ -23,6 +23,7 @@ from vdm_engine import masks
 from vdm_engine.gates import Gates
 from vdm_engine.masks import kl_divergence
 
+from .config import OBJECTIVES
 from .replacement import masked_logits_replaced, replacement_kinds, row_replacements
 
 __all__ = ["GateObjective", "StepStats", "autocast_context", "clean_pass", "depth_weights", "hard_mask_validation"]
@@ -89,8 +90,8 @@ class GateObjective(nn.Module):
         self.mask_fn = mask_fn
         replacement_kinds(replacement)  # validates
         self.replacement = replacement
-        if objective not in ("keep", "delete"):
-            raise ValueError(f"GateObjective.objective must be 'keep' or 'delete', got {objective!r}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"GateObjective.objective must be one of {OBJECTIVES}, got {objective!r}")
         self.objective = objective
 
     def forward(

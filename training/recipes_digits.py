@@ -332,10 +332,13 @@ def _fresh_gates(backbone, cfg, placeholder: str):
         return Gates(gc)
 
 
+#: TrainConfig fields added after levels were first cached, with their defaults: left out of the key at
+#: the default, so a level trained before the field existed keeps its key.
+_KEY_LATER_FIELDS = {"replacement": "placeholder", "objective": "keep"}
+
+
 def _level_key(cfg, variant: DigitsVariant, placeholder: str) -> str:
-    d = cfg.to_dict()
-    if d["replacement"] == "placeholder":  # the default: levels cached before the field existed keep their keys
-        del d["replacement"]
+    d = {k: v for k, v in cfg.to_dict().items() if _KEY_LATER_FIELDS.get(k, object()) != v}
     blob = json.dumps({"cfg": d, "samples": variant.samples, "placeholder": placeholder}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -17,9 +17,9 @@ from typing import Callable
 
 import torch
 
-from vdm_engine.evaluation.metrics import perturbed_logits
+from vdm_engine.evaluation.metrics import normalised_noise, perturbed_logits, replacement_pixels
 
-__all__ = ["REPLACEMENT_KINDS", "replacement_kinds", "needs_pixels", "row_replacements", "masked_logits_replaced"]
+__all__ = ["REPLACEMENT_KINDS", "replacement_kinds", "row_replacements", "masked_logits_replaced"]
 
 REPLACEMENT_KINDS = ("placeholder", "zeros", "mean", "noise")
 _PIXEL_KINDS = ("mean", "noise")
@@ -35,20 +35,9 @@ def replacement_kinds(policy: str) -> tuple[str, ...]:
     return kinds
 
 
-def needs_pixels(policy: str) -> bool:
-    """Whether the policy's replacements are built from the images' pixels (``mean`` or ``noise`` rows)."""
-    return any(k in _PIXEL_KINDS for k in replacement_kinds(policy))
-
-
 def _noise_pixels(shape, image_spec, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
     """Uniform raw-pixel noise normalised like the images, as ``evaluation.replacement_pixels(.., "noise")``."""
-    raw = torch.rand(shape, generator=generator, device=device)
-    x = raw if image_spec.do_rescale else raw * 255.0
-    if image_spec.do_normalize:
-        mean = torch.tensor(image_spec.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(image_spec.std, device=device).view(1, 3, 1, 1)
-        x = (x - mean) / std
-    return x.to(dtype)
+    return normalised_noise(torch.rand(shape, generator=generator, device=device), image_spec).to(dtype)
 
 
 def row_replacements(
@@ -88,7 +77,7 @@ def row_replacements(
         if kind == "placeholder":
             r = placeholder.to(patches.dtype).view(1, 1, D)
         elif kind == "mean":
-            r = backbone.embed_patches(pixel_values.mean((2, 3), keepdim=True).expand_as(pixel_values))
+            r = backbone.embed_patches(replacement_pixels(pixel_values, "mean", backbone.image_spec, ()))
         else:
             noise = _noise_pixels(pixel_values.shape, backbone.image_spec, generator, pixel_values.device,
                                   pixel_values.dtype)

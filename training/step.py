@@ -21,7 +21,6 @@ from vdm_engine.gates import Gates
 
 from .config import TrainConfig
 from .objective import GateObjective, StepStats, clean_pass, depth_weights
-from .replacement import needs_pixels
 
 __all__ = ["TrainState", "StepOutput", "TrainingDiverged", "train_step", "first_divergence", "HEALTH_FIELDS"]
 
@@ -151,10 +150,7 @@ def train_step(state: TrainState, pixel_values: torch.Tensor, step: int, *, dept
             raise TrainingDiverged(f"the Lagrange multipliers became NaN/Inf before step {step + 1}")
         depth = int(torch.multinomial(w, 1, generator=state.gen_depth))
     logits, hidden = clean_pass(obj.backbone, pixel_values, cfg.precision)
-    if needs_pixels(cfg.replacement):
-        loss, stats = state.model(logits, hidden, depth, state.gen_noise, pixel_values=pixel_values)
-    else:
-        loss, stats = state.model(logits, hidden, depth, state.gen_noise)
+    loss, stats = state.model(logits, hidden, depth, state.gen_noise, pixel_values=pixel_values)
 
     state.opt.zero_grad(set_to_none=True)
     state.opt_alpha.zero_grad(set_to_none=True)

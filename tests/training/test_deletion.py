@@ -120,11 +120,22 @@ def test_bad_objective_names_the_field(bad, tiny_backbone, tiny_gates):
         GateObjective(tiny_backbone, tiny_gates, alpha_init=1.0, eps=0.1, objective=bad)
 
 
-def test_objective_is_recorded_only_when_not_the_default():
-    """Default runs record (and recipe cache keys hash) what they did before the field existed."""
-    assert "objective" not in TrainConfig().to_dict()
+def test_objective_round_trips_and_keeps_default_cache_keys():
+    """The objective is recorded; a recipe level's cache key hashes it only when not the default."""
+    import hashlib
+    import json
+
+    from vdm_engine.training import recipes_digits as rd
+
     cfg = TrainConfig(objective="delete")
     assert cfg.to_dict()["objective"] == "delete" and TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert TrainConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "objective"}).objective == "keep"
+    v = rd.DigitsVariant("x", "x")
+    keep = TrainConfig()
+    old = {k: x for k, x in keep.to_dict().items() if k not in ("objective", "replacement")}
+    blob = json.dumps({"cfg": old, "samples": 1, "placeholder": "learned"}, sort_keys=True)
+    assert rd._level_key(keep, v, "learned") == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    assert rd._level_key(cfg, v, "learned") != rd._level_key(keep, v, "learned")
 
 
 def test_digits_deletion_levels_train_the_reversed_objective():

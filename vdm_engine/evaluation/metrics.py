@@ -30,6 +30,7 @@ __all__ = [
     "removal_counts",
     "removal_gates",
     "replacement_pixels",
+    "normalised_noise",
     "perturb_pixels",
     "perturbed_logits",
     "perturbed_logits_pixels",
@@ -131,11 +132,19 @@ def replacement_pixels(pixel_values: torch.Tensor, mode: str, image_spec, seeds:
     if len(seeds) != B:
         raise ValueError(f"need one noise seed per image ({B}), got {len(seeds)}")
     raw = torch.stack([torch.rand(C, H, W, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-    # u in [0, 1) is a raw pixel in [0, 255] after rescaling by 1/255; normalise like the processor.
+    return normalised_noise(raw, image_spec).to(pixel_values.device, pixel_values.dtype)
+
+
+def normalised_noise(raw: torch.Tensor, image_spec) -> torch.Tensor:
+    """Uniform draws (B, 3, H, W) in [0, 1) -> noise pixels normalised like the images, on ``raw``'s device.
+
+    u in [0, 1) is a raw pixel in [0, 255] after rescaling by 1/255; the processor's normalisation follows.
+    """
     x = raw if image_spec.do_rescale else raw * 255.0
     if image_spec.do_normalize:
-        x = (x - torch.tensor(image_spec.mean).view(1, 3, 1, 1)) / torch.tensor(image_spec.std).view(1, 3, 1, 1)
-    return x.to(pixel_values.device, pixel_values.dtype)
+        mean = torch.tensor(image_spec.mean, device=raw.device).view(1, 3, 1, 1)
+        x = (x - mean) / torch.tensor(image_spec.std, device=raw.device).view(1, 3, 1, 1)
+    return x
 
 
 def perturb_pixels(pixel_values: torch.Tensor, replacement: torch.Tensor, gates: torch.Tensor, patch_size) -> torch.Tensor:
