@@ -401,10 +401,10 @@ def paired_p99_ratio(base: list[list[float]], other: list[list[float]], *, resam
         raise ValueError(f"paired_p99_ratio needs the same positive number of rounds, got {len(base)} and {len(other)}")
     a = [np.asarray(r, dtype=np.float64) for r in base]
     b = [np.asarray(r, dtype=np.float64) for r in other]
+    out = {"ratio": float("nan"), "rounds": len(a), "resamples": 0, "ci95": None}
     if not sum(map(len, a)) or not sum(map(len, b)):
-        return {"ratio": float("nan"), "rounds": len(a), "resamples": 0, "ci95": None}
-    ratio = float(np.percentile(np.concatenate(b), 99) / np.percentile(np.concatenate(a), 99))
-    out = {"ratio": ratio, "rounds": len(a), "resamples": 0, "ci95": None}
+        return out
+    out["ratio"] = float(np.percentile(np.concatenate(b), 99) / np.percentile(np.concatenate(a), 99))
     if len(a) < 2:
         return out
     rng = np.random.default_rng(seed)
