@@ -81,6 +81,9 @@ class DigitsVariant:
             rank first. Each trains ``level_steps`` steps over ``train`` and ``level_train`` and is
             selected at validation KL >= delta / 2 and agreement <= ``level_agreement``.
         deletion_replacement: ``TrainConfig.replacement`` of the deletion levels; empty: ``sparse_replacement``.
+        main: ``trained`` (the variant's own single-level gates, from ``train``) or ``shipped`` (the gates file
+            vit-digits ships as the main level, so the path's ``patch_mask`` is the shipped mask; ``train`` may
+            then only set the other levels' ``seed``).
     """
 
     name: str
@@ -97,6 +100,7 @@ class DigitsVariant:
     sparse_replacement: str = ""
     deletion_levels: tuple = ()
     deletion_replacement: str = ""
+    main: str = "trained"
 
     def __post_init__(self):
         if self.samples < 1 or 64 % self.samples:
@@ -114,6 +118,11 @@ class DigitsVariant:
                     replacement_kinds(getattr(self, f"{prefix}_replacement"))
                 except ValueError as e:
                     raise ValueError(f"DigitsVariant.{prefix}_{e}") from None
+        if self.main not in ("trained", "shipped"):
+            raise ValueError(f"DigitsVariant.main must be 'trained' or 'shipped', got {self.main!r}")
+        if self.main == "shipped" and (set(self.train) - {"seed"} or self.samples != 1 or self.placeholder != "learned"):
+            raise ValueError("DigitsVariant.main='shipped' takes the shipped recipe's main level: train may only set "
+                             f"the seed, got train={self.train}, samples={self.samples}, placeholder={self.placeholder!r}")
         if self.deletion_levels and (not self.levels or any(not d > 0 for d in self.deletion_levels)):
             raise ValueError(f"DigitsVariant.deletion_levels must be KL floors > 0 added to a path (levels), "
                              f"got {self.deletion_levels} with levels {self.levels}")
@@ -273,6 +282,27 @@ VARIANTS += [
                   deletion_levels=(1.0,), deletion_replacement="placeholder+zeros+mean", **_MIXED_5),
     DigitsVariant("path-mixed-5-del-21-zm-seed-2", "path-mixed-5-del-21-zm with seed 2 for every level", train={"seed": 2},
                   deletion_levels=(2.0, 1.0), deletion_replacement="placeholder+zeros+mean", **_MIXED_5),
+    # K = 4 (the issue's cost case): path-mixed-5 without its densest level, at the shipped probe width D/4
+    # and at D/16 (4 units: the width at which K = 4 stays within 1.15x plain inference on ViT-B/16 and vit-small).
+]
+_MIXED_4 = {"levels": (0.1, 0.3, 1.0, 2.0), "sparse_replacement": "placeholder+zeros"}
+VARIANTS += [
+    DigitsVariant("path-mixed-4", "K=4, budgets 0.1/0.3/1.0/2.0: path-mixed-5 without the 0.03 level (denser levels "
+                  "did not help)", **_MIXED_4),
+    DigitsVariant("path-mixed-4-seed-1", "path-mixed-4 with seed 1 for every level", train={"seed": 1}, **_MIXED_4),
+    DigitsVariant("path-mixed-4-seed-2", "path-mixed-4 with seed 2 for every level", train={"seed": 2}, **_MIXED_4),
+    DigitsVariant("probe-4-mixed-4", "path-mixed-4 at probe width 4 (D/16) for every level",
+                  train={"probe_size": 4}, **_MIXED_4),
+    DigitsVariant("probe-4-mixed-4-seed-1", "probe-4-mixed-4 with seed 1 for every level",
+                  train={"probe_size": 4, "seed": 1}, **_MIXED_4),
+    DigitsVariant("probe-4-mixed-4-seed-2", "probe-4-mixed-4 with seed 2 for every level",
+                  train={"probe_size": 4, "seed": 2}, **_MIXED_4),
+    DigitsVariant("shipped-mixed-4", "path-mixed-4 around the shipped single-level gates (its main level: the path's "
+                  "patch_mask is the shipped mask)", main="shipped", **_MIXED_4),
+    DigitsVariant("shipped-mixed-4-seed-1", "shipped-mixed-4 with seed 1 for the other levels", main="shipped",
+                  train={"seed": 1}, **_MIXED_4),
+    DigitsVariant("shipped-mixed-4-seed-2", "shipped-mixed-4 with seed 2 for the other levels", main="shipped",
+                  train={"seed": 2}, **_MIXED_4),
 ]
 
 
@@ -383,8 +413,13 @@ def train_variant(variant: DigitsVariant, backbone, data, *, cache: Path | None 
     """
     from vdm_engine.gates import Gates
 
-    main_cfg = _train_config(variant)
-    main, t_main = _train_one(backbone, data, variant, main_cfg, cache)
+    if variant.main == "shipped":
+        from vdm_engine.models import embedded_model_dir
+
+        main = Gates.from_pretrained(embedded_model_dir("vit-digits") / "gates", backbone, source="shipped").eval()
+        t_main = 0.0
+    else:
+        main, t_main = _train_one(backbone, data, variant, _train_config(variant), cache)
     out = {"gates": main, "path": None, "seconds": {"main": t_main}}
     if variant.levels:
         levels, secs = [], []
@@ -578,10 +613,13 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"variants": {}}
 
 
-def study(names, out: str | Path, *, cache: str | Path | None = None, progress: bool = False) -> dict:
+def study(names, out: str | Path, *, cache: str | Path | None = None, progress: bool = False,
+          split: str = "test") -> dict:
     """Train and score the named variants (default: all not yet in ``out/results.json``); returns the record.
 
-    Trained levels are cached in ``cache`` (default ``out/cache``) by their settings."""
+    Trained levels are cached in ``cache`` (default ``out/cache``) by their settings. ``split``: the digits
+    scored, ``test`` (the study) or ``val`` (200 digits neither the backbone nor the gates trained on, used only
+    to select gate checkpoints by KL and agreement: a second held-out check of a recipe chosen on ``test``)."""
     from vdm_engine._io import atomic_write_json
     from vdm_engine.models import embedded_model_dir
 
@@ -596,8 +634,11 @@ def study(names, out: str | Path, *, cache: str | Path | None = None, progress: 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ViT: one thread is fastest and keeps runs reproducible
     try:
-        bb, data, pv, chefer = _setup()
-        record.update(model="vit-digits", backbone_fingerprint=bb.fingerprint, test_images=int(len(pv)),
+        bb, data, pv, chefer = _setup(split)
+        scored = record.get("split", "test") if (record["variants"] or "shipped" in record) else split
+        if scored != split:
+            raise ValueError(f"{out / 'results.json'} scores the {scored!r} digits, not {split!r}: another --out")
+        record.update(model="vit-digits", backbone_fingerprint=bb.fingerprint, test_images=int(len(pv)), split=split,
                       torch=torch.__version__, threads=1)
         if "shipped" not in record:  # the reference row: the gates files the package ships now
             from vdm_engine.gates import Gates
@@ -609,6 +650,7 @@ def study(names, out: str | Path, *, cache: str | Path | None = None, progress: 
             p = Gates.from_pretrained(lv, bb, source="shipped").eval() if lv is not None else None
             figures = score_variant(bb, g, p, pv, chefer, progress=progress)
             record["shipped"] = {"gates_sha256": g.sha256, "levels_sha256": p.sha256 if p is not None else None,
+                                 "levels_eps": _levels_eps(p) if p is not None else [],
                                  **figures, "target": target_check(figures), "target_single": target_check(figures, "diffmask")}
             atomic_write_json(out / "results.json", record)
         for name in todo:
@@ -629,8 +671,17 @@ def study(names, out: str | Path, *, cache: str | Path | None = None, progress: 
     return record
 
 
-def _setup():
-    """(backbone, training data, (M, 3, H, W) test digits, (M, N) Chefer scores of them) of the study."""
+def _levels_eps(path) -> list:
+    """The KL budgets of K-level gates' levels, in level order (from what their metrics record)."""
+    study = path.metrics.get("recipe_study", {})
+    if "levels_eps" in study:
+        return [float(e) for e in study["levels_eps"]]
+    return [m.get("eps", m.get("train_config", {}).get("eps")) for m in path.metrics.get("levels", [])]
+
+
+def _setup(split: str = "test"):
+    """(backbone, training data, (M, 3, H, W) digits of ``split`` (test: the first 300), (M, N) Chefer et al.
+    scores of them) of the study."""
     from vdm_engine.attribution import get_method
     from vdm_engine.backbone import load_backbone
     from vdm_engine.data import digits_split
@@ -638,9 +689,11 @@ def _setup():
 
     from .recipes import RECIPES, _data
 
+    if split not in ("test", "val"):
+        raise ValueError(f"the study scores the 'test' or 'val' digits, got {split!r}")
     bb = load_backbone(str(embedded_model_dir("vit-digits") / "backbone"))
     data = _data("digits", RECIPES["digits"])
-    pv = bb.preprocess(digits_split("test")[0][:TEST_IMAGES])
+    pv = bb.preprocess(digits_split(split)[0][:TEST_IMAGES])
     chefer = get_method(CHEFER, backbone=bb)(pv, bb(pv).argmax(-1)).detach().float()
     return bb, data, pv, chefer
 
@@ -703,26 +756,30 @@ def _write_markdown(record: dict, path: Path) -> None:
              "insertion-deletion/noise/deletion": "del noise", "insertion-deletion/noise/insertion": "ins noise",
              "insertion-deletion/mean/deletion": "del mean", "insertion-deletion/mean/insertion": "ins mean",
              "road/positive": "ROAD MoRF", "road/negative": "ROAD LeRF"}
+    split = record.get("split", "test")
+    which = ("Every variant tried" if split == "test" else
+             "A second held-out check of variants chosen on the test digits (`--split val`: digits neither the "
+             "backbone nor the gates trained on, used only to select gate checkpoints by KL and agreement)")
     lines = [
-        "# vit-digits gate recipe study",
+        "# vit-digits gate recipe study" + ("" if split == "test" else f" ({split} digits)"),
         "",
-        f"Every variant tried (`python -m vdm_engine.training.recipes_digits`), on the {record.get('test_images')} "
-        "held-out test digits; one CPU thread (2-core AMD EPYC, shared). Mask: the single-level gates' hard mask "
+        f"{which} (`python -m vdm_engine.training.recipes_digits`), on the {record.get('test_images')} "
+        f"held-out {split} digits; one CPU thread (2-core AMD EPYC, shared). Mask: the single-level gates' hard mask "
         "(keep probability > 0.5). AUCs of P(original class); a cell reads `AUC (difference to Chefer ± standard "
         "error of the paired difference)`; lower is better for pos / del / MoRF, higher for neg / ins / LeRF. "
         "A star marks a curve where the issue's target is met (`target_check`).",
         "",
     ]
     lines += _summary(record, short) + [""]
-    missing = [v.name for v in VARIANTS if v.name not in record["variants"]]
+    missing = [v.name for v in VARIANTS if v.name not in record["variants"]] if split == "test" else []
     if missing:
         lines += [f"Listed in `VARIANTS` but not run yet: {', '.join(missing)}.", ""]
     lines += _rankings_markdown(record, short)
     rows = _in_order(record["variants"])
     if "shipped" in record:
         rows.insert(0, ("shipped gates files", {**record["shipped"], "seconds": 0, "variant": {
-            "note": f"the gates the package ships (sha256 {record['shipped']['gates_sha256'][:12]}; gates-levels "
-                    f"{str(record['shipped']['levels_sha256'])[:12]}, not retrained)", "levels": [0.03, 0.3, 0.1]}}))
+            "note": f"the gates files the package shipped when this row was scored (sha256 {record['shipped']['gates_sha256'][:12]}; gates-levels "
+                    f"{str(record['shipped']['levels_sha256'])[:12]}, not retrained)", "levels": record["shipped"]["levels_eps"]}}))
     for name, r in rows:
         v, mk = r["variant"], r["mask"]
         levels = f"; levels {v['levels']} kept {', '.join(f'{x:.0%}' for x in mk.get('path_kept_per_level', []))}" \
@@ -778,7 +835,7 @@ def _summary(record: dict, short: dict) -> list[str]:
     """One row per variant: the mask, then each curve's paired difference to Chefer for the path (or the
     single-level gates without levels); the sign convention of the tables below."""
     lines = ["## Summary", "",
-             "Paired difference to Chefer (method − Chefer, mean over the test digits) of the path's AUCs, or of the "
+             f"Paired difference to Chefer (method − Chefer, mean over the {record.get('split', 'test')} digits) of the path's AUCs, or of the "
              "single-level gates' for variants without levels; negative is better in the pos / del / MoRF columns, "
              "positive in the others; * = the issue's target met on that curve.", "",
              "| variant | kept | agreement | scored | " + " | ".join(short.values()) + " | target |",
@@ -794,12 +851,14 @@ def _summary(record: dict, short: dict) -> list[str]:
     return lines
 
 
-def ship(name: str, cache: str | Path, model_dir: str | Path) -> dict:
+def ship(name: str, cache: str | Path, model_dir: str | Path, *, levels_only: bool = False) -> dict:
     """Replace ``model_dir/gates`` (and ``gates-levels`` for a path variant) with a studied variant's gates.
 
     The gates are retrained (or taken from the study's cache: same settings, same seed) through the same
     ``train_variant`` path, then written with ``save_pretrained`` against the model's backbone, with the
-    recipe, the held-out evaluation and the study record in their metrics. Returns the new metrics.
+    recipe, the held-out evaluation and the study record in their metrics. With ``levels_only`` (implied by a
+    ``main="shipped"`` variant) only ``gates-levels`` is written: the single-level gates and ``metrics.json``
+    stay byte-identical. Returns the new metrics (``evaluation``: the written main mask on the test digits).
     """
     from vdm_engine import Explainer
     from vdm_engine._io import atomic_write_json
@@ -808,26 +867,37 @@ def ship(name: str, cache: str | Path, model_dir: str | Path) -> dict:
     from .recipes import RECIPES, _data, evaluate_digits_gates
 
     v = _variants()[name]
+    levels_only = levels_only or v.main == "shipped"
+    if levels_only and not v.levels:
+        raise ValueError(f"variant {name!r} has no levels: nothing to ship with levels only")
+    from vdm_engine.models import embedded_model_dir
+
     model_dir = Path(model_dir)
-    bb = load_backbone(str(model_dir / "backbone"))
+    # the package's own model folder is recorded by its name, as a user loads it
+    embedded = model_dir.resolve() == embedded_model_dir("vit-digits").resolve()
+    bb = load_backbone("vit-digits" if embedded else str(model_dir / "backbone"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         trained = train_variant(v, bb, _data("digits", RECIPES["digits"]), cache=Path(cache))
-        gates = trained["gates"]
-        evaluation = evaluate_digits_gates(Explainer(bb, gates).eval())
+        gates, path = trained["gates"], trained["path"]
+        evaluation = evaluate_digits_gates(Explainer(bb, path if levels_only else gates).eval())
     finally:
         torch.set_num_threads(threads)
+    study = {"variant": name, "note": v.note, "record": "docs/eval/vit-digits-recipes"}
+    if path is not None:
+        path.metrics = {**path.metrics, "recipe_study": {**study, "levels_eps": list(v.levels)}, "evaluation": evaluation}
+    if levels_only:
+        path.save_pretrained(model_dir / "gates-levels", backbone=bb)
+        return path.metrics
     old = json.loads((model_dir / "metrics.json").read_text())
     metrics = {**old, "evaluation": evaluation,
                "gates_training": {"selected": gates.metrics.get("selected"), "validation": gates.metrics.get("validation"),
                                   "train_config": gates.metrics.get("train_config"), "samples": v.samples,
                                   "placeholder": v.placeholder},
-               "recipe_study": {"variant": name, "note": v.note, "record": "docs/eval/vit-digits-recipes"}}
+               "recipe_study": study}
     gates.save_pretrained(model_dir / "gates", backbone=bb, metrics=metrics)
-    if trained["path"] is not None:
-        path = trained["path"]
-        path.metrics = {**path.metrics, "recipe_study": {"variant": name, "levels_eps": list(v.levels)}}
+    if path is not None:
         path.save_pretrained(model_dir / "gates-levels", backbone=bb)
     atomic_write_json(model_dir / "metrics.json", metrics)
     return metrics
@@ -844,9 +914,13 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=None, help="folder of trained levels, reused by settings (default OUT/cache)")
     parser.add_argument("--ship", default=None, metavar="NAME", help="write this variant's gates into --model-dir")
     parser.add_argument("--model-dir", default=None, help="model folder to ship into (backbone/, gates/, metrics.json)")
+    parser.add_argument("--levels-only", action="store_true",
+                        help="with --ship: write only gates-levels (the single-level gates stay as they are)")
     parser.add_argument("--rankings", action="store_true",
                         help="score every RANKINGS entry of the --variants paths (their gates from the cache)")
     parser.add_argument("--report", action="store_true", help="only rewrite OUT/results.md from OUT/results.json")
+    parser.add_argument("--split", default="test", choices=("test", "val"),
+                        help="digits scored: test (the study, default) or val (a second held-out check)")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -859,7 +933,7 @@ def main(argv=None) -> int:
                 raise ValueError(f"unknown variant {args.ship!r}; expected one of {', '.join(_variants())}")
             if args.model_dir is None:
                 raise ValueError("--ship needs --model-dir (e.g. vdm_engine/assets/vit-digits)")
-            m = ship(args.ship, args.cache or Path(args.out) / "cache", args.model_dir)
+            m = ship(args.ship, args.cache or Path(args.out) / "cache", args.model_dir, levels_only=args.levels_only)
             print(json.dumps({"shipped": args.ship, "evaluation": m["evaluation"]}))
             return 0
         names = [n.strip() for n in args.variants.split(",") if n.strip()] if args.variants else None
@@ -868,7 +942,7 @@ def main(argv=None) -> int:
                 raise ValueError("--rankings needs --variants (path variants, e.g. path-dense-5)")
             study_rankings(names, args.out, cache=args.cache, progress=args.progress)
             return 0
-        study(names, args.out, cache=args.cache, progress=args.progress)
+        study(names, args.out, cache=args.cache, progress=args.progress, split=args.split)
         return 0
 
     return run_cli("recipes_digits", body)

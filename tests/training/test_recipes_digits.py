@@ -133,3 +133,52 @@ def test_rankings_hand_worked():
     geo = rd.RANKINGS["rank-geomean-tie"](p)[0]
     torch.testing.assert_close(geo[2], torch.tensor(1.0), atol=1e-6, rtol=0)  # p = 0 clamps at 1e-30: tie ~ 0
     assert geo.argsort(descending=True).tolist() == [0, 1, 3, 2, 4]
+
+
+def test_variant_main_and_split_are_checked():
+    with pytest.raises(ValueError, match="DigitsVariant.main must be"):
+        rd.DigitsVariant("x", "x", main="mine")
+    with pytest.raises(ValueError, match="main='shipped' takes the shipped recipe's main level"):
+        rd.DigitsVariant("x", "x", main="shipped", train={"probe_size": 4}, levels=(0.1, 0.3))
+    with pytest.raises(ValueError, match="'test' or 'val' digits, got 'train'"):
+        rd._setup("train")
+
+
+def test_ship_levels_around_the_shipped_gates(tmp_path, monkeypatch):
+    """A ``main="shipped"`` path variant (3-step levels on vit-digits) ships only ``gates-levels``: the
+    single-level gates and metrics.json stay byte-identical, the path's main level is the shipped gates (same
+    patch_mask), and the written levels record their budgets and the study."""
+    import hashlib
+    import shutil
+
+    from vdm_engine import Explainer
+    from vdm_engine.backbone import load_backbone
+    from vdm_engine.data import digits_split
+    from vdm_engine.models import embedded_model_dir
+
+    model_dir = tmp_path / "vit-digits"
+    shutil.copytree(embedded_model_dir("vit-digits"), model_dir)
+    files = {p.relative_to(model_dir): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in model_dir.rglob("*") if p.is_file() and "gates-levels" not in p.parts}
+    monkeypatch.setitem(recipes.GATE_CONFIGS, "digits", {**recipes.GATE_CONFIGS["digits"], "steps": 3,
+                                                         "eval_interval": 3, "checkpoint_interval": 3})
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(recipes, "_data", lambda which, recipe: {
+        "gate_train": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+        "gate_val": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)})
+    v = rd.DigitsVariant("tiny-shipped", "3-step levels around the shipped gates", main="shipped",
+                         levels=(0.1, 0.5, 1.0), level_steps=2, sparse_replacement="placeholder+zeros")
+    monkeypatch.setattr(rd, "VARIANTS", [*rd.VARIANTS, v])
+    with pytest.raises(ValueError, match="no levels"):  # refused before anything is trained or written
+        rd.ship("shipped-recipe", tmp_path / "c", model_dir, levels_only=True)
+    metrics = rd.ship("tiny-shipped", tmp_path / "cache", model_dir)
+    assert files == {p.relative_to(model_dir): hashlib.sha256(p.read_bytes()).hexdigest()
+                     for p in model_dir.rglob("*") if p.is_file() and "gates-levels" not in p.parts}
+    bb = load_backbone(str(model_dir / "backbone"))
+    single = Explainer(bb, Gates.from_pretrained(model_dir / "gates", bb)).eval()
+    path = Gates.from_pretrained(model_dir / "gates-levels", bb)
+    assert (path.config.levels, path.config.main_level) == (3, 0)
+    assert rd._levels_eps(path) == [0.1, 0.5, 1.0] and metrics["recipe_study"]["variant"] == "tiny-shipped"
+    pv = single.preprocess(digits_split("test")[0][:16])
+    torch.testing.assert_close(Explainer(single.backbone, path).eval().explain(pv).patch_mask,
+                               single.explain(pv).patch_mask)
