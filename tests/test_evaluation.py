@@ -165,6 +165,40 @@ def test_evaluate_is_independent_of_batching_and_other_methods(tiny_backbone, pi
     assert c["methods"]["random"]["noise"]["positive"]["prob"][-1] != a["methods"]["random"]["noise"]["positive"]["prob"][-1]
 
 
+def test_versus_best_baseline_hand_worked():
+    """The best baseline per curve (random and DiffMask's own rows excluded) and the level rule: most relevant
+    first within the best's standard error, least relevant first by the paired 95% interval."""
+    from vdm_engine.evaluation import level_with_best, results_markdown, versus_best_baseline
+
+    assert level_with_best(True, 0.30, 0.26, 0.05, 0.04, 0.01) == (True, 0.0)
+    assert level_with_best(True, 0.30, 0.26, 0.03, 0.04, 0.01) == (False, 0.01)
+    assert level_with_best(False, 0.7, 0.8, 0.0, -0.03, 0.01) == (False, 0.0104)
+
+    def entry(pos, neg):
+        def d(per_image):
+            return {"prob": [1, 0], "kl": [0, 1], "auc_prob": float(np.mean(per_image)), "auc_prob_sem": 0.0,
+                    "auc_kl": 0.0, "auc_kl_sem": 0.0, "auc_prob_per_image": per_image, "auc_kl_per_image": [0.0] * 3}
+        return {"noise": {"positive": d(pos), "negative": d(neg)}, "seconds_per_image": 0.001}
+
+    res = {"n": 3, "fractions": [0.0, 1.0], "config": {"steps": 1, "replacements": ["noise"], "seed": 0},
+           "methods": {"diffmask-path": entry([0.2, 0.3, 0.4], [0.7, 0.8, 0.9]),
+                       "diffmask": entry([0.0, 0.0, 0.0], [1.0, 1.0, 1.0]),  # not a baseline
+                       "chefer": entry([0.22, 0.26, 0.30], [0.6, 0.6, 0.6]),
+                       "ig": entry([0.3, 0.3, 0.3], [0.72, 0.80, 0.94]),
+                       "random": entry([0.1, 0.1, 0.1], [1.0, 1.0, 1.0])}}  # not a baseline
+    pos, neg = versus_best_baseline(res, "diffmask-path")
+    # positive: chefer best (0.26 ± 0.04/sqrt(3)); 0.30 - 0.26 - 0.0231 = 0.0169 short
+    assert (pos["curve"], pos["best"], pos["met"]) == ("positive, noise", "chefer", False)
+    assert pos["best_sem"] == pytest.approx(0.04 / np.sqrt(3)) and pos["miss"] == pytest.approx(0.0169, abs=1e-4)
+    # negative: ig best (0.82); path - ig = [-0.02, 0, -0.04]: -0.02 + 1.96 * 0.02 / sqrt(3) = +0.0026 >= 0
+    assert (neg["curve"], neg["best"], neg["met"], neg["miss"]) == ("negative, noise", "ig", True, 0.0)
+    assert neg["diff"] == pytest.approx(-0.02) and neg["diff_sem"] == pytest.approx(0.02 / np.sqrt(3))
+    md = results_markdown(res)
+    assert "## DiffMask path against the best baseline of each curve" in md
+    assert "| positive, noise | 0.3000 ± 0.0577 | chefer 0.2600 ± 0.0231 | +0.0400 ± 0.0346 | no (short by 0.0169) |" in md
+    assert "## DiffMask against the best baseline of each curve" in md and "## Paired differences to DiffMask (" in md
+
+
 def test_paired_difference_and_markdown():
     from vdm_engine.evaluation import paired_difference, results_markdown
 

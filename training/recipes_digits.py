@@ -588,20 +588,19 @@ def _perturbation_probs(entry: dict) -> dict:
 def target_check(figures: dict, method: str = "diffmask-path") -> dict:
     """The issue's target on a variant's figures; each entry (met, by how much it is missed; 0 when met).
 
-    Least relevant first / insertion: met when diff + 1.96 diff_sem >= 0 (the paired 95% interval reaches 0);
-    the miss is -(diff + 1.96 diff_sem). Most relevant first / deletion: met when AUC - Chefer's AUC <=
-    Chefer's standard error; the miss is the excess. Mask: kept <= 0.45 and agreement >= 0.97.
+    Each curve against Chefer's by ``evaluation.report.level_with_best`` (most relevant first: within Chefer's
+    standard error; the others: the paired 95% interval reaches 0). Mask: kept <= 0.45 and agreement >= 0.97.
     """
+    from vdm_engine.evaluation.report import level_with_best
+
     m = figures["methods"].get(method) or figures["methods"]["diffmask"]
     c = figures["methods"][CHEFER]
     out = {}
     for metric, setting, order in CURVES:
         k = _curve_name(metric, setting, order)
-        if order in _LOWER_BETTER:
-            miss = m[k]["auc"] - c[k]["auc"] - c[k]["sem"]
-        else:
-            miss = -(m[k]["diff"] + 1.96 * m[k]["diff_sem"])
-        out[k] = {"met": bool(miss <= 0), "miss": round(max(0.0, miss), 4)}
+        met, miss = level_with_best(order in _LOWER_BETTER, m[k]["auc"], c[k]["auc"], c[k]["sem"], m[k]["diff"],
+                                    m[k]["diff_sem"])
+        out[k] = {"met": met, "miss": miss}
     mk = figures["mask"]
     out["mask"] = {"met": bool(mk["kept"] <= 0.45 and mk["agreement"] >= 0.97),
                    "miss": round(max(0.0, mk["kept"] - 0.45) + max(0.0, 0.97 - mk["agreement"]), 4)}

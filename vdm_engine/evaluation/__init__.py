@@ -5,7 +5,7 @@
 - ``road``: removal with noisy linear imputation (``noisy_linear_imputation``, ``road_logits``);
 - ``randomisation``: the cascading model-randomisation sanity test;
 - ``runner``: ``evaluate`` over many images and methods, ``evaluate_model`` from a model name;
-- ``report``: ``results_markdown`` and ``write_report``.
+- ``report``: ``versus_best_baseline`` (the level rule: ``level_with_best``), ``results_markdown`` and ``write_report``.
 """
 
 from .metrics import (
@@ -29,7 +29,7 @@ from .metrics import (
 )
 from .randomisation import randomisation_test, randomised_backbone
 from .road import ROAD_NOISE, noisy_linear_imputation, road_logits
-from .report import paired_difference, results_markdown, write_report
+from .report import level_with_best, paired_difference, results_markdown, versus_best_baseline, write_report
 from .runner import (
     DEFAULT_METRICS,
     METRICS,
@@ -75,6 +75,8 @@ __all__ = [
     "load_eval_data",
     "evaluate_model",
     "paired_difference",
+    "level_with_best",
+    "versus_best_baseline",
     "results_markdown",
     "write_report",
 ]

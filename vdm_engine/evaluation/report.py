@@ -8,7 +8,10 @@ import numpy as np
 
 from .metrics import ORDERS
 
-__all__ = ["paired_difference", "results_markdown", "write_report"]
+__all__ = ["level_with_best", "paired_difference", "results_markdown", "versus_best_baseline", "write_report"]
+
+#: Methods that are not baselines for ``versus_best_baseline``: DiffMask's own rows and the floor.
+NOT_BASELINES = ("diffmask", "diffmask-path", "diffmask-retrained", "random")
 
 _COLUMNS = [
     ("positive", "auc_prob", "pos. AUC prob (lower better)"),
@@ -42,17 +45,68 @@ def _per_image_aucs(entry: dict, metric: str, setting: str | None, curve: str) -
         return None
 
 
-def _reference(methods: dict) -> str | None:
-    return next((m for m in ("diffmask-path", "diffmask") if m in methods), None)
+def _references(methods: dict) -> list[str]:
+    return [m for m in ("diffmask-path", "diffmask") if m in methods]
+
+
+def _settings(results: dict) -> list[tuple]:
+    """(metric, replacement or None, (most relevant first curve, least relevant first curve)) of every test."""
+    reps = results["config"].get("replacements", [])
+    return [("perturbation", rp, ("positive", "negative")) for rp in reps] + \
+           [("insertion-deletion", rp, ("deletion", "insertion")) for rp in reps] + \
+           [("road", None, ("positive", "negative"))]
+
+
+def _curve_label(metric: str, setting: str | None, curve: str) -> str:
+    if metric == "road":
+        return {"positive": "ROAD MoRF", "negative": "ROAD LeRF"}[curve]
+    return f"{curve}, {setting}"
+
+
+def level_with_best(lower_better: bool, auc: float, best_auc: float, best_sem: float, diff: float,
+                    diff_sem: float) -> tuple[bool, float]:
+    """Whether a method's curve is at least level with the best baseline's, and by how much it misses (>= 0).
+
+    Most relevant first (``lower_better``): met when ``auc - best_auc <= best_sem`` (within one standard
+    error of the best). Least relevant first / insertion: met when ``diff + 1.96 diff_sem >= 0``, ``diff`` the
+    mean paired difference method - best (the 95% interval includes or exceeds 0).
+    """
+    miss = auc - best_auc - best_sem if lower_better else -(diff + 1.96 * diff_sem)
+    return bool(miss <= 0), round(max(0.0, float(miss)), 4)
+
+
+def versus_best_baseline(results: dict, method: str) -> list[dict]:
+    """``method`` against the best baseline of every curve measured (``level_with_best``).
+
+    Baselines: every method but ``NOT_BASELINES``; the best has the lowest mean AUC on a most-relevant-first
+    curve, the highest on the others. Returns one dict per curve: curve, metric, replacement, order,
+    auc/sem of ``method``, best, best_auc/best_sem, diff/diff_sem (paired, method - best), met, miss.
+    """
+    methods = results["methods"]
+    baselines = [m for m in methods if m not in NOT_BASELINES]
+    rows = []
+    for metric, rp, orders in _settings(results):
+        for i, curve in enumerate(orders):
+            a = _per_image_aucs(methods[method], metric, rp, curve)
+            scored = {b: x for b in baselines if (x := _per_image_aucs(methods[b], metric, rp, curve)) is not None}
+            if a is None or not scored:
+                continue
+            lower = i == 0
+            best = (min if lower else max)(scored, key=lambda b: float(scored[b].mean()))
+            auc, sem = _mean_sem(a)
+            best_auc, best_sem = _mean_sem(scored[best])
+            diff, diff_sem = _mean_sem(a - scored[best])
+            met, miss = level_with_best(lower, auc, best_auc, best_sem, diff, diff_sem)
+            rows.append({"curve": _curve_label(metric, rp, curve), "metric": metric, "replacement": rp, "order": curve,
+                         "auc": auc, "sem": sem, "best": best, "best_auc": best_auc, "best_sem": best_sem,
+                         "diff": diff, "diff_sem": diff_sem, "met": met, "miss": miss})
+    return rows
 
 
 def _paired_rows(results: dict, reference: str) -> list[str]:
     """Paired-difference rows (method - reference) for every curve measured."""
     methods = results["methods"]
-    reps = results["config"].get("replacements", [])
-    settings = [("perturbation", rp, ("positive", "negative")) for rp in reps] + \
-               [("insertion-deletion", rp, ("deletion", "insertion")) for rp in reps] + \
-               [("road", None, ("positive", "negative"))]
+    settings = _settings(results)
     lines = []
     for metric, rp, (worse_first, better_first) in settings:
         for m, e in methods.items():
@@ -146,11 +200,23 @@ def results_markdown(results: dict) -> str:
             cells = [f"{e[p]['mean']:.3f} ± {e[p]['sem']:.3f}" if p in e else "–" for p in props]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
-    ref = _reference(methods)
-    if ref and len(methods) > 1:
+    for ref in _references(methods) if len(methods) > 1 else ():
+        name = "DiffMask path" if ref == "diffmask-path" else "DiffMask"
+        rows = versus_best_baseline(results, ref)
+        if rows:
+            lines += [f"## {name} against the best baseline of each curve", "",
+                      "Best baseline: the method (not DiffMask's own rows, not random) with the best mean AUC on the "
+                      "curve. Most relevant first (positive, deletion, MoRF; lower better): level when the AUC is "
+                      "within one standard error of the best's; least relevant first (negative, insertion, LeRF): "
+                      f"level when the paired 95% interval of {ref} − best includes or exceeds 0.", "",
+                      f"| curve | {ref} | best baseline | paired difference | level |", "|---|---|---|---|---|"]
+            for r in rows:
+                verdict = "yes" if r["met"] else f"no (short by {r['miss']:.4f})"
+                lines.append(f"| {r['curve']} | {r['auc']:.4f} ± {r['sem']:.4f} | {r['best']} {r['best_auc']:.4f} ± "
+                             f"{r['best_sem']:.4f} | {r['diff']:+.4f} ± {r['diff_sem']:.4f} | {verdict} |")
+            lines.append("")
         rows = _paired_rows(results, ref)
         if rows:
-            name = "DiffMask path" if ref == "diffmask-path" else "DiffMask"
             lines += [f"## Paired differences to {name} (AUC of P(original class), same images)", "",
                       f"Mean ± standard error of the per-image difference method − {ref}. First column (positive, "
                       f"deletion, MoRF): a negative difference means the method beats {ref}; second column "
@@ -200,6 +266,9 @@ def write_report(results: dict, out_dir, examples: dict | None = None, *, plots:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.json", out / "results.md"]
+    if len(results["methods"]) > 1:
+        results = {**results, "versus_best_baseline": {m: versus_best_baseline(results, m)
+                                                        for m in _references(results["methods"])}}
     atomic_write_json(written[0], results)
     atomic_write_bytes(written[1], results_markdown(results).encode())
     if plots:
