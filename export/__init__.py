@@ -1,19 +1,45 @@
 """ONNX export of explainers: one fused graph (ViT + gate probes), validation, Triton repositories.
 
 ``main_export`` is ``vdm-export`` as one call (load, export, validate, time, Triton); ``export_onnx``
-exports an explainer already in hand.
+exports an explainer already in hand; ``defaults`` holds the output names, opsets, tolerances and
+Triton defaults (no torch).
 
-Importing this package does not import the exporter's heavy dependencies (onnxscript, onnxruntime)
-until a function needs them.
+The public names below are imported on first use (PEP 562): importing this package, and
+``vdm-export --help``, import neither torch nor the exporter's heavy dependencies (onnxscript,
+onnxruntime) until a name needs them.
 """
 
-from .graph import DEFAULT_OUTPUTS, OUTPUTS, ExplainerGraph
-from vdm_engine.metadata import ExportMetadata, gates_sha256, read_metadata
-from .onnx import DEFAULT_OPSET, ExportError, ExportResult, export_onnx
-from .main import MainExportResult, main_export
-from .quantize import INT8_RECIPE, Int8Recipe, Int8Report, QuantizationError, export_int8, quantize_onnx
-from .triton_repo import write_triton_repo
-from .validate import TOLERANCES, ExportValidationError, check_onnx, validate_onnx
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+#: Public name -> the module that defines it (relative to this package unless absolute).
+_EXPORTS = {
+    "DEFAULT_OPSET": "defaults",
+    "DEFAULT_OUTPUTS": "defaults",
+    "INT8_RECIPE": "quantize",
+    "OUTPUTS": "defaults",
+    "TOLERANCES": "defaults",
+    "ExplainerGraph": "graph",
+    "ExportError": "onnx",
+    "ExportMetadata": "vdm_engine.metadata",
+    "ExportResult": "onnx",
+    "ExportValidationError": "validate",
+    "Int8Recipe": "quantize",
+    "Int8Report": "quantize",
+    "MainExportResult": "main",
+    "QuantizationError": "quantize",
+    "check_onnx": "validate",
+    "export_int8": "quantize",
+    "export_onnx": "onnx",
+    "gates_sha256": "vdm_engine.metadata",
+    "main_export": "main",
+    "quantize_onnx": "quantize",
+    "read_metadata": "vdm_engine.metadata",
+    "validate_onnx": "validate",
+    "write_triton_repo": "triton_repo",
+}
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -40,3 +66,29 @@ __all__ = [
     "validate_onnx",
     "write_triton_repo",
 ]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(module) if "." in module else importlib.import_module(f".{module}", __name__)
+    value = getattr(module, name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from vdm_engine.metadata import ExportMetadata, gates_sha256, read_metadata
+
+    from .defaults import DEFAULT_OPSET, DEFAULT_OUTPUTS, OUTPUTS, TOLERANCES
+    from .graph import ExplainerGraph
+    from .main import MainExportResult, main_export
+    from .onnx import ExportError, ExportResult, export_onnx
+    from .quantize import INT8_RECIPE, Int8Recipe, Int8Report, QuantizationError, export_int8, quantize_onnx
+    from .triton_repo import write_triton_repo
+    from .validate import ExportValidationError, check_onnx, validate_onnx

@@ -15,18 +15,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from vdm_engine.explainer import EXPLAIN_OUTPUTS, Explainer
+from vdm_engine.explainer import Explainer
 from vdm_engine.ops import reference_ops
 
+from .defaults import DEFAULT_OUTPUTS, OUTPUTS
 from .probes import GraphProbes
 
 __all__ = ["ExplainerGraph", "OUTPUTS", "DEFAULT_OUTPUTS", "FLOAT_INPUT", "UINT8_INPUT", "normalize_outputs"]
 
-#: Every output the graph can produce, in the order they appear in the graph.
-OUTPUTS = EXPLAIN_OUTPUTS
-#: The outputs of ``export_onnx``, ``main_export`` and ``vdm-export`` when none are asked for: one
-#: ViT pass (``masked_logits`` / ``kl`` add the masked second pass).
-DEFAULT_OUTPUTS = ("logits", "patch_mask", "layer_masks")
 #: Input names: normalised float pixels (Optimum's name) or raw uint8 images.
 FLOAT_INPUT = "pixel_values"
 UINT8_INPUT = "images"

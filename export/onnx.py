@@ -27,7 +27,8 @@ import torch
 
 from vdm_engine.explainer import Explainer
 
-from .graph import DEFAULT_OUTPUTS, ExplainerGraph, normalize_outputs
+from .defaults import DEFAULT_OPSET, DEFAULT_OUTPUTS, MIN_OPSET
+from .graph import ExplainerGraph, normalize_outputs
 from vdm_engine.metadata import ExportMetadata, gates_sha256
 from .validate import TOLERANCES, ExportValidationError, check_onnx, validate_onnx
 
@@ -39,10 +40,6 @@ __all__ = [
 logger = logging.getLogger("vdm_engine.export")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-#: The dynamo exporter writes opset 18 or newer.
-MIN_OPSET = 18
-#: The opset written unless another is asked for (``export_onnx``, ``main_export``, ``vdm-export --opset``).
-DEFAULT_OPSET = 18
 #: Above this many bytes of weights the graph is saved with external data (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2
 _TRACED_BATCH = 2  # never 1: torch.export specialises size-1 dimensions

@@ -36,6 +36,8 @@ from vdm_engine._io import atomic_path, atomic_write_bytes, sha256_file
 
 from vdm_engine.metadata import ExportMetadata, read_metadata
 
+from .defaults import BACKENDS, DEFAULT_BACKEND, DEFAULT_MAX_BATCH_SIZE, DEFAULT_QUEUE_DELAY_US
+
 __all__ = [
     "write_triton_repo",
     "triton_config_text",
@@ -48,13 +50,6 @@ __all__ = [
     "DEFAULT_QUEUE_DELAY_US",
 ]
 
-#: ``max_batch_size`` of a dynamic-batch graph's config (``vdm-export --triton-max-batch``).
-DEFAULT_MAX_BATCH_SIZE = 32
-#: ``vdm-export --triton-backend`` choices; onnxruntime is what a GPU server runs.
-BACKENDS = ("onnxruntime", "python")
-DEFAULT_BACKEND = "onnxruntime"
-#: The dynamic batcher's ``max_queue_delay_microseconds`` (``vdm-export --triton-queue-delay-us``).
-DEFAULT_QUEUE_DELAY_US = 100
 
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8"}
 _KINDS = ("KIND_GPU", "KIND_CPU", "KIND_AUTO")

@@ -18,6 +18,7 @@ import torch
 
 from vdm_engine.explainer import Explainer, Explanation
 
+from .defaults import TOLERANCES
 from .graph import normalize_outputs
 
 __all__ = [
@@ -33,8 +34,6 @@ __all__ = [
 
 logger = logging.getLogger("vdm_engine.export")
 
-#: Maximum absolute difference allowed between onnxruntime and the fp32 PyTorch explainer.
-TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2}
 
 
 class ExportValidationError(RuntimeError):

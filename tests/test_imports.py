@@ -11,8 +11,8 @@ import vdm_engine
 _NO_TORCH = """
 import contextlib, io, sys
 import vdm_engine
-from vdm_engine.cli import explain, gates, serve, train
-for cli in (explain, gates, serve, train):
+from vdm_engine.cli import eval, explain, export, gates, serve, train
+for cli in (eval, explain, export, gates, serve, train):
     with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
         cli.main(["--help"])
     assert out.getvalue().startswith("usage: vdm-"), out.getvalue()[:200]
@@ -40,3 +40,15 @@ def test_every_public_name_resolves_from_its_module():
         assert "no_such_name" in str(e)
     else:
         raise AssertionError("an unknown name resolved")
+
+
+def test_every_evaluation_and_export_name_resolves():
+    import vdm_engine.evaluation as evaluation
+    import vdm_engine.export as export
+    from vdm_engine.evaluation import runner
+    from vdm_engine.export import onnx
+
+    assert evaluation.evaluate is runner.evaluate and export.export_onnx is onnx.export_onnx
+    for package in (evaluation, export):
+        for name in package.__all__:
+            assert getattr(package, name) is not None and name in dir(package), (package.__name__, name)

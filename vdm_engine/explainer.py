@@ -13,6 +13,7 @@ from . import masks
 from .backbone import Backbone, load_backbone
 from .gates import Gates, WideProbes, finish_probes, project_depth
 from .masks import kl_divergence
+from .outputs import EXPLAIN_OUTPUTS
 from .ops import Ops, probe_layout_for, select_ops
 from .provenance import GatesProvenance, classify_source
 from .registry import registered_gates, registry_home
@@ -20,7 +21,6 @@ from .registry import registered_gates, registry_home
 __all__ = ["Explainer", "Explanation", "Verification", "GatesNotFoundError", "kl_divergence", "EXPLAIN_OUTPUTS"]
 
 #: What ``Explainer.run`` can compute, in graph order (the ONNX graph's outputs).
-EXPLAIN_OUTPUTS = ("logits", "patch_mask", "layer_masks", "masked_logits", "kl", "patch_rank")
 
 
 class GatesNotFoundError(LookupError):

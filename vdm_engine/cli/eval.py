@@ -20,7 +20,7 @@ DEFAULT_METHODS = "diffmask,rollout,gradcam,chefer,ig,random"
 
 
 def _parser() -> argparse.ArgumentParser:
-    from vdm_engine.evaluation.runner import METRICS
+    from vdm_engine.evaluation.metric_names import METRICS
 
     p = CliParser(prog=PROG, description="Faithfulness evaluation of DiffMask and baseline attributions.")
     req = p.add_argument_group("required")
@@ -93,13 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_device(args.device)
         check_model(args.model)
         check_out_dir(args.out)
-        quiet_transformers()  # after the checks: importing transformers takes seconds
-        from vdm_engine.evaluation import PerturbationConfig, evaluate_model, write_report
-        from vdm_engine.provenance import GatesProvenance
-
         if args.n < 1:
             raise UsageError(f"--n must be >= 1, got {args.n}")
-        from vdm_engine.evaluation import check_metrics
+        from vdm_engine.evaluation.metric_names import check_metrics
 
         try:
             metrics = check_metrics(args.metrics.split(","))
@@ -115,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--randomise-blocks must be comma-separated integers, got {args.randomise_blocks!r}") from None
             if not ks or min(ks) < 0:
                 raise UsageError(f"--randomise-blocks must list block counts >= 0, got {args.randomise_blocks!r}")
+        quiet_transformers()  # after the checks: importing transformers takes seconds
+        from vdm_engine.evaluation import PerturbationConfig, evaluate_model, write_report
+        from vdm_engine.provenance import GatesProvenance
+
         if "road" in metrics:
             try:
                 import scipy.sparse.linalg  # noqa: F401

@@ -23,8 +23,8 @@ PROG = "vdm-export"
 
 
 def _parser() -> argparse.ArgumentParser:
-    from vdm_engine.export import DEFAULT_OPSET, DEFAULT_OUTPUTS, OUTPUTS, TOLERANCES
-    from vdm_engine.export.triton_repo import BACKENDS, DEFAULT_BACKEND, DEFAULT_MAX_BATCH_SIZE, DEFAULT_QUEUE_DELAY_US
+    from vdm_engine.export.defaults import (BACKENDS, DEFAULT_BACKEND, DEFAULT_MAX_BATCH_SIZE, DEFAULT_OPSET,
+                                            DEFAULT_OUTPUTS, DEFAULT_QUEUE_DELAY_US, OUTPUTS, TOLERANCES)
 
     p = CliParser(prog=PROG, description="Export a ViT and its DiffMask gates as one validated ONNX graph.")
     req = p.add_argument_group("required")
@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _output_names(value: str) -> list[str]:
     """``--outputs`` takes ``logits patch_mask`` as well as ``logits,patch_mask``."""
-    from vdm_engine.export import OUTPUTS
+    from vdm_engine.export.defaults import OUTPUTS
 
     names = [n.strip() for n in value.split(",") if n.strip()]
     bad = [n for n in names if n not in OUTPUTS]
@@ -105,9 +105,7 @@ def _status(msg: str) -> None:
 
 def _check(args) -> None:
     """The checks that run before anything is loaded, worded in flags."""
-    from vdm_engine.backbone import SHAPES
-    from vdm_engine.export.onnx import MIN_OPSET
-    from vdm_engine.export.triton_repo import DEFAULT_BACKEND
+    from vdm_engine.export.defaults import DEFAULT_BACKEND, MIN_OPSET
 
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -131,6 +129,8 @@ def _check(args) -> None:
     if args.triton_ensemble and args.batch_size is not None:
         raise UsageError("--triton-ensemble needs a dynamic batch; drop --batch-size")
     if args.random_weights:
+        from vdm_engine.backbone import SHAPES
+
         if args.model not in SHAPES:
             raise UsageError(f"--random-weights needs an architecture name for --model, one of {sorted(SHAPES)}; "
                              f"got {args.model!r}")
