@@ -107,3 +107,23 @@ def test_latency_table_puts_plain_and_explain_side_by_side(tmp_path):
     text = report.render({}, configs)
     assert "| torch-eager | 1 | 2.00 | 2.20 | 3.00 | 2.50 | 2.75 | 3.75 | 1.25 | 1.25 | 1.0 | 2.0 | 2.00 |" in text
     assert "| onnxruntime-int8 | 64 | 40.00 | 44.00 | 60.00 | 44.00 | 48.40 | 66.00 | 1.10 | 1.10 |  |  |  |" in text
+
+
+def test_levels_paired_table(tmp_path):
+    """``test_levels_paired``'s best rounds become one table (wall, CPU and FLOPs ratios, the 1.15x target);
+    the case is not listed again among the micro-benchmarks."""
+    cases = ("plain/torch", "explain/torch-reference", "explain/torch-levels4-p16", "explain/torch-levels4")
+    path = _write(tmp_path, "r.json", [_bench(
+        "paired/levels", 0.5, best_wall_ms=dict(zip(cases, (10.0, 10.8, 10.9, 13.5))),
+        ratio_wall=dict(zip(cases, (1.0, 1.08, 1.09, 1.35))), ratio_cpu=dict(zip(cases, (1.0, 1.079, 1.091, 1.349))),
+        flop_ratio=dict(zip(cases, (1.0, 1.054, 1.057, 1.228))), rounds_timed=99)])
+    _, configs = report.load_results(path)
+    text = report.render({}, configs)
+    assert "each of 99 rounds" in text
+    assert "| explain with K=4 levels (patch_rank), probe width D/16 | 10.90 | 1.090 | 1.091 | 1.057 | yes |" in text
+    assert "| explain with K=4 levels (patch_rank), probe width D/4 | 13.50 | 1.350 | 1.349 | 1.228 | **no** |" in text
+    assert "| plain inference (HF ViT, SDPA) | 10.00 | 1.000 | 1.000 | 1.000 |  |" in text
+    assert "| explain: engine, reference kernels | 10.80 | 1.080 | 1.079 | 1.054 |  |" in text  # not a K-level case
+    assert "| paired/levels |" not in text
+    (results,) = configs.values()
+    assert report.levels_paired_table({"plain/torch": results.get("plain/torch")}) == []
