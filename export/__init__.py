@@ -11,8 +11,9 @@ onnxruntime) until a name needs them.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from vdm_engine._lazy import lazy_names
 
 #: Public name -> the module that defines it (relative to this package unless absolute).
 _EXPORTS = {
@@ -68,19 +69,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = importlib.import_module(module) if "." in module else importlib.import_module(f".{module}", __name__)
-    value = getattr(module, name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS, __all__)
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from vdm_engine.metadata import ExportMetadata, gates_sha256, read_metadata

@@ -14,8 +14,9 @@ errors do not pay for importing torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_names
 
 #: Public name -> the submodule that defines it.
 _EXPORTS = {
@@ -97,18 +98,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS, __all__)
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .metrics import (
