@@ -143,3 +143,55 @@ def test_eval_default_path_follows_the_gates_in_use(tmp_path, monkeypatch):
     assert _path_gates_in_use("vit-digits", str(tmp_path / "missing"), None) == (False, None)
     register_gates("vit-digits", single)  # a registry entry hides the shipped gates
     assert _path_gates_in_use("vit-digits", None, None) == (False, None)
+
+
+def test_stack_refuses_gates_of_another_backbone(tiny_backbone):
+    from vdm_engine.backbone import random_backbone
+
+    a, b = _levels(tiny_backbone, 2)
+    a.backbone_fingerprint, b.backbone_fingerprint = tiny_backbone.fingerprint, random_backbone("vit-tiny", seed=1).fingerprint
+    with pytest.raises(ValueError, match=r"levels\[1\] was trained on another backbone"):
+        Gates.stack([a, b])
+    b.backbone_fingerprint = a.backbone_fingerprint
+    with pytest.raises(ValueError, match="main_level must be in"):
+        Gates.stack([a, b], main_level=2)
+    assert Gates.stack([a, b]).backbone_fingerprint == tiny_backbone.fingerprint
+
+
+def test_vdm_gates_stack(tiny_backbone, tmp_path, capsys):
+    """``vdm-gates stack`` writes the K-level gates ``Gates.stack`` builds (same weights, the sources recorded,
+    bound to the same backbone, usable for patch_rank); bad input is one error line and exit 2, nothing written."""
+    from vdm_engine.backbone import random_backbone
+    from vdm_engine.cli.gates import main
+
+    dirs = []
+    for i, g in enumerate(_levels(tiny_backbone, 3)):
+        dirs.append(str(g.save_pretrained(tmp_path / f"level{i}", backbone=tiny_backbone)))
+    out = tmp_path / "levels"
+    assert main(["stack", *dirs, "--out", str(out), "--main-level", "1"]) == 0
+    assert f"wrote {out}: 3 levels" in capsys.readouterr().out
+    got = Gates.from_pretrained(out, tiny_backbone)  # the backbone check passes
+    ref = Gates.stack([Gates.from_pretrained(d) for d in dirs], main_level=1)
+    assert (got.config.levels, got.config.main_level) == (3, 1)
+    for name in ("w1", "b1", "w2", "b2", "add", "placeholder"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=0, atol=0)
+    assert [s["sha256"] for s in got.metrics["stacked_from"]] == [Gates.from_pretrained(d).sha256 for d in dirs]
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert Explainer(tiny_backbone, got).eval().explain(pixels).patch_rank.shape == (2, 16)
+
+    other = random_backbone("vit-tiny", seed=1)
+    stranger = str(make_tiny_gates(other).save_pretrained(tmp_path / "stranger", backbone=other))
+    before = sorted(p.name for p in out.iterdir())
+    for argv, msg in (
+        (["stack", dirs[0], "--out", str(tmp_path / "x")], "at least 2 gates folders"),
+        (["stack", *dirs[:2], "--out", str(tmp_path / "x"), "--main-level", "2"], "--main-level must be in [0, 2)"),
+        (["stack", *dirs[:2], "--out", str(out)], "already holds gates; pass --overwrite"),
+        (["stack", dirs[0], stranger, "--out", str(tmp_path / "x")], "trained on another backbone"),
+        (["stack", dirs[0], str(tmp_path / "missing"), "--out", str(tmp_path / "x")], "is not a gates directory"),
+    ):
+        assert main(argv) == 2, argv
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("vdm-gates: error:") and msg in err[0], (argv, err)
+    assert not (tmp_path / "x").exists() and sorted(p.name for p in out.iterdir()) == before
+    assert main(["stack", *dirs[:2], "--out", str(out), "--overwrite", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["main_level"] == 0 and Gates.from_pretrained(out).config.levels == 2

@@ -134,12 +134,17 @@ def resume_config(out_dir: str | os.PathLike, **overrides) -> TrainConfig:
     lower ``lr_probe`` after a divergence.
 
     Raises:
-        ValueError: no readable checkpoint in ``out_dir``; an unknown or invalid field.
+        ValueError: no readable checkpoint in ``out_dir``; an unknown or invalid field; a ``probe_size``
+            other than the run's (the checkpoint's probes have their own shape).
     """
     ckpt = Path(out_dir) / CHECKPOINT
     if not ckpt.is_file():
         raise ValueError(f"there is no checkpoint in {out_dir} ({CHECKPOINT} is missing) to take the settings from")
-    return TrainConfig.from_dict({**read_checkpoint_meta(ckpt)["config"], **overrides})
+    saved = read_checkpoint_meta(ckpt)["config"]
+    if overrides.get("probe_size") is not None and overrides["probe_size"] != saved.get("probe_size"):
+        raise ValueError(f"the run in {out_dir} trains probes of size {saved.get('probe_size') or 'D/4 (default)'}; "
+                         f"a resumed run cannot change it to {overrides['probe_size']} (start a new run, or --overwrite)")
+    return TrainConfig.from_dict({**saved, **overrides})
 
 
 def clear_run(out_dir: Path) -> None:

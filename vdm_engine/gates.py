@@ -402,11 +402,23 @@ class Gates(nn.Module):
         """Join single-level gates trained at increasing sparsity into K-level gates (one forward pass).
 
         Args:
-            levels: K >= 2 single-level ``Gates`` of one shape, least sparse first.
+            levels: K >= 2 single-level ``Gates`` of one shape and one backbone (the fingerprints they
+                record, and their CLIP zero-shot head if any, must agree), least sparse first.
             main_level: the level whose mask and placeholder the joined gates use as ``patch_mask``.
         """
         if len(levels) < 2:
             raise ValueError(f"stack needs at least 2 single-level gates, got {len(levels)}")
+        if not 0 <= main_level < len(levels):
+            raise ValueError(f"main_level must be in [0, {len(levels)}), got {main_level}")
+        first = levels[0]
+        for i, g in enumerate(levels[1:], 1):
+            fp, fp0 = getattr(g, "backbone_fingerprint", None), getattr(first, "backbone_fingerprint", None)
+            if fp != fp0:
+                raise ValueError(f"levels[{i}] was trained on another backbone ({getattr(g, 'backbone_id', None)}, "
+                                 f"fingerprint {str(fp)[:12]}) than levels[0] ({getattr(first, 'backbone_id', None)}, "
+                                 f"fingerprint {str(fp0)[:12]}): stack gates of one backbone")
+            if getattr(g, "backbone_zero_shot", None) != getattr(first, "backbone_zero_shot", None):
+                raise ValueError(f"levels[{i}] records another zero-shot head (CLIP labels or prompt) than levels[0]")
         c0 = levels[0].config
         for i, g in enumerate(levels):
             c = g.config
@@ -420,9 +432,9 @@ class Gates(nn.Module):
             for name in ("w1", "b1", "w2", "b2", "add"):
                 getattr(out, name).copy_(torch.cat([getattr(g, name).detach().float().cpu() for g in levels]))
             out.placeholder.copy_(levels[main_level].placeholder.detach().float().cpu())
-        first = levels[0]
         out.backbone_id, out.backbone_revision, out.backbone_fingerprint = \
             first.backbone_id, first.backbone_revision, first.backbone_fingerprint
+        out.backbone_zero_shot = getattr(first, "backbone_zero_shot", None)
         out.metrics = {"levels": [dict(g.metrics) for g in levels], "main_level": main_level}
         return out
 

@@ -260,3 +260,17 @@ def test_resume_continues_to_more_steps(finished_run, tiny_model_dir, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 15
     meta = load_checkpoint(finished_run / CHECKPOINT)[1]
     assert meta["step"] == 15 and meta["data"] == "toy" and meta["model"] == str(tiny_model_dir)
+
+
+def test_probe_size_is_set_and_kept_on_resume(finished_run, tiny_model_dir, tmp_path, capsys):
+    """``--probe-size`` sets the probes' hidden units; a resumed run refuses another size before it loads anything."""
+    out = tmp_path / "p3"
+    assert main(_tiny(tiny_model_dir, out, "--probe-size", "3", "--no-register")) == 0
+    capsys.readouterr()
+    assert Gates.from_pretrained(out / GATES_DIR).config.probe_size == 3
+    before = _snapshot(finished_run)
+    assert main(_tiny(tiny_model_dir, finished_run, "--resume", "--steps", "15", "--probe-size", "3")) == 2
+    _one_line_error(capsys, "cannot change it to 3")
+    assert _snapshot(finished_run) == before
+    assert main(_tiny(tiny_model_dir, tmp_path / "p0", "--probe-size", "0")) == 2
+    _one_line_error(capsys, "probe_size must be >= 1")

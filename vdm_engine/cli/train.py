@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--alpha-max", type=float, default=None)
     opt.add_argument("--mul", type=float, default=None, help="probe output scale")
     opt.add_argument("--add-init", type=float, default=None, help="initial probe offset")
+    opt.add_argument("--probe-size", type=int, default=None, metavar="P",
+                     help="hidden units of each gate probe (default D/4; D/16 keeps K=4 levels within 1.15x plain)")
     opt.add_argument("--eval-interval", type=int, default=None, help="steps between validations")
     opt.add_argument("--checkpoint-interval", type=int, default=None, help="steps between checkpoints")
     opt.add_argument("--val-size", type=int, default=None, help="held-out validation images")
@@ -70,7 +72,7 @@ _FIELDS = {
     "lr_alpha": "lr_alpha", "alpha_init": "alpha_init", "alpha_max": "alpha_max", "mul": "mul", "add_init": "add_init",
     "eval_interval": "eval_interval", "checkpoint_interval": "checkpoint_interval", "val_size": "val_size",
     "eps_valid": "eps_valid", "agreement": "agreement", "seed": "seed", "precision": "precision",
-    "replacement": "replacement",
+    "replacement": "replacement", "probe_size": "probe_size",
 }
 
 
