@@ -45,10 +45,15 @@ def test_eval_writes_results_table_and_figures(tmp_path, model_and_gates, capsys
     md = (out / "results.md").read_text()
     assert "| diffmask |" in md and "## Replacement: mean" in md and "Localisation" in md
     assert "ROAD MoRF / LeRF" in md and "Model-randomisation" in md
+    level = res["versus_best_baseline"]["diffmask"]
+    assert len(level) == 10 and {r["best"] for r in level} <= set(methods.split(",")) - {"diffmask", "random"}
+    assert "## DiffMask against the best baseline of each curve" in md
     for name in ("curves_noise.png", "curves_mean.png", "curves_road.png", "examples.png"):
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.size[0] > 100
-    assert "wrote" in capsys.readouterr().out
+    stdout = capsys.readouterr().out
+    met = sum(r["met"] for r in level)
+    assert "wrote" in stdout and f"diffmask level with the best baseline on {met} of 10 curves" in stdout
 
 
 @pytest.mark.parametrize(
