@@ -195,3 +195,17 @@ def test_vdm_gates_stack(tiny_backbone, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and sorted(p.name for p in out.iterdir()) == before
     assert main(["stack", *dirs[:2], "--out", str(out), "--overwrite", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["main_level"] == 0 and Gates.from_pretrained(out).config.levels == 2
+
+
+def test_explanation_records_carry_patch_rank_for_k_level_gates(tiny_backbone):
+    """vdm-explain's per-image JSON (``records.explanation_records``) adds ``patch_rank`` (grid rows) for K-level
+    gates and leaves it out for single-level ones."""
+    from vdm_engine.records import explanation_records
+
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    e = Explainer(tiny_backbone, Gates.stack(_levels(tiny_backbone, 3))).eval().explain(pixels)
+    recs = explanation_records(e, {}, top_k=2)
+    assert torch.tensor(recs[1]["patch_rank"]).flatten().tolist() == e.patch_rank[1].tolist()
+    assert len(recs[0]["patch_rank"]) == e.grid[0] and len(recs[0]["patch_rank"][0]) == e.grid[1]
+    single = Explainer(tiny_backbone, make_tiny_gates(tiny_backbone)).eval().explain(pixels)
+    assert "patch_rank" not in explanation_records(single, {})[0]

@@ -38,19 +38,24 @@ def explanation_records(explanation, id2label: dict[int, str], *, top_k: int = 5
 
     Returns:
         B dicts with ``label``, ``label_index``, ``score``, ``top_k`` (``index``, ``label``,
-        ``score``), ``grid`` [h, w], ``patch_mask`` (h rows of w floats), ``threshold`` and
-        ``kept_fraction``.
+        ``score``), ``grid`` [h, w], ``patch_mask`` (h rows of w floats), ``threshold``,
+        ``kept_fraction``, and with K-level gates ``patch_rank`` (h rows of w floats, higher = more
+        relevant: ``masks.patch_rank``).
     """
     h, w = explanation.grid
     masks = explanation.patch_mask.detach().float().cpu().tolist()  # (B, N) as Python floats: one conversion
+    rank = getattr(explanation, "patch_rank", None)
+    ranks = rank.detach().float().cpu().tolist() if rank is not None else [None] * len(masks)
     records = prediction_records(explanation.logits, id2label, top_k=top_k)
-    for rec, mask in zip(records, masks):
+    for rec, mask, rk in zip(records, masks, ranks):
         rec.update({
             "grid": [h, w],
             "patch_mask": [mask[r * w:(r + 1) * w] for r in range(h)],
             "threshold": threshold,
             "kept_fraction": sum(v > threshold for v in mask) / len(mask),
         })
+        if rk is not None:
+            rec["patch_rank"] = [rk[r * w:(r + 1) * w] for r in range(h)]
     return records
 
 
