@@ -108,7 +108,7 @@ def _stack(args) -> int:
     stacked.save_pretrained(out)
     written = Gates.from_pretrained(out)
     rows = [{"path": str(d), "eps": (g.metrics.get("train_config") or {}).get("eps", g.metrics.get("eps")),
-             "kept": (g.metrics.get("validation") or {}).get("kept")} for d, g in zip(args.levels, levels)]
+             "kept": g.provenance.kept} for d, g in zip(args.levels, levels)]
     if args.json:
         print(json.dumps({"out": str(out), "levels": rows, "main_level": args.main_level, "sha256": written.sha256,
                           "backbone": written.backbone_id}))
