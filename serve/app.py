@@ -186,7 +186,8 @@ class VdmServer:
         rows = await self._explain(x, check)
         exp = Explanation(logits=torch.stack([r["logits"] for r in rows]),
                           patch_mask=torch.stack([r["patch_mask"] for r in rows]), layer_masks=None,
-                          grid=self.model.grid, image_size=self.model.image_size)
+                          grid=self.model.grid, image_size=self.model.image_size,
+                          patch_rank=torch.stack([r["patch_rank"] for r in rows]) if "patch_rank" in rows[0] else None)
         records = explanation_records(exp, self.model.id2label, top_k=self.config.top_k,
                                       threshold=self.config.threshold)
         prov = self._provenance()

@@ -106,6 +106,15 @@ class ServingModel:
         self.input_spec = TensorSpec(in_name, in_type, in_shape)
         self.output_specs = (TensorSpec("logits", "FP32", (-1, self.num_labels)),
                              TensorSpec("patch_mask", "FP32", (-1, n)))
+        if self.has_patch_rank:
+            self.output_specs += (TensorSpec("patch_rank", "FP32", (-1, n)),)
+
+    @property
+    def has_patch_rank(self) -> bool:
+        """Whether every explanation carries ``patch_rank``: K-level gates, or a graph exported with that output."""
+        if self.onnx:
+            return "patch_rank" in self.impl.output_names
+        return self.impl.gates.config.levels > 1
 
     @property
     def can_verify(self) -> bool:
@@ -122,13 +131,15 @@ class ServingModel:
         """One forward pass for a batch (B, ...): logits (B, C) and patch_mask (B, N) on the CPU; with
         ``verify`` (B,) bools also kl, agree and masked_kept for every row (computed for the rows that
         asked, in one extra masked pass; NaN elsewhere); with ``layer_masks`` also layer_masks
-        (B, L+2, N) (a graph must have that output)."""
+        (B, L+2, N) (a graph must have that output); ``patch_rank`` (B, N) whenever ``has_patch_rank``."""
         want = verify is not None and any(verify)
         if self.onnx:
             out = self.impl.run(x.to(self.device))
             res = {"logits": out["logits"].float().cpu(), "patch_mask": out["patch_mask"].float().cpu()}
             if layer_masks:
                 res["layer_masks"] = out["layer_masks"].float().cpu()
+            if self.has_patch_rank:
+                res["patch_rank"] = out["patch_rank"].float().cpu()
             if want:
                 masked = out["masked_logits"].float().cpu()
                 res["kl"] = out["kl"].float().cpu().reshape(-1)
@@ -137,13 +148,18 @@ class ServingModel:
             return res
         if self.compiled is not None:
             exp = self.compiled.explain(x.to(self.device))
-            out = {"logits": exp.logits, "patch_mask": exp.patch_mask, "layer_masks": exp.layer_masks}
+            out = {"logits": exp.logits, "patch_mask": exp.patch_mask, "layer_masks": exp.layer_masks,
+                   "patch_rank": exp.patch_rank}
         else:  # only the outputs asked for: the per-depth masks cost ops a tiny model notices
             self.impl.backbone.check_pixels(x)
-            out = self.impl.run(x.to(self.device), ("logits", "patch_mask") + (("layer_masks",) if layer_masks else ()))
+            asked = ("logits", "patch_mask") + (("layer_masks",) if layer_masks else ()) + \
+                (("patch_rank",) if self.has_patch_rank else ())
+            out = self.impl.run(x.to(self.device), asked)
         res = {"logits": out["logits"].float().cpu(), "patch_mask": out["patch_mask"].float().cpu()}
         if layer_masks:
             res["layer_masks"] = out["layer_masks"].float().cpu()
+        if self.has_patch_rank:
+            res["patch_rank"] = out["patch_rank"].float().cpu()
         if want:
             from vdm_engine.explainer import Explanation
 

@@ -171,8 +171,8 @@ class _ExplainActor:
     memory sent by the driver (``_in_memory_blocks``); ``ServingModel.preprocess`` resizes, rescales
     and normalises them, as ``Explainer.preprocess``. It returns fixed-shape columns only (Ray Data
     tensor columns): ``index``, ``error``, ``label_index``, ``score``, ``top_k_index``/``top_k_score``
-    (B, k), ``patch_mask`` (B, N), ``kept_fraction``, and ``layer_masks`` (B, L+2, N), ``kl``,
-    ``agree``, ``masked_kept`` when asked. Ids, paths and class names are the driver's to add.
+    (B, k), ``patch_mask`` (B, N), ``kept_fraction``, ``patch_rank`` (B, N) with K-level gates, and
+    ``layer_masks`` (B, L+2, N), ``kl``, ``agree``, ``masked_kept`` when asked. Ids, paths and class names are the driver's to add.
     Unreadable rows pass through as NaN / -1."""
 
     def __init__(self, config: BulkConfig, device: str | None, threads: int):
@@ -199,6 +199,8 @@ class _ExplainActor:
             "top_k_index": np.full((n, k), -1, np.int64), "top_k_score": np.full((n, k), np.nan, np.float32),
             "patch_mask": np.full((n, N), np.nan, np.float32), "kept_fraction": np.full(n, np.nan, np.float32),
         }
+        if self.model.has_patch_rank:
+            cols["patch_rank"] = np.full((n, N), np.nan, np.float32)
         if cfg.layer_masks:
             L = self.model.impl.backbone.num_hidden_states if not self.model.onnx else self.model.impl.num_hidden_states
             cols["layer_masks"] = np.full((n, L, N), np.nan, np.float32)
@@ -217,6 +219,8 @@ class _ExplainActor:
         cols["score"][ok] = top.values[:, 0].numpy()
         cols["patch_mask"][ok] = pm.numpy()
         cols["kept_fraction"][ok] = (pm > cfg.threshold).float().mean(-1).numpy()
+        if self.model.has_patch_rank:
+            cols["patch_rank"][ok] = res["patch_rank"].float().numpy()
         if cfg.layer_masks:
             cols["layer_masks"][ok] = res["layer_masks"].float().numpy()
         if cfg.verify:

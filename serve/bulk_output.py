@@ -14,7 +14,8 @@ only complete shards and a rerun redoes exactly the others.
 
 Parquet columns, one row per explained image: ``index``, ``id``, ``path``, ``true_label``,
 ``label``, ``label_index``, ``score``, ``top_k`` (list of {index, label, score}), ``patch_mask``
-(N float32, row-major on the grid), ``kept_fraction``, optionally ``layer_masks`` (L+2 x N) and
+(N float32, row-major on the grid), ``kept_fraction``, ``patch_rank`` (N float32, higher = more relevant)
+with K-level gates, optionally ``layer_masks`` (L+2 x N) and
 ``kl``, ``agree``, ``masked_kept`` (``--verify``), and the provenance ``model``, ``model_sha256``,
 ``gates_sha256``, ``gates_source``, ``backbone_mismatch``.
 """
@@ -75,8 +76,9 @@ def _shard_table(cols: dict, rows, labels: list[str], provenance: dict):
         "patch_mask": _fixed(cols["patch_mask"]),
         "kept_fraction": pa.array(cols["kept_fraction"], pa.float32()),
     }
-    if "layer_masks" in cols:
-        out["layer_masks"] = _fixed(cols["layer_masks"])
+    for name in ("patch_rank", "layer_masks"):
+        if name in cols:
+            out[name] = _fixed(cols[name])
     for name, typ in (("kl", pa.float32()), ("agree", pa.bool_()), ("masked_kept", pa.float32())):
         if name in cols:
             out[name] = pa.array(cols[name], typ)

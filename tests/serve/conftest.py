@@ -102,7 +102,10 @@ def metrics_port(serve_port) -> int:
 
 @pytest.fixture(scope="session")
 def _apps(serve_port) -> dict[str, str]:
-    return deploy(serve_port, {"/": MAIN, "/limited": LIMITED})
+    from vdm_engine.models import embedded_levels_dir
+
+    levels = {**MAIN, "gates": str(embedded_levels_dir("vit-digits"))}  # K-level gates: patch_rank in every record
+    return deploy(serve_port, {"/": MAIN, "/limited": LIMITED, "/levels": levels})
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +118,12 @@ def server(_apps) -> str:
 def limited(_apps) -> str:
     """The fault tests' application (``LIMITED``)."""
     return _apps["/limited"]
+
+
+@pytest.fixture(scope="session")
+def levels_server(_apps) -> str:
+    """``main`` with vit-digits' K-level gates (gates-levels)."""
+    return _apps["/levels"]
 
 
 @pytest.fixture(scope="session")

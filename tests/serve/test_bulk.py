@@ -202,6 +202,22 @@ def test_corrupt_files_go_to_the_errors_file(digit_folder, reference, ray_sessio
     assert_close(_masks(rows), exp.patch_mask, 1e-5, 1e-5, "patch_mask")
 
 
+def test_k_level_gates_store_patch_rank(ray_session, tmp_path):
+    """With K-level gates (vit-digits' gates-levels) each shard holds a patch_rank column equal to the explainer's."""
+    from vdm_engine import Explainer, Gates
+    from vdm_engine.data import digits_split
+    from vdm_engine.models import embedded_levels_dir
+
+    levels = str(embedded_levels_dir("vit-digits"))
+    _run(tmp_path, dataset="digits:test", limit=12, shard_size=6, batch_size=6, gates=levels, concurrency=1,
+         cpus_per_actor=0.5)
+    rows = _results(tmp_path)
+    ex = Explainer.from_pretrained("vit-digits", gates=levels).eval()
+    exp = ex.explain(ex.preprocess(list(digits_split("test")[0][:12])))
+    assert rows["index"] == list(range(12)) and set(rows["gates_sha256"]) == {Gates.from_pretrained(levels).sha256}
+    assert_close(_masks(rows, "patch_rank"), exp.patch_rank, 1e-5, 1e-5, "patch_rank")
+
+
 def _decode(source, spec):
     """``bulk._decode_batch`` in this process (what a Ray task runs) on every row of ``source``."""
     from vdm_engine.serve.bulk import _decode_batch

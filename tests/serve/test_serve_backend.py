@@ -96,3 +96,20 @@ def test_compiled_backend_equals_eager(digits_model, images, close):
 def test_compile_needs_the_pytorch_model(tmp_path):
     with pytest.raises(ValueError, match="compile applies to model"):
         ServeConfig(onnx=str(tmp_path / "m.onnx"), compile=True)
+
+
+def test_k_level_gates_add_patch_rank(digits_model, images, close):
+    """With K-level gates (vit-digits' gates-levels) every explained batch carries patch_rank, equal to the
+    explainer's, and the Open Inference Protocol lists it; single-level gates have none."""
+    from vdm_engine.models import embedded_levels_dir
+    from vdm_engine.serve import ServeConfig
+
+    levels = ServingModel(ServeConfig(model="vit-digits", gates=str(embedded_levels_dir("vit-digits"))))
+    assert levels.has_patch_rank and not digits_model.has_patch_rank
+    x = levels.preprocess(images)
+    out = levels.explain_batch(x, [True, False, False, False, False])
+    ref = levels.impl.explain(x)
+    close(out["patch_rank"], ref.patch_rank, 1e-5, 1e-5, "patch_rank")
+    close(out["patch_mask"], ref.patch_mask, 1e-5, 1e-5, "patch_mask")
+    assert [t.name for t in levels.output_specs] == ["logits", "patch_mask", "patch_rank"]
+    assert "patch_rank" not in digits_model.explain_batch(x)

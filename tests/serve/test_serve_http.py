@@ -51,6 +51,25 @@ def test_explain_digit6_equals_explainer(server, reference, explain_one_by_one):
     assert np.abs(_mask(rec) - np.asarray(doc["patch_mask"]).reshape(-1)).max() <= 1e-5
 
 
+def test_k_level_gates_answer_with_patch_rank(levels_server, server):
+    """Served with K-level gates, a record carries patch_rank on the grid, equal to the explainer's; the
+    Open Inference Protocol metadata lists the output. The single-level app's records have none."""
+    from vdm_engine import Explainer
+    from vdm_engine.models import embedded_levels_dir
+
+    r = requests.post(f"{levels_server}/v1/explain", data=DIGIT6.read_bytes(), headers=PNG, timeout=60)
+    assert r.status_code == 200, r.text
+    rec = r.json()
+    ex = Explainer.from_pretrained("vit-digits", gates=str(embedded_levels_dir("vit-digits"))).eval()
+    exp = ex.explain(ex.preprocess([load_image(DIGIT6)]))
+    assert rec["gates_sha256"] == ex.gates.sha256
+    assert np.abs(np.asarray(rec["patch_rank"]).reshape(-1) - exp.patch_rank[0].double().numpy()).max() <= 1e-5
+    meta = requests.get(f"{levels_server}/v2/models/vit-digits", timeout=30)
+    assert meta.status_code == 200 and "patch_rank" in [o["name"] for o in meta.json()["outputs"]], meta.text
+    plain = requests.post(f"{server}/v1/explain", data=DIGIT6.read_bytes(), headers=PNG, timeout=60).json()
+    assert "patch_rank" not in plain
+
+
 @pytest.mark.slow
 def test_concurrent_requests_each_get_their_own_rows(server, reference, explain_one_by_one, digit_pngs):
     """Twelve different digits sent at once are batched together, and each answer is its own image's."""
