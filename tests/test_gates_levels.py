@@ -96,7 +96,6 @@ def test_shipped_vit_digits_levels():
     level keeps the fewest patches."""
     from vdm_engine.data import digits_split
     from vdm_engine.models import ASSETS, embedded_levels_dir
-    from vdm_engine.training.recipes_digits import _levels_eps
 
     single = Explainer.from_pretrained("vit-digits").eval()
     d = embedded_levels_dir("vit-digits")
@@ -104,7 +103,7 @@ def test_shipped_vit_digits_levels():
     levels = Explainer(single.backbone, Gates.from_pretrained(d, single.backbone, source="shipped")).eval()
     K = levels.gates.config.levels
     assert K >= 2
-    eps = _levels_eps(levels.gates)
+    eps = levels.gates.level_budgets()
     assert len(eps) == K and eps == sorted(eps) and len(set(eps)) == K, eps
     pv = single.preprocess(digits_split("test")[0])
     e = levels.explain(pv)
@@ -156,6 +155,18 @@ def test_stack_refuses_gates_of_another_backbone(tiny_backbone):
     with pytest.raises(ValueError, match="main_level must be in"):
         Gates.stack([a, b], main_level=2)
     assert Gates.stack([a, b]).backbone_fingerprint == tiny_backbone.fingerprint
+
+
+def test_level_budgets_read_every_way_the_metrics_record_eps(tiny_backbone):
+    from vdm_engine.provenance import trained_eps
+
+    assert trained_eps({"eps": 0.3, "train_config": {"eps": 9.0}}) == 0.3  # recipes.train_levels
+    assert trained_eps({"train_config": {"eps": 1.0}}) == 1.0  # train_gates (vdm-train)
+    assert trained_eps({"gates_training": {"train_config": {"eps": 0.1}}}) == 0.1  # a shipped model's gates
+    assert trained_eps({}) is None
+    a, b, c = _levels(tiny_backbone, 3)
+    a.metrics, b.metrics = {"eps": 0.1}, {"train_config": {"eps": 0.5}}
+    assert a.level_budgets() == [0.1] and Gates.stack([a, b, c]).level_budgets() == [0.1, 0.5, None]
 
 
 def test_vdm_gates_stack(tiny_backbone, tmp_path, capsys):

@@ -649,7 +649,7 @@ def study(names, out: str | Path, *, cache: str | Path | None = None, progress: 
             p = Gates.from_pretrained(lv, bb, source="shipped").eval() if lv is not None else None
             figures = score_variant(bb, g, p, pv, chefer, progress=progress)
             record["shipped"] = {"gates_sha256": g.sha256, "levels_sha256": p.sha256 if p is not None else None,
-                                 "levels_eps": _levels_eps(p) if p is not None else [],
+                                 "levels_eps": p.level_budgets() if p is not None else [],
                                  **figures, "target": target_check(figures), "target_single": target_check(figures, "diffmask")}
             atomic_write_json(out / "results.json", record)
         for name in todo:
@@ -668,14 +668,6 @@ def study(names, out: str | Path, *, cache: str | Path | None = None, progress: 
     finally:
         torch.set_num_threads(threads)
     return record
-
-
-def _levels_eps(path) -> list:
-    """The KL budgets of K-level gates' levels, in level order (from what their metrics record)."""
-    study = path.metrics.get("recipe_study", {})
-    if "levels_eps" in study:
-        return [float(e) for e in study["levels_eps"]]
-    return [m.get("eps", m.get("train_config", {}).get("eps")) for m in path.metrics.get("levels", [])]
 
 
 def _setup(split: str = "test"):

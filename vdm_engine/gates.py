@@ -23,7 +23,7 @@ from torch import nn
 
 from . import masks
 from ._io import atomic_path, atomic_write_json, dataclass_from_dict, sha256_file
-from .provenance import BackboneMismatchError, GatesProvenance, check_fingerprint, validation_figures
+from .provenance import BackboneMismatchError, GatesProvenance, check_fingerprint, trained_eps, validation_figures
 
 __all__ = ["GateConfig", "Gates", "ProbeParams", "FusedProbes", "WideProbes", "fuse_levels", "widen",
            "gate_probe_reference", "gate_probe_levels_reference", "project_depth", "finish_probes", "gate_probe_stacked",
@@ -397,6 +397,12 @@ class Gates(nn.Module):
         hs = self._stack(hidden_states)
         return torch.stack([masks.patch_mask(gate_probe_stacked(hs, p)) for p in self.level_params()], 1)
 
+    def level_budgets(self) -> list[float | None]:
+        """The KL budget each level was trained with, as its metrics record it (``provenance.trained_eps``;
+        None where they do not), least sparse level first; one entry for single-level gates."""
+        recorded = self.metrics.get("levels", []) if self.config.levels > 1 else [self.metrics]
+        return [trained_eps(m) for m in recorded]
+
     @classmethod
     def stack(cls, levels: list["Gates"], *, main_level: int = 0) -> "Gates":
         """Join single-level gates trained at increasing sparsity into K-level gates (one forward pass).
@@ -408,16 +414,13 @@ class Gates(nn.Module):
         """
         if len(levels) < 2:
             raise ValueError(f"stack needs at least 2 single-level gates, got {len(levels)}")
-        if not 0 <= main_level < len(levels):
-            raise ValueError(f"main_level must be in [0, {len(levels)}), got {main_level}")
         first = levels[0]
         for i, g in enumerate(levels[1:], 1):
-            fp, fp0 = getattr(g, "backbone_fingerprint", None), getattr(first, "backbone_fingerprint", None)
-            if fp != fp0:
-                raise ValueError(f"levels[{i}] was trained on another backbone ({getattr(g, 'backbone_id', None)}, "
-                                 f"fingerprint {str(fp)[:12]}) than levels[0] ({getattr(first, 'backbone_id', None)}, "
-                                 f"fingerprint {str(fp0)[:12]}): stack gates of one backbone")
-            if getattr(g, "backbone_zero_shot", None) != getattr(first, "backbone_zero_shot", None):
+            if g.backbone_fingerprint != first.backbone_fingerprint:
+                raise ValueError(f"levels[{i}] was trained on another backbone ({g.backbone_id}, fingerprint "
+                                 f"{str(g.backbone_fingerprint)[:12]}) than levels[0] ({first.backbone_id}, fingerprint "
+                                 f"{str(first.backbone_fingerprint)[:12]}): stack gates of one backbone")
+            if g.backbone_zero_shot != first.backbone_zero_shot:
                 raise ValueError(f"levels[{i}] records another zero-shot head (CLIP labels or prompt) than levels[0]")
         c0 = levels[0].config
         for i, g in enumerate(levels):
@@ -434,7 +437,7 @@ class Gates(nn.Module):
             out.placeholder.copy_(levels[main_level].placeholder.detach().float().cpu())
         out.backbone_id, out.backbone_revision, out.backbone_fingerprint = \
             first.backbone_id, first.backbone_revision, first.backbone_fingerprint
-        out.backbone_zero_shot = getattr(first, "backbone_zero_shot", None)
+        out.backbone_zero_shot = first.backbone_zero_shot
         out.metrics = {"levels": [dict(g.metrics) for g in levels], "main_level": main_level}
         return out
 

@@ -25,6 +25,7 @@ __all__ = [
     "check_fingerprint",
     "classify_source",
     "validation_figures",
+    "trained_eps",
     "FINGERPRINT_CONFIG_FIELDS",
 ]
 
@@ -126,6 +127,18 @@ def validation_figures(metrics: dict) -> tuple[float | None, float | None]:
             agree = rec.get("agreement")
             return float(rec["kept"]), None if agree is None else float(agree)
     return None, None
+
+
+def trained_eps(metrics: dict) -> float | None:
+    """The KL budget single-level gates were trained with, from their metrics: ``eps``, else the training
+    config's (``train_config``, or under ``gates_training`` as the shipped models record it); None if absent."""
+    for rec in (metrics, metrics.get("gates_training") if isinstance(metrics, dict) else None):
+        if not isinstance(rec, dict):
+            continue
+        eps = rec.get("eps", (rec.get("train_config") or {}).get("eps"))
+        if eps is not None:
+            return float(eps)
+    return None
 
 
 def classify_source(directory: str | Path, registry: Path) -> str:

@@ -44,7 +44,7 @@ def explanation_records(explanation, id2label: dict[int, str], *, top_k: int = 5
     """
     h, w = explanation.grid
     masks = explanation.patch_mask.detach().float().cpu().tolist()  # (B, N) as Python floats: one conversion
-    rank = getattr(explanation, "patch_rank", None)
+    rank = explanation.patch_rank
     ranks = rank.detach().float().cpu().tolist() if rank is not None else [None] * len(masks)
     records = prediction_records(explanation.logits, id2label, top_k=top_k)
     for rec, mask, rk in zip(records, masks, ranks):

@@ -178,7 +178,7 @@ def test_ship_levels_around_the_shipped_gates(tmp_path, monkeypatch):
     single = Explainer(bb, Gates.from_pretrained(model_dir / "gates", bb)).eval()
     path = Gates.from_pretrained(model_dir / "gates-levels", bb)
     assert (path.config.levels, path.config.main_level) == (3, 0)
-    assert rd._levels_eps(path) == [0.1, 0.5, 1.0] and metrics["recipe_study"]["variant"] == "tiny-shipped"
+    assert path.level_budgets() == [0.1, 0.5, 1.0] and metrics["recipe_study"]["variant"] == "tiny-shipped"
     pv = single.preprocess(digits_split("test")[0][:16])
     torch.testing.assert_close(Explainer(single.backbone, path).eval().explain(pv).patch_mask,
                                single.explain(pv).patch_mask)

@@ -175,10 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 loc = e["localisation"]
                 line += f"  top-k F1 {loc['topk']['f1']:.3f}" + (f"  own F1 {loc['own']['f1']:.3f}" if "own" in loc else "")
             print(line)
-        from vdm_engine.evaluation import versus_best_baseline
+        from vdm_engine.evaluation import versus_best_baselines
 
-        for m in ("diffmask-path", "diffmask"):
-            rows = versus_best_baseline(results, m) if m in results["methods"] and len(results["methods"]) > 1 else []
+        for m, rows in versus_best_baselines(results).items():
             if rows:
                 short = [f"{r['curve']} ({r['best']}, short by {r['miss']:.4f})" for r in rows if not r["met"]]
                 print(f"  {m} level with the best baseline on {len(rows) - len(short)} of {len(rows)} curves"

@@ -107,8 +107,7 @@ def _stack(args) -> int:
             tmp.write_bytes((Path(args.levels[0]) / ZERO_SHOT_WEIGHTS).read_bytes())
     stacked.save_pretrained(out)
     written = Gates.from_pretrained(out)
-    rows = [{"path": str(d), "eps": (g.metrics.get("train_config") or {}).get("eps", g.metrics.get("eps")),
-             "kept": g.provenance.kept} for d, g in zip(args.levels, levels)]
+    rows = [{"path": str(d), "eps": g.level_budgets()[0], "kept": g.provenance.kept} for d, g in zip(args.levels, levels)]
     if args.json:
         print(json.dumps({"out": str(out), "levels": rows, "main_level": args.main_level, "sha256": written.sha256,
                           "backbone": written.backbone_id}))

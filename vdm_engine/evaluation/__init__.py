@@ -46,6 +46,7 @@ _EXPORTS = {
     "paired_difference": "report",
     "results_markdown": "report",
     "versus_best_baseline": "report",
+    "versus_best_baselines": "report",
     "write_report": "report",
     "DEFAULT_METRICS": "metric_names",
     "METRICS": "metric_names",
@@ -93,6 +94,7 @@ __all__ = [
     "paired_difference",
     "level_with_best",
     "versus_best_baseline",
+    "versus_best_baselines",
     "results_markdown",
     "write_report",
 ]
@@ -122,7 +124,14 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     )
     from .randomisation import randomisation_test, randomised_backbone
     from .road import noisy_linear_imputation, road_logits, ROAD_NOISE
-    from .report import level_with_best, paired_difference, results_markdown, versus_best_baseline, write_report
+    from .report import (
+        level_with_best,
+        paired_difference,
+        results_markdown,
+        versus_best_baseline,
+        versus_best_baselines,
+        write_report,
+    )
     from .metric_names import check_metrics, DEFAULT_METRICS, METRICS
     from .runner import (
         check_data_spec,

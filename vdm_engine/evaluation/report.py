@@ -8,7 +8,8 @@ import numpy as np
 
 from .metrics import ORDERS
 
-__all__ = ["level_with_best", "paired_difference", "results_markdown", "versus_best_baseline", "write_report"]
+__all__ = ["level_with_best", "paired_difference", "results_markdown", "versus_best_baseline", "versus_best_baselines",
+           "write_report"]
 
 #: Methods that are not baselines for ``versus_best_baseline``: DiffMask's own rows and the floor.
 NOT_BASELINES = ("diffmask", "diffmask-path", "diffmask-retrained", "random")
@@ -101,6 +102,13 @@ def versus_best_baseline(results: dict, method: str) -> list[dict]:
                          "auc": auc, "sem": sem, "best": best, "best_auc": best_auc, "best_sem": best_sem,
                          "diff": diff, "diff_sem": diff_sem, "met": met, "miss": miss})
     return rows
+
+
+def versus_best_baselines(results: dict) -> dict[str, list[dict]]:
+    """``versus_best_baseline`` of DiffMask path and DiffMask, those measured beside other methods (what
+    results.json, results.md and ``vdm-eval``'s summary report)."""
+    methods = results["methods"]
+    return {m: versus_best_baseline(results, m) for m in _references(methods)} if len(methods) > 1 else {}
 
 
 def _paired_rows(results: dict, reference: str) -> list[str]:
@@ -200,9 +208,8 @@ def results_markdown(results: dict) -> str:
             cells = [f"{e[p]['mean']:.3f} ± {e[p]['sem']:.3f}" if p in e else "–" for p in props]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
-    for ref in _references(methods) if len(methods) > 1 else ():
+    for ref, rows in versus_best_baselines(results).items():
         name = "DiffMask path" if ref == "diffmask-path" else "DiffMask"
-        rows = versus_best_baseline(results, ref)
         if rows:
             lines += [f"## {name} against the best baseline of each curve", "",
                       "Best baseline: the method (not DiffMask's own rows, not random) with the best mean AUC on the "
@@ -266,9 +273,7 @@ def write_report(results: dict, out_dir, examples: dict | None = None, *, plots:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.json", out / "results.md"]
-    if len(results["methods"]) > 1:
-        results = {**results, "versus_best_baseline": {m: versus_best_baseline(results, m)
-                                                        for m in _references(results["methods"])}}
+    results = {**results, "versus_best_baseline": versus_best_baselines(results)}
     atomic_write_json(written[0], results)
     atomic_write_bytes(written[1], results_markdown(results).encode())
     if plots:
